@@ -1,0 +1,282 @@
+"""The run's report card: every stage appends a section, `generate` turns them into report.md with PNG plots.
+
+Each stage calls `log_stage(name, config=..., metrics=..., series=..., seconds=...)`, which writes
+`<base>/report/<name>.json` atomically (a rerun of a stage replaces its own section, nothing else).
+`python -m reasoning.report generate` collects the sections into `<base>/report/report.md`: environment
+(git commit, hardware, torch), one table of stage -> key metrics, total wall time, and plots of the curves
+stages recorded (loss/bpb, SFT loss, RL reward/accuracy, MATH-500 accuracy by level). A stage without a
+section is listed as "not run" — numbers are never invented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+
+from reasoning.common import get_base_dir
+
+# Canonical order of the pipeline; other section names are listed after these, alphabetically.
+STAGE_ORDER = ["tok_train", "tok_eval", "base_train", "base_eval", "chat_sft", "chat_eval_sft",
+               "chat_rl", "chat_eval_rl", "chat_eval"]
+
+# Which metrics summarise a stage in the table (others stay in the per-stage detail section).
+HEADLINE_KEYS = {
+    "tok_train": ["vocab_size", "train_seconds"],
+    "tok_eval": ["bytes_per_token"],
+    "base_train": ["val_bpb", "min_val_bpb", "initial_val_bpb", "train_loss", "tok_per_s", "mfu"],
+    "base_eval": ["val_bpb"],
+    "chat_sft": ["train_loss", "val_loss", "accuracy"],
+    "chat_rl": ["mean_reward", "accuracy", "initial_accuracy"],
+}
+
+
+def report_dir(base_dir: str | None = None) -> str:
+    path = os.path.join(base_dir or get_base_dir(), "report")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _atomic_write_text(path: str, text: str):
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _jsonable(value):
+    """Coerce tensors / numpy scalars to plain numbers so sections stay valid JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):
+            return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def log_stage(name: str, config: dict | None = None, metrics: dict | None = None,
+              series: dict | None = None, seconds: float | None = None, tables: dict | None = None,
+              base_dir: str | None = None) -> str:
+    """Write (replace) one stage's section. `series` maps a curve name to [[x, y], ...] for plotting;
+    `tables` maps a title to a list of row dicts (e.g. accuracy by level). Only rank 0 should call this."""
+    section = {
+        "name": name,
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "seconds": seconds,
+        "config": _jsonable(config or {}),
+        "metrics": _jsonable(metrics or {}),
+        "series": _jsonable(series or {}),
+        "tables": _jsonable(tables or {}),
+    }
+    path = os.path.join(report_dir(base_dir), f"{name}.json")
+    _atomic_write_text(path, json.dumps(section, indent=1))
+    return path
+
+
+def load_sections(base_dir: str | None = None) -> dict[str, dict]:
+    directory = report_dir(base_dir)
+    sections = {}
+    for fname in sorted(os.listdir(directory)):
+        if not fname.endswith(".json") or fname.startswith(".tmp_"):
+            continue
+        try:
+            with open(os.path.join(directory, fname), encoding="utf-8") as f:
+                section = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            continue  # a damaged section must not take the whole report down; it shows as "not run"
+        sections[section.get("name", fname[:-5])] = section
+    return sections
+
+
+def _ordered_names(sections: dict) -> list[str]:
+    extra = sorted(n for n in sections if n not in STAGE_ORDER)
+    return STAGE_ORDER + extra
+
+
+def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def environment_info() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                            text=True, timeout=5, cwd=os.path.dirname(__file__)).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = "unknown"
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+        else:
+            info["gpu"] = "none"
+    except ImportError:
+        info["torch"] = "not installed"
+    return info
+
+
+def _plot_series(sections: dict, out_dir: str) -> list[tuple[str, str]]:
+    """One PNG per stage that recorded curves; returns (title, filename) pairs."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    plots = []
+    for name in _ordered_names(sections):
+        section = sections.get(name)
+        if not section or not section.get("series"):
+            continue
+        curves = {k: v for k, v in section["series"].items() if isinstance(v, list) and v}
+        if not curves:
+            continue
+        fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False)
+        for ax, (curve, points) in zip(axes[0], curves.items()):
+            xs = [p[0] for p in points if isinstance(p, (list, tuple)) and len(p) == 2]
+            ys = [p[1] for p in points if isinstance(p, (list, tuple)) and len(p) == 2]
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+            ax.set_title(curve, fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.suptitle(name)
+        fig.tight_layout()
+        fname = f"{name}.png"
+        fig.savefig(os.path.join(out_dir, fname), dpi=90)
+        plt.close(fig)
+        plots.append((name, fname))
+    # Accuracy by level (MATH-500 style tables) as bar charts.
+    for name in _ordered_names(sections):
+        section = sections.get(name)
+        if not section:
+            continue
+        for title, rows in section.get("tables", {}).items():
+            if "level" not in title.lower() or not rows:
+                continue
+            labels = [str(r.get("level", "?")) for r in rows]
+            values = [float(r.get("accuracy", 0.0)) for r in rows]
+            fig, ax = plt.subplots(figsize=(4.5, 3.2))
+            ax.bar(labels, values)
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("level")
+            ax.set_ylabel("accuracy")
+            ax.set_title(f"{name}: {title}", fontsize=9)
+            fig.tight_layout()
+            fname = f"{name}_{title.replace(' ', '_').lower()}.png"
+            fig.savefig(os.path.join(out_dir, fname), dpi=90)
+            plt.close(fig)
+            plots.append((f"{name} — {title}", fname))
+    return plots
+
+
+def generate(base_dir: str | None = None) -> str:
+    """Write report.md (and PNGs) from the stage sections; returns the report path."""
+    out_dir = report_dir(base_dir)
+    sections = load_sections(base_dir)
+    lines = ["# reasoning — run report", ""]
+    env = environment_info()
+    lines += ["## Environment", ""] + [f"- **{k}**: {v}" for k, v in env.items()]
+    lines += [f"- **generated**: {datetime.datetime.now().isoformat(timespec='seconds')}", ""]
+
+    lines += ["## Summary", "", "| stage | status | key metrics | wall time |", "|---|---|---|---|"]
+    total_seconds = 0.0
+    for name in _ordered_names(sections):
+        section = sections.get(name)
+        if section is None:
+            if name in STAGE_ORDER:
+                lines.append(f"| {name} | not run | — | — |")
+            continue
+        metrics = section.get("metrics", {})
+        keys = [k for k in HEADLINE_KEYS.get(name, []) if k in metrics] or list(metrics)[:6]
+        summary = ", ".join(f"{k}={_fmt(metrics[k])}" for k in keys) or "—"
+        seconds = section.get("seconds")
+        if isinstance(seconds, (int, float)):
+            total_seconds += seconds
+            wall = f"{seconds / 60:.1f} min"
+        else:
+            wall = "—"
+        lines.append(f"| {name} | done | {summary} | {wall} |")
+    lines += ["", f"**Total wall time of recorded stages:** {total_seconds / 60:.1f} min", ""]
+
+    plots = _plot_series(sections, out_dir)
+    if plots:
+        lines += ["## Plots", ""] + [f"### {title}\n\n![{title}]({fname})\n" for title, fname in plots]
+
+    lines += ["## Stage details", ""]
+    for name in _ordered_names(sections):
+        section = sections.get(name)
+        if section is None:
+            continue
+        lines += [f"### {name}", ""]
+        if section.get("metrics"):
+            lines += ["| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in section["metrics"].items()]
+            lines.append("")
+        for title, rows in section.get("tables", {}).items():
+            if not rows:
+                continue
+            cols = list(rows[0].keys())
+            lines += [f"**{title}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+            lines.append("")
+        if section.get("config"):
+            config_text = json.dumps(section["config"], indent=1, sort_keys=True)
+            lines += ["<details><summary>config</summary>", "", "```json", config_text, "```", "", "</details>", ""]
+    path = os.path.join(out_dir, "report.md")
+    _atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def reset(base_dir: str | None = None):
+    """Remove all sections (a fresh run); report.md and PNGs go too."""
+    directory = report_dir(base_dir)
+    for fname in os.listdir(directory):
+        if fname.endswith((".json", ".md", ".png")):
+            os.remove(os.path.join(directory, fname))
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Run report: collect stage sections into report.md")
+    parser.add_argument("command", choices=["generate", "reset"])
+    parser.add_argument("--base-dir", default=None, help="run folder (default $REASONING_BASE_DIR)")
+    args = parser.parse_args()
+    if args.command == "generate":
+        path = generate(args.base_dir)
+        print(f"report written to {path}")
+    else:
+        reset(args.base_dir)
+        print("report sections removed")
+
+
+if __name__ == "__main__":
+    main()

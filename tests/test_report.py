@@ -1,0 +1,45 @@
+"""report.py: sections in, report.md + valid PNGs out; missing stages say "not run"."""
+
+import json
+import os
+
+from reasoning import report
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_lists_stages_and_plots(tmp_path):
+    base = str(tmp_path)
+    report.log_stage("base_train", config={"depth": 2}, metrics={"val_bpb": 1.5, "initial_val_bpb": 3.0},
+                     series={"val_bpb": [[0, 3.0], [10, 2.0], [20, 1.5]]}, seconds=60.0, base_dir=base)
+    report.log_stage("chat_eval_rl", metrics={"accuracy": 0.4},
+                     tables={"accuracy by level": [{"level": 1, "accuracy": 0.5, "n": 2},
+                                                   {"level": 2, "accuracy": 0.25, "n": 4}]},
+                     seconds=30, base_dir=base)
+    path = report.generate(base)
+    text = open(path).read()
+    assert "| base_train | done | val_bpb=1.5000, initial_val_bpb=3.0000 | 1.0 min |" in text
+    assert "| chat_sft | not run |" in text
+    assert "Total wall time of recorded stages:** 1.5 min" in text
+    pngs = [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".png")]
+    assert "base_train.png" in pngs and any("level" in p for p in pngs)
+    for p in pngs:
+        assert _is_png(os.path.join(os.path.dirname(path), p))
+        assert f"]({p})" in text
+
+
+def test_rerun_replaces_section_and_bad_values_stay_json(tmp_path):
+    base = str(tmp_path)
+    report.log_stage("chat_sft", metrics={"train_loss": 2.0}, base_dir=base)
+    report.log_stage("chat_sft", metrics={"train_loss": float("nan")}, base_dir=base)
+    sections = report.load_sections(base)
+    assert list(sections) == ["chat_sft"]
+    assert sections["chat_sft"]["metrics"]["train_loss"] == "nan"
+    # a damaged section file is skipped, not fatal
+    with open(os.path.join(base, "report", "broken.json"), "w") as f:
+        f.write("{not json")
+    assert "broken" not in report.load_sections(base)
+    json.loads(open(os.path.join(base, "report", "chat_sft.json")).read())
