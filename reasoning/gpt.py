@@ -1,0 +1,464 @@
+"""GPT: the decoder-only transformer that every stage trains and samples from.
+
+Defaults follow modern small-model practice (nanochat, modded-nanogpt): rotary position embeddings, QK-norm,
+parameter-free RMSNorm, ReLU² MLP, grouped-query attention, untied input/output embeddings, a tanh logit
+softcap and no biases. Switches in `GPTConfig` turn a block into the Llama/Qwen shape (SwiGLU, weighted RMSNorm,
+q/k-norm gains, q/k/v biases, tied embeddings, rope_theta) so Hugging Face checkpoints map onto it name by name.
+Rotary uses the HF "rotate_half" pairing (dimension i rotates with i + head_dim/2), so HF q/k weights load
+without a permutation.
+
+`KVCache` keeps per-layer keys/values with per-row lengths: the engine prefills ragged prompts right-padded in
+one batch (`new_lengths` = true lengths) and then decodes one token per row, each row at its own position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reasoning.flash_attention import attention, attention_with_cache
+
+_MLP_KINDS = ("relu2", "swiglu")
+_LOSS_REDUCTIONS = ("mean", "sum", "none")
+_ROTARY_MARGIN = 2  # rotary tables cover this many times sequence_len before they must be regrown
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    softcap: float | None = 15.0  # tanh cap on logits; None or 0 disables
+    rope_theta: float = 10000.0
+    window: int | None = None  # sliding attention window (tokens seen, self included) in every layer
+    # interop switches (HF Llama/Qwen shapes)
+    mlp: str = "relu2"  # "relu2" | "swiglu"
+    intermediate_size: int | None = None  # MLP width; default 4*n_embd (relu2) or ~8/3*n_embd (swiglu)
+    head_dim: int | None = None  # default n_embd // n_head
+    norm_weight: bool = False  # learned gain in the block/final RMSNorms
+    tie_embeddings: bool = False
+    qk_norm: bool = True
+    qk_norm_weight: bool = False  # learned per-head_dim gain in the q/k norms (Qwen3)
+    attn_bias: bool = False  # biases on q/k/v projections (Qwen2)
+    rms_eps: float = 1e-6
+
+    def __post_init__(self):
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name}={value!r}: expected a positive integer")
+        if self.n_kv_head > self.n_head or self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head}: expected a divisor of n_head={self.n_head}")
+        if self.head_dim is None and self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd}: expected a multiple of n_head={self.n_head} "
+                             "(or set head_dim)")
+        if self.get_head_dim() < 2 or self.get_head_dim() % 2 != 0:
+            raise ValueError(f"GPTConfig head_dim={self.get_head_dim()}: rotary embeddings need an even head_dim")
+        if self.mlp not in _MLP_KINDS:
+            raise ValueError(f"GPTConfig.mlp={self.mlp!r}: expected one of {', '.join(_MLP_KINDS)}")
+        if self.intermediate_size is not None and self.intermediate_size < 1:
+            raise ValueError(f"GPTConfig.intermediate_size={self.intermediate_size}: expected a positive integer")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"GPTConfig.window={self.window}: expected None or a positive number of tokens")
+        if self.softcap is not None and self.softcap < 0:
+            raise ValueError(f"GPTConfig.softcap={self.softcap}: expected None, 0 (off) or a positive cap")
+        if self.rope_theta <= 0:
+            raise ValueError(f"GPTConfig.rope_theta={self.rope_theta}: expected a positive base")
+        if self.qk_norm_weight and not self.qk_norm:
+            raise ValueError("GPTConfig.qk_norm_weight=True needs qk_norm=True")
+
+    def get_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    def get_intermediate_size(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if self.mlp == "swiglu":  # same parameter count as a 4x two-matrix MLP, rounded for matmul shapes
+            return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 4 * self.n_embd
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig.from_dict: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+
+def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, aspect_ratio: int = 64,
+                      head_dim: int | None = None, **overrides) -> GPTConfig:
+    """The single size dial: n_embd ≈ depth * aspect_ratio, rounded up to a multiple of head_dim.
+
+    head_dim defaults to 128; tiny CPU models get the largest power of two that still leaves >= 2 heads.
+    Any GPTConfig field can be overridden (n_kv_head, mlp, window, ...).
+    """
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth={depth!r}: expected a positive integer")
+    if aspect_ratio < 1:
+        raise ValueError(f"aspect_ratio={aspect_ratio}: expected a positive integer")
+    raw_width = depth * aspect_ratio
+    if head_dim is None:
+        head_dim = 128
+        while head_dim > 2 and raw_width < 2 * head_dim:
+            head_dim //= 2
+    n_embd = head_dim * math.ceil(raw_width / head_dim)
+    n_head = n_embd // head_dim
+    fields = dict(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                  n_kv_head=n_head, n_embd=n_embd)
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"config_from_depth: unknown overrides {unknown}; expected GPTConfig fields")
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim. Parameter-free by default; Llama/Qwen checkpoints carry a learned gain."""
+
+    def __init__(self, dim: int, eps: float, weighted: bool):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.empty(dim)) if weighted else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+
+
+def rotary_tables(length: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim // 2) in fp32 for positions 0..length-1.
+
+    Angles are computed in float64 on the CPU (exact at long positions, and MPS has no float64), then moved.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64, device="cpu"), inv_freq)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) with the rotate_half pairing: dim i with dim i + D/2. cos/sin (.., T, 1, D/2)."""
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.get_head_dim()
+        self.window = config.window
+        d, hd = config.n_embd, self.head_dim
+        self.c_q = nn.Linear(d, self.n_head * hd, bias=config.attn_bias)
+        self.c_k = nn.Linear(d, self.n_kv_head * hd, bias=config.attn_bias)
+        self.c_v = nn.Linear(d, self.n_kv_head * hd, bias=config.attn_bias)
+        self.c_proj = nn.Linear(self.n_head * hd, d, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_eps, config.qk_norm_weight)
+            self.k_norm = RMSNorm(hd, config.rms_eps, config.qk_norm_weight)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, kv_cache: "KVCache | None" = None, key_len: int | None = None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:  # per head, before rotary (Qwen3 order; matters once the norms have gains)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is None:
+            y = attention(q, k, v, causal=True, window=self.window)
+        else:
+            y = attention_with_cache(q, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], kv_cache.lengths,
+                                     k_new=k, v_new=v, window=self.window, key_len=key_len)
+        return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    """ReLU² (default) or SwiGLU (silu(gate) * up, Llama/Qwen)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        width = config.get_intermediate_size()
+        self.c_fc = nn.Linear(config.n_embd, width, bias=False)  # "up" in HF naming
+        self.c_gate = nn.Linear(config.n_embd, width, bias=False) if config.mlp == "swiglu" else None
+        self.c_proj = nn.Linear(width, config.n_embd, bias=False)  # "down"
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        h = F.silu(self.c_gate(x)) * h if self.c_gate is not None else F.relu(h).square()
+        return self.c_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.rms_eps, config.norm_weight)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.n_embd, config.rms_eps, config.norm_weight)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache=None, key_len=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, key_len)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KV cache
+
+class KVCache:
+    """Per-layer key/value buffers with a valid length per row.
+
+    k, v: (n_layer, B, max_len, n_kv_head, head_dim); lengths: (B,) int32. A cached forward of T tokens writes
+    row b at slots lengths[b] .. lengths[b]+T-1 (rotary positions = slot indices), then lengths += new_lengths
+    (default T). Ragged prompts are prefilled right-padded with new_lengths = true lengths; the padding slots
+    hold junk that is never attended to by real tokens and is overwritten by the next decode steps.
+    """
+
+    def __init__(self, batch_size: int, n_layer: int, n_kv_head: int, head_dim: int, max_len: int,
+                 device=None, dtype: torch.dtype = torch.float32):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"KVCache: batch_size={batch_size} and max_len={max_len} must be positive")
+        shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
+        # zeros, not empty: masked-out slots still enter the softmax-weighted sum, and 0 * NaN would poison it
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, device=device, dtype=torch.int32)
+        # An upper bound on lengths.max() kept on the host, so the decode loop trims keys without a device sync.
+        self.max_filled = 0
+
+    @classmethod
+    def for_model(cls, config: GPTConfig, batch_size: int, max_len: int, device=None,
+                  dtype: torch.dtype = torch.float32) -> "KVCache":
+        return cls(batch_size, config.n_layer, config.n_kv_head, config.get_head_dim(), max_len, device, dtype)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(2)
+
+    def reserve(self, num_new: int) -> int:
+        """Check that num_new more slots fit in every row; return an upper bound on the keys then in use."""
+        if self.max_filled + num_new > self.max_len:
+            self.max_filled = int(self.lengths.max())  # exact value (a device sync), only when close to full
+            if self.max_filled + num_new > self.max_len:
+                raise ValueError(f"KVCache full: a row holds {self.max_filled} tokens and {num_new} more would "
+                                 f"exceed max_len={self.max_len}")
+        return self.max_filled + num_new
+
+    def advance(self, num_new: int, new_lengths=None) -> None:
+        """Commit a forward of num_new slots per row, of which new_lengths[b] (default all) are real tokens."""
+        if new_lengths is None:
+            self.lengths += num_new
+        else:
+            new_lengths = torch.as_tensor(new_lengths, dtype=torch.int32, device=self.lengths.device)
+            if new_lengths.shape != self.lengths.shape:
+                raise ValueError(f"new_lengths has shape {tuple(new_lengths.shape)}; expected ({self.batch_size},)")
+            self.lengths += new_lengths
+        self.max_filled += num_new
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep/reorder rows in place (row retirement, compaction): row i becomes old row index[i]."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.lengths.device)
+        if index.ndim != 1 or index.numel() == 0:
+            raise ValueError(f"select_rows: expected a non-empty 1-D index, got shape {tuple(index.shape)}")
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.lengths = self.lengths.index_select(0, index)
+
+    def repeat_rows(self, n: int) -> None:
+        """Repeat every row n times consecutively (one prefill shared by n samples)."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"repeat_rows: n={n!r}, expected a positive integer")
+        if n > 1:
+            self.k = self.k.repeat_interleave(n, dim=1)
+            self.v = self.v.repeat_interleave(n, dim=1)
+            self.lengths = self.lengths.repeat_interleave(n)
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        self.max_filled = 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.n_embd, config.rms_eps, config.norm_weight)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        # Rotary tables are derived state: non-persistent (not in checkpoints), rebuilt whenever the module moves.
+        cos, sin = rotary_tables(_ROTARY_MARGIN * config.sequence_len, config.get_head_dim(), config.rope_theta,
+                                 self.wte.weight.device)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
+        # load_state_dict(assign=True) installs wte.weight and lm_head.weight as separate tensors: re-tie after.
+        self.register_load_state_dict_post_hook(lambda module, incompatible_keys: module._tie_embeddings())
+
+    def _tie_embeddings(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def _apply(self, fn, recurse=True):
+        # to_empty()/to() build new tensors: on meta→device the tables would be garbage and a `.to(bf16)`
+        # would round them, and parameters recreated one module at a time lose their tie. Repair both here.
+        super()._apply(fn, recurse)
+        self._tie_embeddings()
+        self._build_rotary(self.rotary_cos.size(0), self.rotary_cos.device)
+        return self
+
+    def _build_rotary(self, length: int, device) -> None:
+        self.rotary_cos, self.rotary_sin = rotary_tables(length, self.config.get_head_dim(), self.config.rope_theta,
+                                                         device)
+
+    def _ensure_rotary(self, length: int, device: torch.device) -> None:
+        # Host-side checks only. Regrow for a KV cache longer than the tables (rare); rebuild if the tables are
+        # not where the inputs are (e.g. still on meta after load_state_dict(assign=True), which skips _apply).
+        if length > self.rotary_cos.size(0) or self.rotary_cos.device != device:
+            self._build_rotary(max(length, self.rotary_cos.size(0)), device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Deterministic under torch.manual_seed: fixed module order, default generator."""
+        d = self.config.n_embd
+        if self.config.tie_embeddings:
+            # one matrix serves both ends; std 1/sqrt(d) keeps initial logits O(1) given unit-RMS hidden states
+            nn.init.normal_(self.wte.weight, std=d ** -0.5)
+        else:
+            nn.init.normal_(self.wte.weight, std=1.0)
+            nn.init.normal_(self.lm_head.weight, std=1e-3)  # near-uniform initial predictions
+        for block in self.blocks:
+            attn, mlp = block.attn, block.mlp
+            for linear in (attn.c_q, attn.c_k, attn.c_v, mlp.c_fc, mlp.c_gate):
+                if linear is not None:  # uniform with std 1/sqrt(fan_in)
+                    bound = math.sqrt(3.0 / linear.in_features)
+                    nn.init.uniform_(linear.weight, -bound, bound)
+            # residual branches start as identity (zero output projections), as in nanochat / modded-nanogpt
+            nn.init.zeros_(attn.c_proj.weight)
+            nn.init.zeros_(mlp.c_proj.weight)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+        self._build_rotary(self.rotary_cos.size(0), self.rotary_cos.device)
+
+    # -- forward ------------------------------------------------------------------------------------------
+
+    def _activation_dtype(self, device: torch.device) -> torch.dtype:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.lm_head.weight.dtype
+
+    def forward_hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
+                       new_lengths=None) -> torch.Tensor:
+        """idx (B, T) -> final normed hidden states (B, T, n_embd)."""
+        if idx.ndim != 2:
+            raise ValueError(f"idx has shape {tuple(idx.shape)}; expected (batch, time)")
+        B, T = idx.shape
+        if kv_cache is None:
+            if new_lengths is not None:
+                raise ValueError("new_lengths is only meaningful together with a kv_cache")
+            self._ensure_rotary(T, idx.device)
+            cos, sin = self.rotary_cos[None, :T, None, :], self.rotary_sin[None, :T, None, :]  # (1, T, 1, D/2)
+            key_len = None
+        else:
+            if kv_cache.batch_size != B:
+                raise ValueError(f"idx has {B} rows but the KV cache has {kv_cache.batch_size}")
+            key_len = kv_cache.reserve(T)
+            self._ensure_rotary(kv_cache.max_len, idx.device)
+            positions = kv_cache.lengths.long()[:, None] + torch.arange(T, device=idx.device)  # (B, T) slots
+            cos, sin = self.rotary_cos[positions][:, :, None, :], self.rotary_sin[positions][:, :, None, :]
+        dtype = self._activation_dtype(idx.device)
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache, key_len)
+        if kv_cache is not None:
+            kv_cache.advance(T, new_lengths)
+        return self.norm_f(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., n_embd) -> float32 logits (..., V), softcapped."""
+        logits = self.lm_head(hidden).float()
+        cap = self.config.softcap
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                loss_reduction: str = "mean", new_lengths=None) -> torch.Tensor:
+        """Logits (B, T, V) float32, or with targets the cross-entropy (ignore_index=-1, computed in fp32)."""
+        if loss_reduction not in _LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction={loss_reduction!r}: expected one of {', '.join(_LOSS_REDUCTIONS)}")
+        logits = self.compute_logits(self.forward_hidden(idx, kv_cache, new_lengths))
+        if targets is None:
+            return logits
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets has shape {tuple(targets.shape)}; expected {tuple(idx.shape)} like idx")
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(targets.shape) if loss_reduction == "none" else loss
+
+    # -- accounting / optimisation ------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied matrix once
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token (forward + backward).
+
+        6 × (weights of every nn.Linear, found by walking modules so Float8Linear subclasses count too; the
+        embedding lookup is not a matmul) + 12 · n_layer · n_head · head_dim · effective context for the two
+        attention matmuls, where a sliding window caps the context.
+        """
+        cfg = self.config
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        context = cfg.sequence_len if cfg.window is None else min(cfg.window, cfg.sequence_len)
+        return 6.0 * matmul_weights + 12.0 * cfg.n_layer * cfg.n_head * cfg.get_head_dim() * context
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimiser treatment: hidden matrices (Muon), embedding, lm_head, and 0/1-D scalars."""
+        groups = {
+            "matrix": [p for p in self.blocks.parameters() if p.ndim == 2],
+            "embedding": [self.wte.weight],
+            "scalar": [p for p in self.parameters() if p.ndim < 2],
+        }
+        if not self.config.tie_embeddings:
+            groups["lm_head"] = [self.lm_head.weight]
+        return groups
+
+    def setup_optimizer(self, **kwargs):
+        """Muon (hidden matrices) + AdamW (the rest) over param_groups(); kwargs go to optim.build_optimizer."""
+        from reasoning.optim import build_optimizer  # deferred: optim is only needed by training scripts
+
+        kwargs.setdefault("model_dim", self.config.n_embd)  # scales the embedding/lm_head learning rates
+        return build_optimizer(self.param_groups(), **kwargs)
