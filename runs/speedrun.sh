@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The full pipeline on one 8×GPU node (H100/H200 class): tokenizer -> pretrain -> SFT -> GRPO -> MATH-500.
+#
+#   bash runs/speedrun.sh             # run it (a few hours at DEPTH=20)
+#   bash runs/speedrun.sh --dry-run   # print every command, in order, without running anything
+#
+# Environment knobs:
+#   DEPTH=20                  model size dial (width, heads, batch derived from it)
+#   NPROC=8                   GPUs per node (torchrun --nproc_per_node)
+#   REASONING_BASE_DIR=...    run folder (default ~/.cache/reasoning/speedrun)
+#   WANDB_RUN=name            log to wandb under this run name (off when unset)
+#   NUM_SHARDS=240            pretraining shards to download (~100M chars each)
+#   VOCAB_SIZE=32768          tokenizer size
+#   FP8=1                     FP8 training linears in base_train (Hopper)
+#   SFT_TASKS=...             SFT mixture (default GSM8K,MATH,SmolTalk; add customjson:PATH for reasoning traces)
+#   RL_STEPS=400              GRPO steps on MATH train
+#   MAJ_K=8                   samples per problem for maj@k / pass@k on MATH-500
+#   TORCHRUN=...              launcher command (default: torchrun --standalone --nproc_per_node=$NPROC);
+#                             the CPU smoke test points it at gloo with tiny sizes
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DRY_RUN=0
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY_RUN=1 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        *) echo "error: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
+    esac
+done
+
+export REASONING_BASE_DIR="${REASONING_BASE_DIR:-$HOME/.cache/reasoning/speedrun}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+DEPTH="${DEPTH:-20}"
+NPROC="${NPROC:-8}"
+TAG="${TAG:-d${DEPTH}}"
+NUM_SHARDS="${NUM_SHARDS:-240}"
+VOCAB_SIZE="${VOCAB_SIZE:-32768}"
+SEQ_LEN="${SEQ_LEN:-2048}"
+SFT_TASKS="${SFT_TASKS:-GSM8K,MATH,SmolTalk}"
+RL_TASK="${RL_TASK:-MATH}"
+RL_STEPS="${RL_STEPS:-400}"
+MAJ_K="${MAJ_K:-8}"
+TORCHRUN="${TORCHRUN:-torchrun --standalone --nproc_per_node=$NPROC}"
+# Extra flags per stage, so the CPU smoke test can shrink sizes without a second copy of this pipeline.
+DATA_ARGS="${DATA_ARGS:--n $NUM_SHARDS}"
+BASE_ARGS="${BASE_ARGS:---max-seq-len $SEQ_LEN}"
+SFT_ARGS="${SFT_ARGS:-}"
+RL_ARGS="${RL_ARGS:---num-steps $RL_STEPS}"
+EVAL_ARGS="${EVAL_ARGS:-}"
+MATH500_ARGS="${MATH500_ARGS:-}"
+GSM8K_ARGS="${GSM8K_ARGS:-}"
+FP8_FLAG=""
+if [ "${FP8:-0}" = "1" ]; then FP8_FLAG="--fp8"; fi
+RUN_FLAG=""
+if [ -n "${WANDB_RUN:-}" ]; then RUN_FLAG="--run $WANDB_RUN"; fi
+
+run() {
+    echo "[speedrun] $*"
+    if [ "$DRY_RUN" -eq 0 ]; then eval "$@"; fi
+}
+
+if [ "$DRY_RUN" -eq 0 ]; then
+    source runs/setup_env.sh
+    mkdir -p "$REASONING_BASE_DIR"
+fi
+
+run python -m reasoning.report reset
+# Data: the tokenizer needs only the first shards; the rest download in the background while it trains.
+run python -m reasoning.dataset -n 8
+run "python -m reasoning.dataset $DATA_ARGS > \"$REASONING_BASE_DIR/download.log\" 2>&1 &"
+run 'DATASET_DOWNLOAD_PID=$!'
+run python -m scripts.tok_train --vocab-size "$VOCAB_SIZE"
+run python -m scripts.tok_eval
+run 'wait $DATASET_DOWNLOAD_PID'
+
+run "$TORCHRUN -m scripts.base_train -- --depth $DEPTH --tag $TAG $BASE_ARGS $FP8_FLAG $RUN_FLAG"
+run "$TORCHRUN -m scripts.base_eval -- --stage base --tag $TAG"
+run "$TORCHRUN -m scripts.chat_sft -- --stage base --tag $TAG --task $SFT_TASKS $SFT_ARGS $RUN_FLAG"
+run "$TORCHRUN -m scripts.chat_eval -- --stage sft --tag $TAG -a GSM8K $EVAL_ARGS $GSM8K_ARGS"
+run "$TORCHRUN -m scripts.chat_rl -- --stage sft --tag $TAG --task $RL_TASK $RL_ARGS $RUN_FLAG"
+run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a MATH-500 $EVAL_ARGS $MATH500_ARGS"
+run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a MATH-500 --num-samples $MAJ_K --temperature 0.7 $EVAL_ARGS $MATH500_ARGS"
+run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a GSM8K $EVAL_ARGS $GSM8K_ARGS"
+run python -m reasoning.report generate
+echo "[speedrun] report: $REASONING_BASE_DIR/report/report.md"
