@@ -26,6 +26,7 @@ from reasoning.flash_attention import attention, attention_with_cache
 _MLP_KINDS = ("relu2", "swiglu")
 _LOSS_REDUCTIONS = ("mean", "sum", "none")
 _ROTARY_MARGIN = 2  # rotary tables cover this many times sequence_len before they must be regrown
+_ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class GPTConfig:
     qk_norm_weight: bool = False  # learned per-head_dim gain in the q/k norms (Qwen3)
     attn_bias: bool = False  # biases on q/k/v projections (Qwen2)
     rms_eps: float = 1e-6
+    # Llama 3.x long-context frequency scaling ({"factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}); None = plain RoPE
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -74,6 +78,11 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.rope_theta={self.rope_theta}: expected a positive base")
         if self.qk_norm_weight and not self.qk_norm:
             raise ValueError("GPTConfig.qk_norm_weight=True needs qk_norm=True")
+        if self.rope_scaling is not None:
+            missing = sorted(set(_ROPE_SCALING_KEYS) - set(self.rope_scaling))
+            if missing or set(self.rope_scaling) - set(_ROPE_SCALING_KEYS):
+                raise ValueError(f"GPTConfig.rope_scaling={self.rope_scaling!r}: expected exactly the keys "
+                                 f"{', '.join(_ROPE_SCALING_KEYS)}")
 
     def get_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
@@ -140,12 +149,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (self.dim,), self.weight, self.eps)
 
 
-def rotary_tables(length: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(length: int, head_dim: int, theta: float, device,
+                  scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (length, head_dim // 2) in fp32 for positions 0..length-1.
 
     Angles are computed in float64 on the CPU (exact at long positions, and MPS has no float64), then moved.
+    `scaling` (Llama 3.x): wavelengths longer than original_ctx / low_freq_factor are stretched by `factor`,
+    those shorter than original_ctx / high_freq_factor are kept, and the band between is interpolated.
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+    if scaling is not None:
+        factor, original_ctx = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelength = 2 * math.pi / inv_freq
+        blend = ((original_ctx / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 0: stretch, 1: keep
+        inv_freq = (1 - blend) * inv_freq / factor + blend * inv_freq
     angles = torch.outer(torch.arange(length, dtype=torch.float64, device="cpu"), inv_freq)
     return angles.cos().float().to(device), angles.sin().float().to(device)
 
@@ -317,7 +335,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         # Rotary tables are derived state: non-persistent (not in checkpoints), rebuilt whenever the module moves.
         cos, sin = rotary_tables(_ROTARY_MARGIN * config.sequence_len, config.get_head_dim(), config.rope_theta,
-                                 self.wte.weight.device)
+                                 self.wte.weight.device, config.rope_scaling)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
         # load_state_dict(assign=True) installs wte.weight and lm_head.weight as separate tensors: re-tie after.
@@ -337,7 +355,7 @@ class GPT(nn.Module):
 
     def _build_rotary(self, length: int, device) -> None:
         self.rotary_cos, self.rotary_sin = rotary_tables(length, self.config.get_head_dim(), self.config.rope_theta,
-                                                         device)
+                                                         device, self.config.rope_scaling)
 
     def _ensure_rotary(self, length: int, device: torch.device) -> None:
         # Host-side checks only. Regrow for a KV cache longer than the tables (rare); rebuild if the tables are
