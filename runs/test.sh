@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source runs/setup_env.sh
+# the browser test needs Debian's chromium + chromedriver; installed when absent (skipped without root/apt)
+bash runs/install_chromium.sh
 set +e
 python -m pytest "$@"
 status=$?
