@@ -14,6 +14,7 @@ import tiktoken
 from reasoning.common import UserError, run_main
 from reasoning.dataset import iter_documents, resolve_data_dir, split_shards
 from reasoning.tokenizer import Tokenizer, get_tokenizer
+from reasoning.report import log_stage
 
 # Small hand-written held-out samples, one per kind of text the model meets.
 SAMPLES = {
@@ -132,6 +133,9 @@ def main():
     for name, enc in refs.items():
         if enc is None:
             print(f"{name}: skipped (offline)")
+    headline = ours.get("val", sum(ours.values()) / max(len(ours), 1))
+    log_stage("tok_eval", config={"vocab_size": tokenizer.vocab_size},
+              metrics={"bytes_per_token": headline} | {f"bytes_per_token_{k}": v for k, v in ours.items()})
     print("RESULT " + " ".join(f"bytes_per_token_{kind}={ratio:.3f}" for kind, ratio in ours.items()))
 
 

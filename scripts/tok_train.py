@@ -13,6 +13,7 @@ import time
 from reasoning.common import UserError, run_main
 from reasoning.dataset import iter_documents, resolve_data_dir, split_shards
 from reasoning.tokenizer import MIN_VOCAB_SIZE, cap_text_stream, tokenizer_dir, train_tokenizer
+from reasoning.report import log_stage
 
 
 def main():
@@ -54,6 +55,10 @@ def main():
         print(f"note: the corpus only supported {tokenizer.vocab_size} tokens (asked for {args.vocab_size})")
     print(f"vocab size {tokenizer.vocab_size} ({tokenizer.bpe_vocab_size} BPE + {len(tokenizer.special_tokens)} "
           f"special), saved to {out_dir}")
+    log_stage("tok_train", config={"vocab_size_requested": args.vocab_size, "data_dir": data_dir,
+                                   "max_chars": args.max_chars, "doc_cap": args.doc_cap},
+              metrics={"vocab_size": tokenizer.vocab_size, "train_seconds": train_seconds, "train_chars": chars_seen},
+              seconds=train_seconds)
     print(f"RESULT vocab_size={tokenizer.vocab_size} train_seconds={train_seconds:.2f}")
 
 
