@@ -18,6 +18,8 @@ load fails we print one notice and use SDPA. `set_backend` forces a choice (test
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +52,26 @@ def get_backend() -> str:
     return _backend
 
 
-@torch.compiler.disable  # hub download / import: never traced; runs at most once (see _use_fa3)
+def _never_traced(fn):
+    """`torch.compiler.disable`, applied at the first call instead of at import: the decorator imports
+    torch._dynamo (~1.3 s of CPU), which scripts that never compile should not pay for at start-up.
+
+    Same behaviour: `fn` always runs eagerly, never traced. Only when the first call happens while dynamo traces
+    does the trace break one extra time, at the `disable` call itself (resolve_backend before compiling avoids
+    even that).
+    """
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+    return call
+
+
+@_never_traced  # hub download / import: never traced; runs at most once (see _use_fa3)
 def _load_fa3() -> None:
     """Load FA3 from the kernel hub once; on failure keep the reason in _fa3_error."""
     global _fa3_module, _fa3_error
@@ -67,7 +88,7 @@ def _load_fa3() -> None:
         _fa3_error = f"{type(e).__name__}: {e}".splitlines()[0]
 
 
-@torch.compiler.disable
+@_never_traced
 def _print_fallback_notice() -> None:
     global _notice_printed
     _notice_printed = True

@@ -1,4 +1,5 @@
-"""Tests for reasoning/verifiers.py: extraction, equivalence table, MATH-500 self-grade, time bounds, rewards."""
+"""Tests for reasoning/verifiers.py and its worker pool (reasoning/grader_pool.py): extraction, equivalence table,
+MATH-500 self-grade, time bounds. The rewards built on them are tested in tests/test_rewards.py."""
 
 import json
 import os
@@ -10,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from reasoning import verifiers as V
-from reasoning.verifiers import (Completion, combine_rewards, correctness_reward, extract_answer, format_reward,
-                                 math_equal, math_equal_batch, normalize_answer, overlong_penalty)
+from reasoning import grader_pool
+from reasoning.verifiers import extract_answer, math_equal, math_equal_batch, normalize_answer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MATH500 = SHARED_DATA / "math500_test.json"
@@ -25,7 +25,7 @@ VERDICT_TIMEOUT_S = 10.0
 
 @pytest.fixture(scope="module", autouse=True)
 def grader():
-    V.warm_up_grader()  # worker start-up is never charged to a pair, but keep it out of the timings below
+    grader_pool.warm_up_grader()  # worker start-up is never charged to a pair, but keep it out of the timings below
     yield
 
 
@@ -249,10 +249,10 @@ def test_pathological_from_worker_thread():
 
 
 def test_timeout_kills_the_worker_and_the_pool_recovers():
-    kills_before = V._get_pool().kills
+    kills_before = grader_pool.get_pool().kills
     result, elapsed = _grade_timed("5", "10^{10^{10}}", timeout=0.5)  # a custom bound is honoured
     assert result is False and elapsed < 1.0
-    assert V._get_pool().kills == kills_before + 1
+    assert grader_pool.get_pool().kills == kills_before + 1
     assert math_equal("x+1", "1+x") is True
 
 
@@ -280,7 +280,7 @@ def test_batch_with_a_slow_pair_grades_the_rest():
 
 
 def test_dead_workers_are_replaced():
-    pool = V._get_pool()
+    pool = grader_pool.get_pool()
     victim = next(w for w in pool._all if w.ready)
     os.kill(victim.process.pid, signal.SIGKILL)
     victim.process.join(timeout=5)
@@ -288,91 +288,3 @@ def test_dead_workers_are_replaced():
     pairs = [("x+1", "1+x"), ("\\sqrt{8}", "2\\sqrt{2}"), ("p-q", "q-p")] * 2
     assert math_equal_batch(pairs, timeout=VERDICT_TIMEOUT_S) == [True, True, False] * 2
     assert victim not in pool._all and len(pool._all) == size
-
-
-# ---------------------------------------------------------------------------------------------- rewards
-
-def _gold(example):
-    return example["answer"]
-
-
-def test_correctness_reward():
-    reward = correctness_reward(_gold)
-    assert reward.name == "correctness"
-    completions = [
-        Completion("<|think_start|>try \\boxed{4}<|think_end|>So it is \\boxed{5}."),  # right, after thinking
-        Completion("<|think_start|>it is \\boxed{5}<|think_end|>I give up."),            # box only inside thinking
-        Completion("<|think_start|>it is \\boxed{5} and I keep thinking"),               # think never closed
-        Completion("<|think_start|>hmm<|think_end|>\\boxed{6}"),                        # wrong
-        Completion("The answer is 5."),                                                  # no box: strict
-        Completion("\\boxed{\\frac{10}{2}}", think_closed=True),                         # markers stripped
-        Completion("\\boxed{5}", think_closed=False),
-        "plain string \\boxed{5}",
-    ]
-    examples = [{"answer": "5"}] * len(completions)
-    assert reward(completions, examples) == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0]
-    assert reward.score("\\boxed{x=5}", {"answer": "5"}) == 1.0
-
-
-def test_format_reward():
-    reward = format_reward()
-    assert reward.name == "format"
-    cases = [
-        (Completion("<|think_start|>a<|think_end|>so \\boxed{5}"), 1.0),
-        (Completion("<|think_start|>a \\boxed{4}<|think_end|>so \\boxed{5}"), 1.0),  # boxes while thinking are fine
-        (Completion("<|think_start|>a<|think_end|>\\boxed{5} or \\boxed{6}"), 0.0),   # exactly one box
-        (Completion("<|think_start|>a<|think_end|>no box"), 0.0),
-        (Completion("<|think_start|>a<|think_end|>\\boxed{5"), 0.0),                  # unclosed box
-        (Completion("<|think_start|>a<|think_end|>\\boxed{}"), 0.0),                  # empty box
-        (Completion("<|think_start|>a \\boxed{5}"), 0.0),                             # think never closed
-        (Completion("\\boxed{5}", think_closed=True), 1.0),
-        (Completion("\\boxed{5}", think_closed=False), 0.0),
-        (Completion("\\boxed{5}"), 0.0),                                              # no think span at all
-    ]
-    assert reward([c for c, _ in cases], [None] * len(cases)) == [want for _, want in cases]
-    assert format_reward(require_think=False).score(Completion("\\boxed{5}")) == 1.0
-
-
-def _dapo_reference(num_tokens, max_tokens, buffer):
-    """Piecewise definition from the DAPO paper, written independently of the implementation."""
-    if num_tokens <= max_tokens - buffer:
-        return 0.0
-    if num_tokens <= max_tokens:
-        return ((max_tokens - buffer) - num_tokens) / buffer
-    return -1.0
-
-
-def test_overlong_penalty_matches_dapo():
-    reward = overlong_penalty(max_tokens=100, buffer=20)
-    assert reward.name == "overlong"
-    lengths = [0, 50, 80, 81, 90, 99, 100, 101, 500]
-    values = reward([Completion("x", num_tokens=n) for n in lengths], [None] * len(lengths))
-    assert values == pytest.approx([_dapo_reference(n, 100, 20) for n in lengths])
-    assert values[4] == pytest.approx(-0.5)
-    assert reward.score(Completion("x", num_tokens=10, truncated=True)) == -1.0
-    with pytest.raises(ValueError, match="num_tokens"):
-        reward.score(Completion("x"))
-    for bad in [dict(max_tokens=100, buffer=0), dict(max_tokens=10, buffer=20), dict(max_tokens=100.0, buffer=5)]:
-        with pytest.raises(ValueError, match="overlong_penalty"):
-            overlong_penalty(**bad)
-
-
-def test_combine_rewards_keeps_parts():
-    combined = combine_rewards([correctness_reward(_gold), format_reward(), overlong_penalty(100, 20)],
-                               weights=[1.0, 0.5, 1.0])
-    completions = [Completion("<|think_start|>a<|think_end|>\\boxed{5}", num_tokens=90),
-                   Completion("<|think_start|>a<|think_end|>\\boxed{6} \\boxed{7}", num_tokens=10)]
-    out = combined(completions, [{"answer": "5"}, {"answer": "7"}])
-    assert out.parts == {"correctness": [1.0, 1.0], "format": [1.0, 0.0], "overlong": [-0.5, 0.0]}
-    assert out.total == pytest.approx([1.0 + 0.5 - 0.5, 1.0])
-
-
-def test_combine_rewards_validates():
-    with pytest.raises(ValueError, match="unique"):
-        combine_rewards([format_reward(), format_reward()])
-    with pytest.raises(ValueError, match="weights"):
-        combine_rewards([format_reward()], weights=[1.0, 2.0])
-    with pytest.raises(ValueError, match="RewardFn"):
-        combine_rewards([lambda c, e: [1.0]])
-    with pytest.raises(ValueError, match="completions"):
-        format_reward()([Completion("a")], [])
