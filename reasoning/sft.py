@@ -1,0 +1,497 @@
+"""Supervised fine-tuning as a library: `SFTConfig` + `train_sft(config, model, tokenizer, ...)`;
+scripts/chat_sft.py is its CLI.
+
+Data: a task mixture (tasks.registry spec, e.g. "synthetic" or "GSM8K,MATH,SmolTalk,customjson:FILE") rendered with
+`tokenizer.render_conversation` -> (ids, mask). Training targets are the next tokens where the mask says the
+assistant produced them, -1 everywhere else (prompts, tool outputs, padding):
+    ids     <bos> <user_start> .. <user_end> <assistant_start> a1 a2 <assistant_end>
+    mask      0        0       ..     0             0          1  1        1
+    inputs = ids[:-1], targets[t] = ids[t+1] if mask[t+1] else -1.
+Rows are either padded to the longest conversation of the micro-batch (default) or packed (`pack=True`: whole
+conversations concatenated into rows of max_seq_len + 1 tokens, a conversation that does not fit starts the next
+row; each starts with <bos> like a pretraining document).
+
+The data order is an endless stream: epoch e visits the task in a permutation seeded by (seed, e); global stream
+position g goes to rank g mod world_size, so a rank's position is one integer and resuming is exact.
+
+One optimizer step = `total_batch_size` rows (conversations or packed rows) from all ranks via gradient
+accumulation; the loss is the sum of token losses divided by the number of valid targets in the whole step
+(reasoning.pretrain.accumulate_gradients), so long and short conversations weigh by their tokens. LR: linear warmup,
+then linear decay to `final_lr_frac` (nanochat SFT decays to 0). Muon for matrices, AdamW for the rest
+(`model.setup_optimizer`), every lr multiplied by `lr_scale`.
+
+Periodically: validation loss (same masking) on held-out conversations and a greedy generative eval on a small
+held-out slice of `eval_task` (reasoning.evaluation). Checkpoints hold model, optimizer, step, every rank's stream
+position and RNG, and the metric history, so `resume=True` continues bitwise-identically on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from reasoning import checkpoint as ckpt
+from reasoning.common import UserError, autocast_context, get_base_dir, get_compute_dtype, print0
+from reasoning.pretrain import NonFiniteLossError, _RunLog, accumulate_gradients, lr_multiplier
+
+STAGE = "sft"
+
+
+def _opt(help_text: str, **extra):
+    return {"help": help_text, **extra}
+
+
+@dataclass
+class SFTConfig:
+    # data
+    task: str = field(default="synthetic", metadata=_opt(
+        "training mixture: comma list of synthetic, GSM8K, MATH, SmolTalk, customjson:FILE (NAME*N oversamples, "
+        "NAME@PATH gives a task its own data)"))
+    data_path: str | None = field(default=None, metadata=_opt(
+        "local data file/folder for the hub tasks (default $REASONING_DATA_DIR, else the HF hub)"))
+    task_size: int = field(default=-1, metadata=_opt(
+        "examples per task in the mixture (-1: all; synthetic: 20000 generated)"))
+    synthetic_difficulty: str = field(default="easy", metadata=_opt("synthetic task preset: easy | medium | hard"))
+    val_examples: int = field(default=256, metadata=_opt("held-out conversations for the validation loss"))
+    pack: bool = field(default=False, metadata=_opt("pack conversations into full rows instead of padding"))
+    max_seq_len: int = field(default=1024, metadata=_opt("tokens per training row (longer conversations are cut)"))
+    # length and batch
+    num_epochs: float = field(default=1.0, metadata=_opt("passes over the mixture when --num-iterations is -1"))
+    num_iterations: int = field(default=-1, metadata=_opt("optimizer steps (-1: from --num-epochs)"))
+    device_batch_size: int = field(default=8, metadata=_opt("rows per micro-batch per process"))
+    total_batch_size: int = field(default=-1, metadata=_opt(
+        "rows per optimizer step, all ranks (-1: device_batch_size x world size)"))
+    # optimizer
+    lr_scale: float = field(default=1.0, metadata=_opt("multiplier on every learning rate below"))
+    matrix_lr: float = field(default=0.02, metadata=_opt("Muon learning rate of the hidden matrices"))
+    embedding_lr: float = field(default=0.2, metadata=_opt("AdamW learning rate of the token embedding"))
+    lm_head_lr: float = field(default=0.004, metadata=_opt("AdamW learning rate of the output head"))
+    scalar_lr: float = field(default=0.5, metadata=_opt("AdamW learning rate of gains and biases"))
+    weight_decay: float = field(default=0.0, metadata=_opt("decoupled weight decay of the Muon matrices"))
+    warmup_ratio: float = field(default=0.0, metadata=_opt("fraction of steps of linear LR warmup"))
+    final_lr_frac: float = field(default=0.0, metadata=_opt("LR multiplier reached at the last step"))
+    grad_clip: float = field(default=1.0, metadata=_opt("clip the global gradient norm to this (0: off)"))
+    # evaluation and logging
+    eval_every: int = field(default=100, metadata=_opt(
+        "val loss + generative eval every N steps (0: only at the start and end, <0: never)"))
+    eval_task: str = field(default="synthetic", metadata=_opt("generative eval task (test split)"))
+    eval_problems: int = field(default=64, metadata=_opt("problems in the generative eval"))
+    eval_max_tokens: int = field(default=256, metadata=_opt("new tokens per eval completion"))
+    eval_batch_size: int = field(default=32, metadata=_opt("problems per engine call in the eval"))
+    log_every: int = field(default=1, metadata=_opt("print a progress line every N steps"))
+    run: str | None = field(default=None, metadata=_opt("wandb run name (wandb is used only when given)"))
+    wandb_project: str = field(default="reasoning", metadata=_opt("wandb project"))
+    # checkpoints
+    out_tag: str | None = field(default=None, metadata=_opt("output checkpoint tag (default: the source's tag)"))
+    save_every: int = field(default=0, metadata=_opt("checkpoint every N steps (0: only at the end)"))
+    keep_last: int = field(default=2, metadata=_opt("keep this many newest checkpoints (0: all)"))
+    resume: bool = field(default=False, metadata=_opt("continue from the last checkpoint of --out-tag"))
+    stop_at_step: int = field(default=-1, metadata=_opt(
+        "checkpoint and stop after this step, keeping the schedule of the full run (time-sliced jobs)"))
+    seed: int = field(default=0, metadata=_opt("seed of the data order"))
+    base_dir: str | None = field(default=None, metadata=_opt("run folder (default $REASONING_BASE_DIR)"))
+
+    def validate(self) -> None:
+        """Raise UserError naming the first bad setting (they come from command-line flags)."""
+        for name in ("max_seq_len", "device_batch_size", "log_every", "eval_problems", "eval_max_tokens",
+                     "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} {getattr(self, name)}: expected a positive integer")
+        for name in ("lr_scale", "matrix_lr", "embedding_lr", "lm_head_lr", "scalar_lr", "weight_decay",
+                     "grad_clip", "num_epochs", "val_examples", "keep_last"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"--{_flag(name)} {value}: expected a finite number >= 0")
+        for name in ("warmup_ratio", "final_lr_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"--{_flag(name)} {getattr(self, name)}: expected a number in [0, 1]")
+        if self.num_iterations < -1:
+            raise UserError(f"--num-iterations {self.num_iterations}: expected >= 0 or -1")
+        if self.num_iterations == -1 and self.num_epochs <= 0:
+            raise UserError("--num-iterations -1 needs --num-epochs > 0")
+        if self.total_batch_size != -1 and self.total_batch_size < 1:
+            raise UserError(f"--total-batch-size {self.total_batch_size}: expected rows > 0 or -1")
+        if self.task_size == 0 or self.task_size < -1:
+            raise UserError(f"--task-size {self.task_size}: expected a positive number of examples or -1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def add_sft_args(parser) -> None:
+    """One --flag per SFTConfig field (same name with dashes); defaults and help from the dataclass."""
+    for f in dataclasses.fields(SFTConfig):
+        flag = f"--{_flag(f.name)}"
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        parse = int if kind.startswith("int") else float if kind.startswith("float") else str
+        default_text = "" if f.default is None else f" (default {f.default})"
+        parser.add_argument(flag, type=parse, default=f.default, help=f.metadata["help"] + default_text)
+
+
+def config_from_args(args) -> SFTConfig:
+    return SFTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig)})
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def conversation_targets(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+    """(ids, mask) of one rendered conversation -> (inputs, targets): targets[t] = ids[t+1] where the assistant
+    produced token t+1, else -1."""
+    inputs = ids[:-1]
+    targets = [token if trained else -1 for token, trained in zip(ids[1:], mask[1:])]
+    return inputs, targets
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None):
+    """[(inputs, targets)] -> (B, T) long tensors, right-padded (inputs with pad_id, targets with -1)."""
+    length = length or max(len(inputs) for inputs, _ in rows)
+    inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), length), -1, dtype=torch.long)
+    for b, (x, y) in enumerate(rows):
+        inputs[b, :len(x)] = torch.tensor(x, dtype=torch.long)
+        targets[b, :len(y)] = torch.tensor(y, dtype=torch.long)
+    return inputs, targets
+
+
+class ConversationStream:
+    """This rank's share of the endless, epoch-shuffled stream of rendered conversations, served as micro-batches.
+
+    `position` counts the conversations this rank has consumed; its k-th one is global stream element
+    k * world_size + rank, i.e. example order_e[g mod N] of epoch e = g // N."""
+
+    def __init__(self, task, tokenizer, max_seq_len: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 pack: bool = False, position: int = 0):
+        if len(task) == 0:
+            raise UserError("the SFT mixture has no examples")
+        self.task, self.tokenizer = task, tokenizer
+        self.max_seq_len, self.rank, self.world_size, self.seed, self.pack = max_seq_len, rank, world_size, seed, pack
+        self.position = position
+        self.pad_id = tokenizer.bos_token_id
+        self._epoch, self._order = None, None
+
+    def _global_index(self, k: int) -> tuple[int, int]:
+        g = k * self.world_size + self.rank
+        epoch, offset = divmod(g, len(self.task))
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.task))
+        return epoch, int(self._order[offset])
+
+    def epoch(self) -> float:
+        """Fractional epochs consumed (by the whole stream, measured at this rank)."""
+        return self.position * self.world_size / len(self.task)
+
+    def render(self, k: int) -> tuple[list[int], list[int]]:
+        _, index = self._global_index(k)
+        return self.tokenizer.render_conversation(self.task[index], max_tokens=self.max_seq_len + 1)
+
+    def next_batch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of `rows` rows, (rows, T) on CPU."""
+        if not self.pack:
+            batch = []
+            for _ in range(rows):
+                batch.append(conversation_targets(*self.render(self.position)))
+                self.position += 1
+            return pad_rows(batch, self.pad_id)
+        width = self.max_seq_len + 1
+        packed = []
+        for _ in range(rows):
+            ids, mask = [], []
+            while True:
+                conv_ids, conv_mask = self.render(self.position)
+                if ids and len(ids) + len(conv_ids) > width:
+                    break  # does not fit: it opens the next row (the position stays on it)
+                ids += conv_ids
+                mask += conv_mask
+                self.position += 1
+                if len(ids) >= width:
+                    break
+            ids, mask = ids[:width], mask[:width]
+            pad = width - len(ids)
+            packed.append(conversation_targets(ids + [self.pad_id] * pad, mask + [0] * pad))
+        return pad_rows(packed, self.pad_id, self.max_seq_len)
+
+    def mean_rendered_length(self, sample: int = 256) -> float:
+        lengths = [len(self.render(k)[0]) for k in range(min(sample, len(self.task)))]
+        return sum(lengths) / len(lengths)
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+
+def build_sft_tasks(config: SFTConfig):
+    """(train task, validation task or None, generative eval task or None) for the config.
+
+    Validation: the test splits of the mixture's tasks, capped at val_examples. A task without a test split
+    (customjson, a single local file, a folder holding only the train file) is left out with a notice; a
+    mixture with none left gets no validation loss."""
+    from tasks.common import TaskMixture
+    from tasks.registry import build_mixture, build_task, parse_mixture
+
+    options = {"synthetic": {"difficulty": config.synthetic_difficulty}}
+    size = None if config.task_size == -1 else config.task_size
+    train = build_mixture(config.task, split="train", data_path=config.data_path, seed=config.seed, size=size,
+                          task_options=options)
+    val = None
+    if config.val_examples > 0:
+        held_out = []
+        for name, times, path in parse_mixture(config.task):
+            path = path or config.data_path
+            if name.startswith("customjson:") or (path and os.path.isfile(path) and name != "synthetic"):
+                print0(f"validation: {name} has no test split here; left out of the validation loss")
+                continue
+            try:
+                task = build_task(name, split="test", data_path=path, seed=config.seed, **options.get(name, {}))
+            except UserError as e:
+                print0(f"validation: {name} test split unavailable ({e}); left out of the validation loss")
+                continue
+            held_out.extend([task] * times)
+        if held_out:
+            val = (held_out[0] if len(held_out) == 1 else TaskMixture(held_out, seed=config.seed))
+            val = val[:config.val_examples]
+    gen_eval = None
+    if config.eval_every >= 0 and config.eval_task:
+        gen_eval = build_task(config.eval_task, split="test", data_path=config.data_path, seed=config.seed,
+                              size=config.eval_problems, **options.get(config.eval_task.lower(), {}))
+    return train, val, gen_eval
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, task, max_seq_len: int, batch_size: int, device, autocast) -> float:
+    """Mean token loss over the assistant tokens of every conversation in `task` (rank r takes r, r+W, ...)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of targets)
+    mine = list(range(rank, len(task), world))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(mine), batch_size):
+            rows = [conversation_targets(*tokenizer.render_conversation(task[i], max_tokens=max_seq_len + 1))
+                    for i in mine[start:start + batch_size]]
+            inputs, targets = pad_rows(rows, tokenizer.bos_token_id)
+            inputs, targets = inputs.to(device), targets.to(device)
+            with autocast():
+                loss_sum = model(inputs, targets, loss_reduction="sum")
+            totals[0] += loss_sum.double()
+            totals[1] += (targets >= 0).sum()
+    finally:
+        model.train(was_training)
+    if world > 1:
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def generative_accuracy(model, tokenizer, task, config: SFTConfig) -> float:
+    from reasoning.evaluation import EvalSettings, broadcast_summary, evaluate_task
+
+    settings = EvalSettings(max_tokens=config.eval_max_tokens, batch_size=config.eval_batch_size)
+    summary = broadcast_summary(evaluate_task(model, tokenizer, task, settings))
+    return summary["accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+def _gather_all(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _downsample(points: list, limit: int = 500) -> list:
+    if len(points) <= limit:
+        return points
+    stride = math.ceil(len(points) / limit)
+    return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
+
+
+def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: int = 0, world_size: int = 1,
+              tasks=None) -> dict:
+    """Fine-tune `model` (loaded from `source`: {"dir", "step", "tag", "tokenizer_dir"}) per `config`.
+
+    `tasks` = (train, val, gen_eval) overrides build_sft_tasks (tests). Returns a summary: metrics, series,
+    checkpoint dir, steps. Every rank must call it (collectives inside)."""
+    config.validate()
+    start_time = time.perf_counter()
+    master = rank == 0
+    base_dir = config.base_dir or get_base_dir()
+    dtype = get_compute_dtype(device)
+
+    def autocast():
+        return autocast_context(device, dtype)
+
+    train_task, val_task, eval_task = tasks if tasks is not None else build_sft_tasks(config)
+    tag = config.out_tag or source.get("tag") or f"d{model.config.n_layer}"
+    ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)
+
+    # ---- resume: weights, optimizer, stream positions, RNG and history from our own last checkpoint
+    resume_meta = None
+    if config.resume:
+        last = ckpt.find_last_step(ckpt_dir)
+        if last < 0:
+            print0(f"--resume: no checkpoint in {ckpt_dir} yet; starting from {source.get('dir')}")
+        else:
+            model_state, _, resume_meta = ckpt.load_checkpoint(ckpt_dir, last, device=device)
+            if resume_meta.get("model_config") != model.config.to_dict():
+                raise UserError(f"--resume: {ckpt_dir} step {last} holds a different model than {source.get('dir')}")
+            if len(resume_meta.get("positions", [])) != world_size:
+                raise UserError(f"--resume: checkpoint was written by {len(resume_meta.get('positions', []))} ranks "
+                                f"but this run has {world_size}; resume with the same number of processes")
+            model.load_state_dict(model_state)
+
+    optimizer = model.setup_optimizer(
+        matrix_lr=config.matrix_lr * config.lr_scale, embedding_lr=config.embedding_lr * config.lr_scale,
+        lm_head_lr=config.lm_head_lr * config.lr_scale, scalar_lr=config.scalar_lr * config.lr_scale,
+        weight_decay=config.weight_decay)
+    if resume_meta is not None:
+        _, optim_state, _ = ckpt.load_checkpoint(ckpt_dir, resume_meta["step"], device=device, load_optimizer=True)
+        optimizer.load_state_dict(optim_state)
+
+    # ---- batch geometry and length
+    rows_per_micro = config.device_batch_size * world_size
+    total_rows = rows_per_micro if config.total_batch_size == -1 else config.total_batch_size
+    if total_rows % rows_per_micro:
+        raise UserError(f"--total-batch-size {total_rows}: expected a multiple of device_batch_size x world size = "
+                        f"{config.device_batch_size} x {world_size} = {rows_per_micro}")
+    grad_accum = total_rows // rows_per_micro
+    position = 0 if resume_meta is None else resume_meta["positions"][rank]
+    stream = ConversationStream(train_task, tokenizer, config.max_seq_len, rank, world_size, config.seed,
+                                config.pack, position)
+    if config.num_iterations >= 0:
+        num_iterations = config.num_iterations
+    else:
+        conversations_per_row = 1.0
+        if config.pack:  # estimated from a sample: packed rows hold a data-dependent number of conversations
+            conversations_per_row = max(1.0, (config.max_seq_len + 1) / stream.mean_rendered_length())
+        num_iterations = max(1, math.ceil(config.num_epochs * len(train_task) / (total_rows * conversations_per_row)))
+    start_step = 0 if resume_meta is None else resume_meta["step"]
+    if start_step > num_iterations:
+        raise UserError(f"--resume: checkpoint is at step {start_step}, past --num-iterations {num_iterations}")
+    history = {"train_loss": [], "val_loss": [], "accuracy": []} if resume_meta is None else resume_meta["history"]
+    elapsed_before = 0.0 if resume_meta is None else resume_meta.get("train_seconds", 0.0)
+    if resume_meta is not None:
+        ckpt.set_rng_state(resume_meta["rng"][rank])
+
+    log = _RunLog(os.path.join(base_dir, "logs", f"{STAGE}_{tag}.jsonl") if master else None, config,
+                  start_step if resume_meta is not None else None)
+    print0(f"sft: {len(train_task):,} conversations ({config.task}), {num_iterations} steps of {total_rows} rows "
+           f"({config.device_batch_size} rows x {world_size} ranks x {grad_accum} accumulation, "
+           f"{'packed' if config.pack else 'padded'}, <= {config.max_seq_len} tokens) | from {source.get('dir')} "
+           f"step {source.get('step')} -> {ckpt_dir}" + (f" | resumed at step {start_step}" if resume_meta else ""))
+
+    def save(step: int):
+        meta = {
+            "model_config": model.config.to_dict(), "sft_config": config.to_dict(), "stage": STAGE,
+            "tokenizer_dir": source.get("tokenizer_dir"), "source": {"dir": source.get("dir"),
+                                                                     "step": source.get("step")},
+            "num_iterations": num_iterations, "history": history,
+            "train_seconds": elapsed_before + (time.perf_counter() - start_time),
+            "positions": _gather_all(stream.position, world_size),
+            "rng": _gather_all(ckpt.rng_state(), world_size),
+        }
+        if master:  # unsharded optimizer: its state is the same on every rank, rank 0's file serves all
+            ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta=meta, rank=0,
+                                 keep_last=config.keep_last or None)
+        if world_size > 1:
+            dist.barrier()
+
+    def evaluate(step: int):
+        record = {"step": step}
+        if val_task is not None and len(val_task):
+            record["val_loss"] = validation_loss(model, tokenizer, val_task, config.max_seq_len,
+                                                 config.device_batch_size, device, autocast)
+            history["val_loss"].append([step, record["val_loss"]])
+        if eval_task is not None and len(eval_task):
+            record["accuracy"] = generative_accuracy(model, tokenizer, eval_task, config)
+            history["accuracy"].append([step, record["accuracy"]])
+        if len(record) > 1:
+            print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
+            log.log(record)
+
+    step = start_step
+    losses: list[tuple[int, float]] = []
+    model.train()
+    try:
+        while True:
+            finished = step == num_iterations
+            stopping = step == config.stop_at_step
+            fresh = resume_meta is None or step != start_step  # at the resumed step this was done already
+            if fresh and config.eval_every >= 0 and (
+                    step == 0 or finished or (config.eval_every > 0 and step % config.eval_every == 0)):
+                evaluate(step)
+            if fresh and step > 0 and (finished or stopping or (config.save_every > 0
+                                                                and step % config.save_every == 0)):
+                save(step)
+            if finished or stopping:
+                break
+
+            t0 = time.perf_counter()
+            micro_batches = []
+            for _ in range(grad_accum):
+                inputs, targets = stream.next_batch(config.device_batch_size)
+                micro_batches.append((inputs.to(device), targets.to(device)))
+            valid = sum(int((t >= 0).sum()) for _, t in micro_batches)
+            loss = accumulate_gradients(model, micro_batches, autocast)
+            optimizer.reduce_gradients()  # average across ranks now (no-op alone) to measure and clip the norm
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0
+                                                  else float("inf"))
+            loss_value, norm_value = float(loss), float(norm)
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                raise NonFiniteLossError(f"step {step}: loss {loss_value}, gradient norm {norm_value}: SFT diverged; "
+                                         f"stopped before the update. Try a lower --lr-scale.")
+            lr_mult = lr_multiplier(step, num_iterations, config.warmup_ratio, 1.0 - config.warmup_ratio,
+                                    config.final_lr_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_mult
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            step += 1
+            losses.append((step, loss_value))
+            history["train_loss"].append([step, loss_value])
+            log.log({"step": step, "loss": loss_value, "lr_mult": lr_mult, "grad_norm": norm_value,
+                     "valid_tokens": valid, "epoch": stream.epoch(), "dt": dt})
+            if step % config.log_every == 0 or step == num_iterations:
+                print0(f"step {step:05d}/{num_iterations} | loss {loss_value:.4f} | lr x {lr_mult:.3f} | "
+                       f"gnorm {norm_value:.3f} | epoch {stream.epoch():.2f} | {valid} tokens (rank 0) | "
+                       f"{dt * 1000:.0f} ms")
+    finally:
+        log.close()
+
+    train_losses = [v for _, v in history["train_loss"]]
+    tail = train_losses[-max(1, min(20, len(train_losses) // 5)):] if train_losses else []
+    val_losses = [v for _, v in history["val_loss"]]
+    accuracies = [v for _, v in history["accuracy"]]
+    metrics = {
+        "train_loss": sum(tail) / len(tail) if tail else None,  # mean of the last steps: one batch is noisy
+        "val_loss": val_losses[-1] if val_losses else None,
+        "initial_val_loss": val_losses[0] if val_losses else None,
+        "accuracy": accuracies[-1] if accuracies else None,
+        "initial_accuracy": accuracies[0] if accuracies else None,
+        "steps": step,
+        "epochs": stream.epoch(),
+    }
+    return {
+        "step": step, "num_iterations": num_iterations, "finished": step == num_iterations, "metrics": metrics,
+        "series": {name: _downsample(points) for name, points in history.items()}, "losses": losses,
+        "seconds": elapsed_before + (time.perf_counter() - start_time), "checkpoint_dir": ckpt_dir,
+        "config": config.to_dict(), "tag": tag, "world_size": world_size,
+    }
+

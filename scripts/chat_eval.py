@@ -1,0 +1,132 @@
+"""Evaluate a checkpoint on generative tasks (machinery: reasoning.evaluation): batched, torchrun-sharded, resumable.
+
+    python -m scripts.chat_eval -a synthetic                                   # newest sft checkpoint, greedy
+    python -m scripts.chat_eval -a MATH-500 --data-path ../shared/data --stage rl --max-tokens 2048
+    python -m scripts.chat_eval -a MATH-500 --num-samples 8 --temperature 0.7  # pass@1,2,4,8 and maj@8
+    python -m scripts.chat_eval -a GSM8K --stage base --prompt-mode base       # plain "Problem: ...\\nSolution:"
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -a MATH-500 --batch-size 64
+
+Outputs under <base>/eval/<task>_<stage>/ (or --out-dir): predictions.jsonl (one line per problem x sample: id,
+prompt, completion, extracted answer, gold, correct, level, subject), summary.json (metrics + protocol: template
+text, sampling parameters, grader, checkpoint), protocol.json. A killed run continues where it stopped when rerun
+with the same settings (--fresh starts over). The report gets a section chat_eval_<stage> (synthetic),
+math500_<stage>, gsm8k_<stage>, ... with accuracy by level. Last line: RESULT task=... accuracy=... pass@k=... maj@k=...
+"""
+
+import argparse
+import os
+import shutil
+import sys
+
+from reasoning.checkpoint import add_model_args, load_model_from_args
+from reasoning.common import UserError, get_base_dir, init_distributed, is_master, print0, run_main
+from reasoning.evaluation import (PROMPT_MODES, EvalSettings, evaluate_task, format_table, grader_description,
+                                  resolve_source, section_name, template_text)
+from reasoning.report import log_stage
+from tasks.registry import build_task, task_label
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # torchrun passes the separator through
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser, default_stage="sft")
+    parser.add_argument("-a", "--task", default="synthetic",
+                        help="synthetic | GSM8K | MATH-500 | MATH | customjson:FILE (comma list: one after another)")
+    parser.add_argument("--data-path", default=None, help="local data file/folder (default $REASONING_DATA_DIR, "
+                                                          "else the HF hub)")
+    parser.add_argument("--split", default="test", choices=("train", "test"))
+    parser.add_argument("--max-problems", type=int, default=-1, help="first N problems only (-1: all)")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per problem (pass@k, maj@k)")
+    parser.add_argument("--temperature", type=float, default=None, help="default 0 (greedy); 0.7 with samples > 1")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=512, help="new tokens per completion")
+    parser.add_argument("--batch-size", type=int, default=32, help="problems per engine call per rank")
+    parser.add_argument("--prompt-mode", choices=PROMPT_MODES, default=None,
+                        help="chat template or a plain completion prompt (default: base for base checkpoints)")
+    parser.add_argument("--synthetic-difficulty", default="easy", help="synthetic task preset: easy | medium | hard")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default=None, help="results folder (default <base>/eval/<task>_<stage>)")
+    parser.add_argument("--fresh", action="store_true", help="discard earlier predictions instead of resuming")
+    parser.add_argument("--no-report", action="store_true", help="do not write a report section")
+    parser.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
+    parser.add_argument("--base-dir", default=None, help="run folder (default $REASONING_BASE_DIR)")
+    args = parser.parse_args(argv)
+    if args.num_samples < 1 or args.batch_size < 1 or args.max_tokens < 1:
+        raise UserError("--num-samples, --batch-size and --max-tokens: expected positive integers")
+    if args.max_problems == 0 or args.max_problems < -1:
+        raise UserError(f"--max-problems {args.max_problems}: expected a positive number or -1")
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.num_samples == 1 else 0.7)
+    if args.num_samples > 1 and temperature == 0:
+        raise UserError(f"--num-samples {args.num_samples} with --temperature 0: greedy samples are identical; "
+                        "expected a temperature > 0")
+    task_names = [name.strip() for name in args.task.split(",") if name.strip()]
+    if not task_names:
+        raise UserError(f"-a {args.task!r}: expected a task name such as synthetic or MATH-500")
+
+    info = init_distributed(args.device)
+    base_dir = args.base_dir or get_base_dir()
+    source = resolve_source(args, base_dir)
+    model, tokenizer, meta = load_model_from_args(args, info.device, phase="eval", base_dir=base_dir)
+    stage = source["stage"]
+    prompt_mode = args.prompt_mode or ("base" if stage == "base" else "chat")
+    settings = EvalSettings(num_samples=args.num_samples, temperature=temperature, top_k=args.top_k,
+                            max_tokens=args.max_tokens, batch_size=args.batch_size, prompt_mode=prompt_mode,
+                            seed=args.seed)
+    try:
+        settings.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print0(f"model: {source['dir']} step {source['step']} ({stage}) | prompt mode {prompt_mode}: "
+           f"{template_text(prompt_mode)}")
+
+    results = []
+    for name in task_names:
+        options = {"difficulty": args.synthetic_difficulty} if name.lower() == "synthetic" else {}
+        task = build_task(name, split=args.split, data_path=args.data_path, **options)
+        label = task_label(name)
+        out_dir = args.out_dir if args.out_dir and len(task_names) == 1 else \
+            os.path.join(args.out_dir or os.path.join(base_dir, "eval"), f"{label}_{stage}")
+        if args.fresh and is_master() and os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        protocol = {"task": label, "split": args.split, "grader": grader_description(task),
+                    "checkpoint": {"dir": source["dir"], "step": source["step"]}}
+        max_problems = None if args.max_problems == -1 else args.max_problems
+        summary = evaluate_task(model, tokenizer, task, settings, max_problems=max_problems, out_dir=out_dir,
+                                protocol=protocol, progress=True, log=print0)
+        if not is_master():
+            continue
+        k = settings.num_samples
+        headline = {"accuracy": summary["accuracy"], f"pass@{k}": summary[f"pass@{k}"],
+                    f"maj@{k}": summary[f"maj@{k}"]}
+        print(f"{label}: {summary['num_problems']} problems x {k} samples | "
+              + " | ".join(f"{key} {value:.4f}" for key, value in headline.items())
+              + f" | no answer {summary['no_answer_frac']:.3f} | mean length {summary['mean_completion_tokens']:.1f} "
+              f"tokens | " + (f"{summary['tokens_per_s']:.0f} tok/s" if summary["tokens_per_s"] else "nothing new"))
+        if summary["by_level"]:
+            print("accuracy by level:\n" + format_table(summary["by_level"]))
+        print(f"predictions and summary: {out_dir}", flush=True)
+        if not args.no_report:
+            # headline numbers first: the report's summary table shows a section's first metrics
+            metrics = dict(headline, no_answer_frac=summary["no_answer_frac"])
+            metrics.update({key: value for key, value in summary.items()
+                            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in metrics})
+            tables = {"accuracy by level": summary["by_level"], "accuracy by subject": summary["by_subject"]}
+            log_stage(section_name(name, stage), config={"protocol": summary["protocol"], "out_dir": out_dir},
+                      metrics=metrics, seconds=summary["seconds"], tables={k: v for k, v in tables.items() if v},
+                      base_dir=base_dir)
+        results.append((label, summary))
+
+    if is_master():
+        k = settings.num_samples
+
+        def joined(key):
+            return ",".join(f"{s[key]:.4f}" for _, s in results)
+
+        print(f"RESULT task={','.join(label for label, _ in results)} accuracy={joined('accuracy')} "
+              f"pass@k={joined(f'pass@{k}')} maj@k={joined(f'maj@{k}')} k={k}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
