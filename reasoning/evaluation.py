@@ -431,14 +431,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def section_name(task_name: str, stage: str) -> str:
-    """Report section of an eval: chat_eval_<stage> (synthetic), math500_<stage>, gsm8k_<stage>, ..."""
+def section_name(task_name: str, stage: str, num_samples: int = 1) -> str:
+    """Report section of an eval: chat_eval_<stage> (synthetic), math500_<stage>, gsm8k_<stage>, ...;
+    a sampled eval (k > 1) gets its own section `<...>_k<k>` so it never replaces the greedy one."""
     from tasks.registry import task_label
 
     label = task_label(task_name)
+    suffix = f"_k{num_samples}" if num_samples > 1 else ""
     if label == "synthetic":
-        return f"chat_eval_{stage}"
-    return f"{label.lower().replace('-', '')}_{stage}"
+        return f"chat_eval_{stage}{suffix}"
+    return f"{label.lower().replace('-', '')}_{stage}{suffix}"
 
 
 

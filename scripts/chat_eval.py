@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None):
         task = build_task(name, split=args.split, data_path=args.data_path, **options)
         label = task_label(name)
         out_dir = args.out_dir if args.out_dir and len(task_names) == 1 else \
-            os.path.join(args.out_dir or os.path.join(base_dir, "eval"), f"{label}_{stage}")
+            os.path.join(args.out_dir or os.path.join(base_dir, "eval"),
+                         f"{label}_{stage}" + (f"_k{args.num_samples}" if args.num_samples > 1 else ""))
         if args.fresh and is_master() and os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         protocol = {"task": label, "split": args.split, "grader": grader_description(task),
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None):
             metrics.update({key: value for key, value in summary.items()
                             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in metrics})
             tables = {"accuracy by level": summary["by_level"], "accuracy by subject": summary["by_subject"]}
-            log_stage(section_name(name, stage), config={"protocol": summary["protocol"], "out_dir": out_dir},
+            log_stage(section_name(name, stage, settings.num_samples), config={"protocol": summary["protocol"], "out_dir": out_dir},
                       metrics=metrics, seconds=summary["seconds"], tables={k: v for k, v in tables.items() if v},
                       base_dir=base_dir)
         results.append((label, summary))

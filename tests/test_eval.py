@@ -108,6 +108,7 @@ def test_section_names():
     assert section_name("synthetic", "sft") == "chat_eval_sft"
     assert section_name("MATH-500", "rl") == "math500_rl"
     assert section_name("gsm8k", "base") == "gsm8k_base"
+    assert section_name("MATH-500", "rl", num_samples=8) == "math500_rl_k8"
 
 
 # ----------------------------------------------------------------------------------------------- resume
