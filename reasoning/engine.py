@@ -2,17 +2,19 @@
 
 One `generate` call runs every (prompt, sample) row of a batch together:
 
-- **Ragged prefill, shared across samples.** The P distinct prompts are prefilled once, right-padded, with
-  `new_lengths` = true lengths (each row's rotary positions start at 0); the first-token logits come from each
-  row's last real position. `KVCache.repeat_rows(G)` then gives every sample its own copy (GRPO's G rollouts
-  per prompt cost one prefill).
+- **Ragged prefill, shared across samples.** The P distinct prompts are prefilled once, right-padded with
+  `new_lengths` = true lengths (each row's rotary positions start at 0), in groups of similar length so that
+  padding wastes little; the first-token logits come from each row's last real position.
+  `KVCache.repeat_rows(G)` then gives every sample its own copy (GRPO's G rollouts per prompt cost one prefill).
 - **Row retirement.** Finished rows leave the compute batch (`KVCache.select_rows`), so a decode step costs what
   its live rows cost. Compaction copies the cache, so it waits until a quarter of the batch has finished
   (`Engine.retire_fraction`); finished rows in the batch meanwhile write nothing (new_lengths 0). `retire=False`
   keeps every row to the end, which exists to test that retirement changes nothing.
 - **Per-row, counter-based randomness.** The uniform that picks row r's t-th token is a hash of
   (seed, prompt_index, sample_index, t): a row's samples do not depend on which other rows share the batch,
-  on retirement, or on the device. All rows draw in one vectorised op; the token is the inverse-CDF pick.
+  on retirement, or on the device. `seed` may also be a list with one seed per prompt; rows are then keyed by
+  (seed[p], sample_index, t), independent of the prompt's position in the call. All rows draw in one
+  vectorised op; the token is the inverse-CDF pick.
 - **Sampling.** temperature 0 = greedy; otherwise softmax(logits / temperature) filtered by top-k, then top-p
   (smallest prefix of the sorted renormalised distribution whose mass reaches p), then min-p (keep p ≥ min_p·p_max).
 - **Log-probs for RL.** `Generation.logprobs[t]` = log_softmax(logits / temperature)[token] over the FULL vocabulary,
@@ -75,7 +77,7 @@ def _splitmix64(x: int) -> int:
 
 
 def row_key(seed: int, prompt_index: int, sample_index: int) -> int:
-    """64-bit key of one row; distinct rows get unrelated streams."""
+    """64-bit key of one row; distinct rows get unrelated streams. (With per-prompt seeds, prompt_index is 0.)"""
     return _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ prompt_index) ^ sample_index)
 
 
@@ -191,7 +193,7 @@ class Engine:
 
     def generate(self, prompts, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                 seed: int | None = 0, stop_tokens=None, retire: bool = True) -> list[Generation]:
+                 seed: int | list[int] | None = 0, stop_tokens=None, retire: bool = True) -> list[Generation]:
         """Sample num_samples completions of every prompt (lists of token ids); prompt-major results."""
         rollout = _Rollout(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p, seed,
                            stop_tokens, retire)
@@ -201,7 +203,7 @@ class Engine:
 
     def generate_stream(self, prompts, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                        seed: int | None = 0, stop_tokens=None,
+                        seed: int | list[int] | None = 0, stop_tokens=None,
                         retire: bool = True) -> Iterator[tuple[int, int, int]]:
         """Like generate, but yields (row, token, mask) as tokens are produced, row = prompt_index * G + sample.
 
@@ -239,8 +241,17 @@ class _Rollout:
         check_sampling_args(temperature, top_k, top_p, min_p)
         if seed is None:  # fresh randomness, still governed by torch's global seed
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        elif not isinstance(seed, numbers.Integral):
-            raise ValueError(f"seed={seed!r}: expected an integer or None")
+        if isinstance(seed, (list, tuple)):
+            # one seed per prompt: a row is keyed by (its prompt's seed, sample) wherever the prompt sits in the
+            # call, e.g. seeds derived from problem ids make eval samples independent of batching and sharding
+            if len(seed) != len(self.prompts) or not all(isinstance(x, numbers.Integral) for x in seed):
+                raise ValueError(f"seed: a list of seeds needs one integer per prompt ({len(self.prompts)}), "
+                                 f"got {seed!r:.80}")
+            row_seeds = [(int(seed[p]), 0) for p in range(len(self.prompts))]
+        elif isinstance(seed, numbers.Integral):
+            row_seeds = [(int(seed), p) for p in range(len(self.prompts))]
+        else:
+            raise ValueError(f"seed={seed!r}: expected an integer, a list of one integer per prompt, or None")
         stop_tokens = engine.default_stop_tokens if stop_tokens is None else list(stop_tokens)
         for token in stop_tokens:
             if not isinstance(token, numbers.Integral) or not 0 <= token < vocab_size:
@@ -258,7 +269,7 @@ class _Rollout:
         # a row may produce max_tokens tokens, or fewer if prompt + completion would exceed the model's context
         self.budgets = [min(self.max_tokens, self.context_len - len(self.prompts[g.prompt_index]))
                         for g in self.generations]
-        self.keys = [row_key(int(seed), g.prompt_index, g.sample_index) for g in self.generations]
+        self.keys = [row_key(*row_seeds[g.prompt_index], g.sample_index) for g in self.generations]
         self.done = [False] * len(self.generations)
         self.python_start = [-1] * len(self.generations)  # where the open tool call's expression begins
         self.forced = [deque() for _ in self.generations]  # tool-output tokens still to force, per row

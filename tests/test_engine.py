@@ -228,6 +228,12 @@ def test_seeded_samples_are_reproducible_and_independent_of_the_batch(model):
     assert tokens_of(engine.generate([a, d], retire=False, **kwargs), 0) == tokens_of(alone, 0)
     # same position, different neighbours (and different retirement timing)
     assert tokens_of(engine.generate([b, c], **kwargs), 1) == tokens_of(engine.generate([d, c], **kwargs), 1)
+    # per-prompt seeds: a prompt's samples follow its own seed wherever it sits in the call
+    per_prompt = {k: v for k, v in kwargs.items() if k != "seed"}
+    first = engine.generate([a, b], seed=[11, 12], **per_prompt)
+    swapped = engine.generate([c, b, a], seed=[13, 12, 11], **per_prompt)
+    assert tokens_of(first, 0) == tokens_of(swapped, 2) and tokens_of(first, 1) == tokens_of(swapped, 1)
+    assert tokens_of(first, 0) != tokens_of(engine.generate([a], seed=[12], **per_prompt), 0)
     other_seed = engine.generate([a], **{**kwargs, "seed": 8})
     assert tokens_of(other_seed, 0) != tokens_of(alone, 0)
     assert len({tuple(t) for t in tokens_of(alone, 0)}) == 3  # samples of one prompt differ from each other
@@ -297,6 +303,17 @@ def test_filters_never_sample_outside_their_set_and_match_its_distribution(tempe
         # frequencies within 5 standard errors of the filtered, renormalised distribution
         tolerance = 5 * torch.sqrt(expected * (1 - expected) / draws) + 1e-9
         assert ((counts / draws - expected).abs() <= tolerance).all(), (r, allowed[r])
+
+
+def test_filters_reach_the_engine(model):
+    """top_k=1 and min_p=1 leave only the argmax: sampling at any temperature must then be greedy decoding."""
+    prompts = ragged_prompts(5, 2, 30, seed=9)
+    engine = Engine(model)
+    greedy = engine.generate(prompts, max_tokens=8, temperature=0.0, stop_tokens=[])
+    for filters in (dict(top_k=1), dict(min_p=1.0), dict(top_p=1e-9)):
+        sampled = engine.generate(prompts, num_samples=2, max_tokens=8, temperature=1.7, seed=4, stop_tokens=[],
+                                  **filters)
+        assert [g.tokens for g in sampled] == [g.tokens for g in greedy for _ in range(2)], filters
 
 
 def test_greedy_and_sampling_never_pick_impossible_tokens():
@@ -466,7 +483,8 @@ def test_bad_input_is_rejected_with_a_clear_message(model):
     for bad, message in ((dict(temperature=-1.0), "temperature"), (dict(temperature=math.nan), "temperature"),
                          (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
                          (dict(min_p=-0.1), "min_p"), (dict(num_samples=0), "num_samples"),
-                         (dict(max_tokens=0), "max_tokens"), (dict(stop_tokens=[VOCAB]), "stop token")):
+                         (dict(max_tokens=0), "max_tokens"), (dict(stop_tokens=[VOCAB]), "stop token"),
+                         (dict(seed=1.5), "seed"), (dict(seed=[1, 2]), "one integer per prompt")):
         with pytest.raises(ValueError, match=message):
             engine.generate([[1, 2]], **bad)
     with pytest.raises(ValueError, match="top_p"):

@@ -1,0 +1,256 @@
+"""Benchmark: generation throughput of reasoning.engine, batched vs one prompt at a time vs HF `generate`.
+
+A Llama-shaped model (dim 256, 4 layers, 4 heads, SwiGLU 704, vocab 8192, ~7.4M params) with random weights,
+built once as a transformers LlamaForCausalLM and copied name by name into our GPT (interop switches), so both
+implementations run the same network. 64 prompts with lengths uniform in [20, 200], 128 new tokens, greedy, stop
+tokens disabled (every row runs all 128 tokens), CPU fp32:
+
+  (a) Engine.generate on the whole batch (ragged right-padded prefill, KV cache, one row per prompt);
+  (b) Engine.generate one prompt at a time (first --sequential-prompts prompts; tokens/s is per generated token,
+      so it extrapolates to the full set);
+  (c) HF LlamaForCausalLM.generate on the whole batch: left padding + attention mask, greedy, use_cache=True.
+
+Throughput = generated tokens / time of the call (prefill included), by wall clock and by this process's CPU
+time: on the shared 2-core dev box wall time swings 2x with other people's jobs, while with --threads 1 CPU time
+is the work done (still inflated somewhat by memory-bandwidth contention). The three run interleaved in each round
+and the table reports medians over --rounds. Because both models hold the same weights, the bench also reports
+how many greedy tokens (a) and (c) agree on — a correctness check of the engine against an established library.
+
+Retirement (CPU time): (1) 64 rows, max_tokens 128, half of which must stop after 16 tokens (their 200-token
+prompts reach a 216-token context), timed per decode step through generate_stream with retire on and off: with
+retirement the step time after step 16 should follow the 32 live rows. (2) "staggered": rows stop at every step
+between 16 and 128 (one at a time), whole-call CPU time with retire on vs off: what compactions cost vs save.
+
+    python -m dev.bench_engine                    # defaults: 3 rounds, torch's thread count
+    python -m dev.bench_engine --threads 1 --rounds 3
+    python -m dev.bench_engine --skip throughput  # only the retirement cases
+Last line: RESULT vs_hf=<(a)/(c)> vs_sequential=<(a)/(b)> batched_tok_s=<(a)> (wall-clock medians), then the same
+ratios from CPU time (cpu_vs_hf, cpu_vs_sequential) and the retirement ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from reasoning.engine import Engine
+from reasoning.gpt import GPT, GPTConfig
+
+DIM, LAYERS, HEADS, MLP_WIDTH, VOCAB = 256, 4, 4, 704, 8192
+
+
+def build_models(sequence_len: int, seed: int = 0):
+    """The same random Llama network as (our GPT, HF LlamaForCausalLM)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=MLP_WIDTH, num_hidden_layers=LAYERS,
+                            num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=sequence_len,
+                            rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=0, bos_token_id=None,
+                            eos_token_id=None)
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(hf_config).eval()
+    ours = GPT(llama_shaped_config(sequence_len))
+    ours.load_state_dict(hf_to_ours(hf.state_dict()))
+    return ours.eval(), hf
+
+
+def llama_shaped_config(sequence_len: int) -> GPTConfig:
+    return GPTConfig(sequence_len=sequence_len, vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_kv_head=HEADS,
+                     n_embd=DIM, softcap=None, mlp="swiglu", intermediate_size=MLP_WIDTH, norm_weight=True,
+                     qk_norm=False)
+
+
+def hf_to_ours(hf_state: dict) -> dict:
+    names = {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "norm_f.weight",
+             "lm_head.weight": "lm_head.weight"}
+    per_layer = {"self_attn.q_proj": "attn.c_q", "self_attn.k_proj": "attn.c_k", "self_attn.v_proj": "attn.c_v",
+                 "self_attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc", "mlp.gate_proj": "mlp.c_gate",
+                 "mlp.down_proj": "mlp.c_proj", "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
+    for i in range(LAYERS):
+        for hf_name, our_name in per_layer.items():
+            names[f"model.layers.{i}.{hf_name}.weight"] = f"blocks.{i}.{our_name}.weight"
+    return {names[k]: v for k, v in hf_state.items() if k in names}
+
+
+def make_prompts(n: int, low: int, high: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high + 1, (n,), generator=g).tolist()
+    return [torch.randint(1, VOCAB, (L,), generator=g).tolist() for L in lengths]
+
+
+def timed(fn):
+    """(wall seconds, CPU seconds of this process, result). With one thread, CPU time is the work done and is
+    far less disturbed than wall time by other jobs on a shared box."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    longest = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every row's last prompt token is in the last column
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, use_cache=True, pad_token_id=0)
+    return out[:, longest:].tolist()
+
+
+def step_times(engine: Engine, prompts, max_tokens: int, retire: bool):
+    """CPU time of each decode step (between the events of consecutive steps) and the rows live in each step."""
+    times, live, last_step, last_time, count = [], [], 0, None, 0
+    produced = [0] * len(prompts)
+    for row, _, _ in engine.generate_stream(prompts, max_tokens=max_tokens, temperature=0.0, stop_tokens=[],
+                                            retire=retire):
+        produced[row] += 1
+        step = produced[row] - 1
+        if step != last_step:  # first event of a new step: the previous step's events are complete
+            now = time.process_time()
+            if last_time is not None:
+                times.append(now - last_time)
+                live.append(count)
+            last_time, last_step, count = now, step, 0
+        count += 1
+    return times, live
+
+
+def throughput(args, ours: GPT, hf) -> dict:
+    engine = Engine(ours)
+    prompts = make_prompts(args.prompts, args.min_len, args.max_len, seed=1)
+    sequential = prompts[: args.sequential_prompts]
+
+    def run_batched():
+        return engine.generate(prompts, max_tokens=args.new_tokens, temperature=0.0, stop_tokens=[])
+
+    def run_sequential():
+        return [engine.generate([p], max_tokens=args.new_tokens, temperature=0.0, stop_tokens=[])[0] for p in sequential]
+
+    def run_hf():
+        return hf_generate(hf, prompts, args.new_tokens)
+
+    hf_generate(hf, prompts[:2], 4)  # warm-ups: first calls pay one-off costs (allocator, lazy init)
+    engine.generate(prompts[:2], max_tokens=4, temperature=0.0, stop_tokens=[])
+
+    rates = {"batched": [], "sequential": [], "hf": []}
+    cpu_rates = {"batched": [], "sequential": [], "hf": []}
+    for r in range(args.rounds):
+        t_a, c_a, batched = timed(run_batched)
+        t_b, c_b, _ = timed(run_sequential)
+        t_c, c_c, hf_tokens = timed(run_hf)
+        for key, wall, cpu, n in (("batched", t_a, c_a, len(prompts)), ("sequential", t_b, c_b, len(sequential)),
+                                  ("hf", t_c, c_c, len(prompts))):
+            rates[key].append(n * args.new_tokens / wall)
+            cpu_rates[key].append(n * args.new_tokens / cpu)
+        print(f"round {r}: wall (cpu) seconds: batched {t_a:.2f} ({c_a:.2f})  sequential, {len(sequential)} prompts "
+              f"{t_b:.2f} ({c_b:.2f})  hf {t_c:.2f} ({c_c:.2f})")
+    assert all(len(g.tokens) == args.new_tokens for g in batched)
+
+    # agreement with HF (same weights, greedy): identical tokens until a float near-tie flips an argmax
+    prefix_match = [next((i for i, (x, y) in enumerate(zip(g.tokens, h)) if x != y), len(h))
+                    for g, h in zip(batched, hf_tokens)]
+    identical_rows = sum(m == args.new_tokens for m in prefix_match)
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu_rates.items()}
+    print()
+    print(f"{'variant':<34}{'tokens/s wall':>14}{'tokens/CPU-s':>14}   wall runs")
+    labels = {"batched": "(a) engine, batched", "sequential": "(b) engine, one prompt at a time",
+              "hf": "(c) HF generate, batched"}
+    for key, label in labels.items():
+        print(f"{label:<34}{med[key]:>14.0f}{cpu_med[key]:>14.0f}   {'  '.join(f'{x:.0f}' for x in rates[key])}")
+    print(f"ratios (wall | CPU): (a)/(c) {med['batched'] / med['hf']:.2f} | {cpu_med['batched'] / cpu_med['hf']:.2f}"
+          f"   (a)/(b) {med['batched'] / med['sequential']:.2f} | {cpu_med['batched'] / cpu_med['sequential']:.2f}")
+    print(f"agreement with HF greedy: {identical_rows}/{len(prompts)} rows identical over all {args.new_tokens} "
+          f"tokens; median first-divergence position {statistics.median(prefix_match):.0f}")
+    return dict(vs_hf=med["batched"] / med["hf"], vs_sequential=med["batched"] / med["sequential"],
+                batched_tok_s=med["batched"], cpu_vs_hf=cpu_med["batched"] / cpu_med["hf"],
+                cpu_vs_sequential=cpu_med["batched"] / cpu_med["sequential"])
+
+
+def retirement(args, ours: GPT) -> dict:
+    """Two cases, each with retire on and off (CPU seconds, medians over rounds).
+
+    half: half the rows have max_len-token prompts and a max_len+16 context, so they stop after 16 tokens; the
+          step time after that should follow the live rows.
+    staggered: prompt lengths spread so that rows stop at every step from 16 to new_tokens (one compaction per
+          finishing step): shows what the compactions cost against what they save.
+    """
+    def engine_with_context(context: int) -> Engine:
+        model = GPT(llama_shaped_config(context))
+        model.load_state_dict(ours.state_dict())
+        return Engine(model.eval())
+
+    half = args.prompts // 2
+    long_prompts = make_prompts(half, args.max_len, args.max_len, seed=2)
+    short_prompts = make_prompts(args.prompts - half, args.min_len, 16 + args.max_len - args.new_tokens, seed=3)
+    mixed = [p for pair in zip(long_prompts, short_prompts) for p in pair]
+    engine = engine_with_context(args.max_len + 16)
+    print()
+    print(f"retirement, half: {len(mixed)} rows, {half} stop after 16 tokens; mean decode step CPU ms (median)")
+    print(f"{'':<14}{'steps 1-15':>12}{'steps 17+':>12}{'ratio':>8}")
+    ratios = {}
+    for retire in (True, False):
+        before, after = [], []
+        for _ in range(args.rounds):
+            times, live = step_times(engine, mixed, args.new_tokens, retire)
+            before.append(statistics.mean(times[:15]))  # times[i] is step i+1
+            after.append(statistics.mean(times[16:]))
+            assert live[0] == len(mixed) and live[-1] == len(mixed) - half
+        b, a = statistics.median(before) * 1e3, statistics.median(after) * 1e3
+        ratios[retire] = a / b
+        print(f"{'retire=' + str(retire):<14}{b:>12.2f}{a:>12.2f}{a / b:>8.2f}")
+
+    context = args.max_len + args.new_tokens
+    staggered = make_prompts(args.prompts, args.max_len, context - 16, seed=4)  # budgets 16..new_tokens
+    engine = engine_with_context(context)
+    totals = {}
+    for retire in (True, False):
+        runs = []
+        for _ in range(args.rounds):
+            _, cpu, out = timed(lambda: engine.generate(staggered, max_tokens=args.new_tokens, temperature=0.0,
+                                                        stop_tokens=[], retire=retire))
+            runs.append(cpu)
+        totals[retire] = statistics.median(runs)
+    finish_steps = len({len(g.tokens) for g in out})
+    print(f"retirement, staggered: rows finish at {finish_steps} different steps; generate CPU s: "
+          f"retire=True {totals[True]:.2f}, retire=False {totals[False]:.2f} "
+          f"(ratio {totals[True] / totals[False]:.2f})")
+    return dict(retire_step_ratio=ratios[True], keep_step_ratio=ratios[False],
+                staggered_ratio=totals[True] / totals[False])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--min-len", type=int, default=20)
+    parser.add_argument("--max-len", type=int, default=200)
+    parser.add_argument("--sequential-prompts", type=int, default=16, help="prompts timed one at a time in (b)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--skip", choices=["throughput", "retirement"], action="append", default=[])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    ours, hf = build_models(args.max_len + args.new_tokens)
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"model: Llama-shaped dim {DIM}, {LAYERS} layers, {HEADS} heads, vocab {VOCAB}, {n_params / 1e6:.2f}M params; "
+          f"{args.prompts} prompts of {args.min_len}-{args.max_len} tokens, {args.new_tokens} new tokens, greedy, "
+          f"CPU fp32, {torch.get_num_threads()} threads")
+    results = {}
+    if "throughput" not in args.skip:
+        results.update(throughput(args, ours, hf))
+    if "retirement" not in args.skip:
+        results.update(retirement(args, ours))
+    print("RESULT " + " ".join(f"{k}={v:.0f}" if k.endswith("tok_s") else f"{k}={v:.2f}" for k, v in results.items()))
+
+
+if __name__ == "__main__":
+    main()
