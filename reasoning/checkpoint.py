@@ -5,7 +5,7 @@ Layout of one checkpoint directory (`<base>/checkpoints/<stage>/<tag>/`):
     optim_{step:06d}_rank{r}.pt      optimizer state of rank r (Muon/ZeRO-style optimizers shard it per rank)
     meta_{step:06d}.json             step, model_config, data position, RNG, anything the stage wants to resume
 
-Every file is written to a temp file in the same directory, fsynced and `os.replace`d into place, so a crash
+Every file is written with `common.atomic_write` (temp file, fsync, `os.replace`), so a crash
 never leaves a half-written file under a real name. The meta file is written last: a step whose meta exists is
 complete, and `find_last_step` only ever reports complete steps. In DDP each rank calls `save_checkpoint` with
 its own optimizer state; a caller that needs every rank's optimizer file to exist before meta appears should
@@ -20,11 +20,10 @@ import json
 import os
 import random
 import re
-import tempfile
 
 import torch
 
-from reasoning.common import UserError, get_base_dir
+from reasoning.common import UserError, atomic_write, atomic_write_text, get_base_dir
 
 STAGES = ("base", "sft", "rl")
 _META_RE = re.compile(r"meta_(\d{6,})\.json$")
@@ -47,33 +46,6 @@ def _meta_path(ckpt_dir: str, step: int) -> str:
     return os.path.join(ckpt_dir, f"meta_{step:06d}.json")
 
 
-# ----------------------------------------------------------------------------------------------- atomic writes
-
-def _atomic_write(path: str, write_fn):
-    """write_fn(file) into a temp file next to `path`, fsync, then rename over `path` (atomic on POSIX)."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    # make the rename itself durable: fsync the directory entry (not supported everywhere, hence best effort)
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 def _strip_compile_prefix(state: dict) -> dict:
     """torch.compile wraps modules as `_orig_mod`; checkpoints store the plain names so either side can load."""
     return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
@@ -92,16 +64,16 @@ def save_checkpoint(ckpt_dir: str, step: int, model_state: dict | None, optimize
     meta = dict(meta or {})
     meta["step"] = step
     # serialise before writing anything: a meta that is not JSON fails here, not after the weights hit the disk
-    payload = json.dumps(meta, indent=2, sort_keys=True).encode("utf-8")
+    payload = json.dumps(meta, indent=2, sort_keys=True)
     os.makedirs(ckpt_dir, exist_ok=True)
     if optimizer_state is not None:
-        _atomic_write(_optim_path(ckpt_dir, step, rank), lambda f: torch.save(optimizer_state, f))
+        atomic_write(_optim_path(ckpt_dir, step, rank), lambda f: torch.save(optimizer_state, f))
     if rank != 0:
         return
     if model_state is not None:
         state = _strip_compile_prefix(model_state)
-        _atomic_write(_model_path(ckpt_dir, step), lambda f: torch.save(state, f))
-    _atomic_write(_meta_path(ckpt_dir, step), lambda f: f.write(payload))
+        atomic_write(_model_path(ckpt_dir, step), lambda f: torch.save(state, f))
+    atomic_write_text(_meta_path(ckpt_dir, step), payload)
     if keep_last is not None:
         _prune(ckpt_dir, keep_last)
 

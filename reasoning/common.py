@@ -1,14 +1,18 @@
-"""Shared runtime helpers: device/dtype choice, torchrun setup, rank-0 printing, the base dir, seeding.
+"""Shared runtime helpers: device/dtype choice, torchrun setup, rank-0 printing, the base dir, seeding, atomic writes.
 
 Every script starts from here so that device selection, distributed init (nccl on CUDA, gloo on CPU) and
-the artifact folder behave the same way in every stage.
+the artifact folder behave the same way in every stage. Every artifact file (checkpoints, tokenizer, shards,
+eval predictions, report sections) goes through `atomic_write`, so a crash never leaves a torn file under a
+real name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
+import secrets
 import sys
 from dataclasses import dataclass
 
@@ -141,3 +145,69 @@ def seed_everything(seed: int):
     except ImportError:  # numpy is a dependency, but seeding should not be what breaks without it
         pass
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+
+def _open_temp_file(path: str, mode: str):
+    """A new, hidden, uniquely named file next to `path` (`.<name>.<random>.tmp`), opened for writing.
+
+    Not tempfile.mkstemp: that creates files with mode 0600, while artifacts should get the ordinary permissions
+    (0666 minus the umask) that open() gives, so others sharing a run dir can read them. Mode "x" is open()'s
+    exclusive create, so two writers can never share a temp file."""
+    directory, name = os.path.dirname(path) or ".", os.path.basename(path)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return open(tmp, mode.replace("w", "x"), **({} if "b" in mode else {"encoding": "utf-8"}))
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a unique temp file for {path}")
+
+
+def _fsync_directory(directory: str):
+    """Make a rename durable by syncing the directory entry; not supported on every OS/filesystem, so best effort."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
+    """Write `path` all-or-nothing: write_fn(file) fills a temp file in the same directory, which is then
+    flushed, fsynced and `os.replace`d over `path` (an atomic rename on POSIX and Windows).
+
+    On any failure, KeyboardInterrupt included, the temp file is removed and `path` keeps its previous content
+    (or stays absent). `mode` is "wb" (bytes) or "w" (text, UTF-8). The directory must exist. `file.name` is
+    the temp file's path, so write_fn can flush and read back what it wrote to validate it (raise to abort)."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"mode={mode!r}: expected 'wb' or 'w'")
+    f = _open_temp_file(path, mode)
+    try:
+        with f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f.name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f.name)
+        raise
+    _fsync_directory(os.path.dirname(path) or ".")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """`text` as UTF-8 into `path`, atomically (see atomic_write)."""
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def atomic_write_json(path: str, obj, **json_kw) -> None:
+    """json.dumps(obj, **json_kw) into `path`, atomically. Serialised first: an object that is not JSON raises
+    before any file is touched."""
+    atomic_write_text(path, json.dumps(obj, **json_kw))

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from reasoning.common import UserError, get_base_dir, run_main
+from reasoning.common import UserError, atomic_write, get_base_dir, run_main
 
 # nanochat's re-shuffled FineWeb-Edu: shards 00000..01822, ~100 MB each; the last one serves as validation.
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -128,9 +128,8 @@ class ShardSet:
 def write_shard(path: str, texts: list[str], row_group_size: int = 1024):
     """Write texts as a parquet shard in the layout this module reads (atomically: temp file, then rename)."""
     import pyarrow as pa
-    tmp = path + ".tmp"
-    pq.write_table(pa.table({TEXT_COLUMN: pa.array(texts, type=pa.string())}), tmp, row_group_size=row_group_size)
-    os.replace(tmp, path)
+    table = pa.table({TEXT_COLUMN: pa.array(texts, type=pa.string())})
+    atomic_write(path, lambda f: pq.write_table(table, f, row_group_size=row_group_size))
 
 
 def _check_rank(rank: int, world_size: int):
@@ -190,29 +189,31 @@ def download_shard(index: int, data_dir: str, base_url: str = DEFAULT_BASE_URL, 
                    stop: threading.Event | None = None) -> str:
     """Fetch one shard into `data_dir` (skipped if present) and return its path.
 
-    Written to `<name>.tmp` and moved into place only after the size and parquet checks pass, so an
-    interrupted or corrupt download never leaves a file that looks like a shard. Retries with exponential
-    backoff (backoff, 2·backoff, ...); raises UserError after the last attempt.
+    Streamed into a temp file (common.atomic_write) that replaces `<name>` only after the size and parquet
+    checks pass, so an interrupted or corrupt download never leaves a file that looks like a shard. Retries
+    with exponential backoff (backoff, 2·backoff, ...); raises UserError after the last attempt.
     """
     url = shard_url(index, base_url, pattern)
     stop = stop or threading.Event()
     path = os.path.join(data_dir, os.path.basename(pattern.format(index=index)))
     if os.path.exists(path):
         return path
-    tmp = path + ".tmp"
+
+    def fetch_and_check(f):  # raising here makes atomic_write drop the temp file and leave `path` absent
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            length = response.headers.get("Content-Length") if response.headers is not None else None
+            while chunk := response.read(_CHUNK):
+                f.write(chunk)
+        f.flush()
+        _check_downloaded(f.name, int(length) if length else None)
+
     last_error = "no attempt made"
     unreachable = False
     for attempt in range(retries):
         if stop.is_set():
             raise UserError(f"download of {url} cancelled after another shard failed")
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                length = response.headers.get("Content-Length") if response.headers is not None else None
-                with open(tmp, "wb") as f:
-                    while chunk := response.read(_CHUNK):
-                        f.write(chunk)
-            _check_downloaded(tmp, int(length) if length else None)
-            os.replace(tmp, path)
+            atomic_write(path, fetch_and_check)
             return path
         except urllib.error.HTTPError as e:
             last_error, unreachable = f"HTTP {e.code} {e.reason}", False
@@ -223,9 +224,6 @@ def download_shard(index: int, data_dir: str, base_url: str = DEFAULT_BASE_URL, 
             last_error, unreachable = str(e.reason), True
         except Exception as e:  # timeout, reset, truncated body, size mismatch, unreadable parquet: try again
             last_error, unreachable = f"{type(e).__name__}: {e}", False
-        finally:
-            if not os.path.exists(path):
-                _remove_quietly(tmp)
         # An unreachable network gets one retry (a DNS blip), not the full backoff ladder: offline machines
         # should hear "pass --data-dir" within a second or two, in one line.
         if attempt + 1 >= (min(retries, 2) if unreachable else retries):
@@ -238,13 +236,6 @@ def download_shard(index: int, data_dir: str, base_url: str = DEFAULT_BASE_URL, 
     if unreachable:
         raise UserError(f"network unreachable: cannot download {url} ({last_error}); {_offline_hint()}")
     raise UserError(f"{url}: download failed after {attempt + 1} attempts ({last_error})")
-
-
-def _remove_quietly(path: str):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 def download_shards(indices: list[int], data_dir: str, workers: int = 4, **kwargs) -> list[str]:

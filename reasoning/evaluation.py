@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch.distributed as dist
 
-from reasoning.common import get_rank, get_world_size
+from reasoning.common import atomic_write, atomic_write_json, get_rank, get_world_size
 from reasoning.verifiers import math_equal_batch
 
 PROMPT_MODES = ("chat", "base")
@@ -269,13 +269,7 @@ def _read_predictions(path: str) -> list[dict]:
 
 
 def _write_lines_atomic(path: str, records: list[dict]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records), mode="w")
 
 
 def _complete_problems(records: list[dict], num_samples: int, allowed: set[int]) -> list[dict]:
@@ -347,10 +341,7 @@ def evaluate_task(model, tokenizer, task, settings: EvalSettings, max_problems: 
         elif os.path.exists(pred_path) and log is not None:
             log(f"{pred_path}: made under other settings; starting over")
         _write_lines_atomic(pred_path, done_records)  # the clean prefix new rounds append to
-        tmp = protocol_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(protocol, f, indent=1)
-        os.replace(tmp, protocol_path)
+        atomic_write_json(protocol_path, protocol, indent=1)
     done = _broadcast(sorted({r["index"] for r in done_records}), world_size)
     done_set = set(done)
     todo = [[i for i in range(r, total, world_size) if i not in done_set] for r in range(world_size)]
@@ -407,10 +398,7 @@ def evaluate_task(model, tokenizer, task, settings: EvalSettings, max_problems: 
     summary["protocol"] = protocol
     summary["settings"] = asdict(settings)
     if out_dir:
-        tmp = os.path.join(out_dir, SUMMARY_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(tmp, os.path.join(out_dir, SUMMARY_FILE))
+        atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary, indent=1)
     return summary
 
 

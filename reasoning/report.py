@@ -17,9 +17,8 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 
-from reasoning.common import get_base_dir
+from reasoning.common import atomic_write_json, atomic_write_text, get_base_dir
 
 # Canonical order of the pipeline; other section names are listed after these, alphabetically.
 STAGE_ORDER = ["tok_train", "tok_eval", "base_train", "base_eval", "chat_sft", "chat_eval_sft",
@@ -40,21 +39,6 @@ def report_dir(base_dir: str | None = None) -> str:
     path = os.path.join(base_dir or get_base_dir(), "report")
     os.makedirs(path, exist_ok=True)
     return path
-
-
-def _atomic_write_text(path: str, text: str):
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _jsonable(value):
@@ -90,7 +74,7 @@ def log_stage(name: str, config: dict | None = None, metrics: dict | None = None
         "tables": _jsonable(tables or {}),
     }
     path = os.path.join(report_dir(base_dir), f"{name}.json")
-    _atomic_write_text(path, json.dumps(section, indent=1))
+    atomic_write_json(path, section, indent=1)
     return path
 
 
@@ -98,7 +82,7 @@ def load_sections(base_dir: str | None = None) -> dict[str, dict]:
     directory = report_dir(base_dir)
     sections = {}
     for fname in sorted(os.listdir(directory)):
-        if not fname.endswith(".json") or fname.startswith(".tmp_"):
+        if not fname.endswith(".json") or fname.startswith("."):  # hidden: temp files of interrupted writes
             continue
         try:
             with open(os.path.join(directory, fname), encoding="utf-8") as f:
@@ -253,7 +237,7 @@ def generate(base_dir: str | None = None) -> str:
             config_text = json.dumps(section["config"], indent=1, sort_keys=True)
             lines += ["<details><summary>config</summary>", "", "```json", config_text, "```", "", "</details>", ""]
     path = os.path.join(out_dir, "report.md")
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 from collections.abc import Iterable, Iterator
 
 import tiktoken
 import torch
 
-from reasoning.common import UserError, get_base_dir
+from reasoning.common import UserError, atomic_write, atomic_write_json, atomic_write_text, get_base_dir
 
 # GPT-4's (cl100k) split pattern with one change: numbers are split into chunks of at most 2 digits instead of 3.
 # A 3-digit chunking spends ~1100 vocab slots on numbers and makes place value depend on where the chunk boundaries
@@ -124,13 +123,11 @@ class Tokenizer:
         os.makedirs(directory, exist_ok=True)
         lines = [f"{base64.b64encode(token).decode('ascii')} {rank}"
                  for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])]
-        _atomic_write(os.path.join(directory, _RANKS_FILE), ("\n".join(lines) + "\n").encode("ascii"))
-        tmp = os.path.join(directory, f".{TOKEN_BYTES_FILE}.tmp{os.getpid()}")
-        torch.save(self.token_bytes, tmp)
-        _fsync_replace(tmp, os.path.join(directory, TOKEN_BYTES_FILE))
+        atomic_write_text(os.path.join(directory, _RANKS_FILE), "\n".join(lines) + "\n")  # base64: plain ASCII
+        atomic_write(os.path.join(directory, TOKEN_BYTES_FILE), lambda f: torch.save(self.token_bytes, f))
         meta = {"format": _FORMAT, "pattern": self.pattern, "bpe_vocab_size": self.bpe_vocab_size,
                 "special_tokens": list(self.special_tokens), "vocab_size": self.vocab_size}
-        _atomic_write(os.path.join(directory, _META_FILE), json.dumps(meta, indent=1).encode("utf-8"))
+        atomic_write_json(os.path.join(directory, _META_FILE), meta, indent=1)
 
     @classmethod
     def load(cls, directory: str) -> Tokenizer:
@@ -310,16 +307,3 @@ def get_tokenizer(base_dir: str | None = None) -> Tokenizer:
         raise UserError(f"no tokenizer at {directory}; create it with `python -m scripts.tok_train` "
                         "(offline: run `python -m reasoning.dataset --synthetic` first)")
     return Tokenizer.load(directory)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp{os.getpid()}.{time.time_ns()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    _fsync_replace(tmp, path)
-
-
-def _fsync_replace(tmp: str, path: str) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

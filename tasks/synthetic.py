@@ -27,7 +27,6 @@ import hashlib
 import os
 import random
 import re
-import tempfile
 
 from tasks.common import Task
 
@@ -543,10 +542,12 @@ def write_synthetic_corpus(out_dir: str, num_shards: int = 8, docs_per_shard: in
     """Write `shard_00000.parquet`... (one `text` column) into out_dir; returns the shard paths.
 
     Deterministic in (seed, shard index) and independent of num_shards, so asking for more shards later
-    extends the corpus instead of reshuffling it. Only train-split problems appear. Each shard is written to a
-    temp file in out_dir, fsynced and renamed into place, so a reader never sees a half-written shard."""
+    extends the corpus instead of reshuffling it. Only train-split problems appear. Each shard is written
+    atomically (reasoning.common.atomic_write), so a reader never sees a half-written shard."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from reasoning.common import atomic_write
 
     if num_shards < 1 or docs_per_shard < 1:
         raise ValueError(f"num_shards={num_shards}, docs_per_shard={docs_per_shard}: expected both >= 1")
@@ -556,18 +557,9 @@ def write_synthetic_corpus(out_dir: str, num_shards: int = 8, docs_per_shard: in
         rng = random.Random(f"synthetic-corpus/{seed}/{shard}")
         texts = [_corpus_document(rng) for _ in range(docs_per_shard)]
         path = os.path.join(out_dir, f"shard_{shard:05d}.parquet")
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".shard_", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                # several row groups per shard so distributed readers can split a shard between ranks
-                pq.write_table(pa.table({"text": texts}), f, row_group_size=max(1, docs_per_shard // 8))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        table = pa.table({"text": texts})
+        # several row groups per shard so distributed readers can split a shard between ranks
+        atomic_write(path, lambda f: pq.write_table(table, f, row_group_size=max(1, docs_per_shard // 8)))
         paths.append(path)
     return paths
 

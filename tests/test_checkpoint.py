@@ -132,11 +132,11 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, cras
             raise OSError("simulated crash before rename")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", crashing_replace)
+    monkeypatch.setattr(os, "replace", crashing_replace)  # the rename inside reasoning.common.atomic_write
     new_model, new_opt = trained_model_and_optimizer(seed=5)
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(d, 20, new_model.state_dict(), new_opt.state_dict(), {"note": "new"})
-    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert find_last_step(d) == 10
     assert not any(name.endswith(".tmp") for name in files(d))  # temp files cleaned up
     assert "meta_000020.json" not in files(d)

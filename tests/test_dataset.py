@@ -45,6 +45,7 @@ def test_list_and_split_shards(corpus):
     data_dir, _ = corpus
     # leftovers of an interrupted download and unrelated files are not shards
     open(os.path.join(data_dir, "shard_00009.parquet.tmp"), "wb").write(b"partial")
+    open(os.path.join(data_dir, ".shard_00010.parquet.1a2b3c4d.tmp"), "wb").write(b"partial")  # atomic_write's
     open(os.path.join(data_dir, "README.md"), "w").write("hi")
     shards = list_shards(data_dir)
     assert [os.path.basename(p) for p in shards] == [f"shard_{i:05d}.parquet" for i in range(3)]
@@ -218,10 +219,12 @@ def test_interrupted_download_is_retried_and_never_left_partial(tmp_path, monkey
         return FakeResponse(body)
 
     monkeypatch.setattr(dataset.urllib.request, "urlopen", flaky)
-    path = dataset.download_shard(3, str(tmp_path), retries=3, backoff=0)
+    target = tmp_path / "dl"
+    target.mkdir()
+    path = dataset.download_shard(3, str(target), retries=3, backoff=0)
     assert len(attempts) == 3
     assert open(path, "rb").read() == body
-    assert not os.path.exists(path + ".tmp")
+    assert os.listdir(target) == ["shard_00003.parquet"]  # no temp file of the failed attempts is left
 
 
 @pytest.mark.parametrize("response", ["truncated", "garbage", "reset"])

@@ -10,7 +10,6 @@ import sys
 from fractions import Fraction
 
 import pytest
-import torch
 
 from helpers_models import save_tiny_checkpoint, train_small_tokenizer
 from reasoning.checkpoint import load_model
@@ -23,14 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("REASONING_SHARED_DATA") or os.path.join(REPO, "..", "shared", "data")
 needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"shared test data not found at {SHARED} "
                                                                     "(set $REASONING_SHARED_DATA)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -43,3 +43,8 @@ def test_rerun_replaces_section_and_bad_values_stay_json(tmp_path):
         f.write("{not json")
     assert "broken" not in report.load_sections(base)
     json.loads(open(os.path.join(base, "report", "chat_sft.json")).read())
+    assert not [f for f in os.listdir(os.path.join(base, "report")) if f.startswith(".")]  # no temp file left
+    # a hidden file that ends in .json (a stray temp of an interrupted write) is not a section
+    with open(os.path.join(base, "report", ".tmp_xyzchat_rl.json"), "w") as f:
+        json.dump({"name": "chat_rl", "metrics": {"accuracy": 0.5}}, f)
+    assert list(report.load_sections(base)) == ["chat_sft"]
