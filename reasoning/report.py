@@ -22,7 +22,7 @@ from reasoning.common import atomic_write_json, atomic_write_text, get_base_dir
 
 # Canonical order of the pipeline; other section names are listed after these, alphabetically.
 STAGE_ORDER = ["tok_train", "tok_eval", "base_train", "base_eval", "chat_sft", "chat_eval_sft",
-               "chat_rl", "chat_eval_rl", "chat_eval"]
+               "chat_rl", "chat_eval_rl", "math500_rl"]
 
 # Which metrics summarise a stage in the table (others stay in the per-stage detail section).
 HEADLINE_KEYS = {

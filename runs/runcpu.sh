@@ -9,8 +9,11 @@
 #   bash runs/runcpu.sh --stage chat_rl # (re)run one stage alone (repeatable: --stage a --stage b)
 #   bash runs/runcpu.sh --dry-run       # print the commands only
 #
-# Knobs (environment): REASONING_BASE_DIR (default ~/.cache/reasoning/runcpu), DEPTH, TAG, VOCAB_SIZE,
-# BASE_STEPS, SFT_STEPS, RL_STEPS, MATH500_PATH, WANDB_RUN (wandb off unless set).
+# Knobs (environment): REASONING_BASE_DIR (default ~/.cache/reasoning/runcpu), DEPTH, TAG, VOCAB_SIZE, SEQ_LEN,
+# BASE_STEPS, SFT_STEPS, RL_STEPS, EVAL_PROBLEMS, MATH500_PATH, NUM_SHARDS, DOCS_PER_SHARD, WANDB_RUN (wandb off
+# unless set), and extra flags appended to a stage's command (later flags win, so they can override the ones above):
+# TOK_ARGS, BASE_ARGS, BASE_EVAL_ARGS, SFT_ARGS, RL_ARGS, EVAL_ARGS (both synthetic evals), MATH500_ARGS.
+# REASONING_SKIP_SETUP=1 runs with the python already on PATH instead of the project venv (runs/setup_env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO_ROOT="$(pwd)"
@@ -24,10 +27,18 @@ while [ $# -gt 0 ]; do
         --force) FORCE=1 ;;
         --dry-run) DRY_RUN=1 ;;
         --stage) shift; ONLY_STAGES+=("${1:?--stage needs a stage name}") ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^[^#]/{/^#/p;}' "$0"; exit 0 ;;  # the comment header
         *) echo "error: unknown argument '$1' (expected --force, --stage NAME, --dry-run)" >&2; exit 2 ;;
     esac
     shift
+done
+
+STAGES=(tok_train tok_eval base_train base_eval chat_sft chat_eval_sft chat_rl chat_eval_rl math500_rl)
+for requested in "${ONLY_STAGES[@]}"; do
+    case " ${STAGES[*]} " in
+        *" $requested "*) ;;
+        *) echo "error: --stage $requested: unknown stage (expected one of ${STAGES[*]})" >&2; exit 2 ;;
+    esac
 done
 
 export REASONING_BASE_DIR="${REASONING_BASE_DIR:-$HOME/.cache/reasoning/runcpu}"
@@ -42,6 +53,16 @@ SFT_STEPS="${SFT_STEPS:-300}"
 RL_STEPS="${RL_STEPS:-60}"
 EVAL_PROBLEMS="${EVAL_PROBLEMS:-200}"
 MATH500_PATH="${MATH500_PATH:-$REPO_ROOT/../shared/data/math500_test.json}"
+NUM_SHARDS="${NUM_SHARDS:-8}"
+DOCS_PER_SHARD="${DOCS_PER_SHARD:-4000}"
+# Extra per-stage flags, split on whitespace (the smoke test shrinks every stage with them).
+read -r -a TOK_EXTRA <<< "${TOK_ARGS:-}"
+read -r -a BASE_EXTRA <<< "${BASE_ARGS:-}"
+read -r -a BASE_EVAL_EXTRA <<< "${BASE_EVAL_ARGS:-}"
+read -r -a SFT_EXTRA <<< "${SFT_ARGS:-}"
+read -r -a RL_EXTRA <<< "${RL_ARGS:-}"
+read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
+read -r -a MATH500_EXTRA <<< "${MATH500_ARGS:-}"
 RUN_ARGS=()
 if [ -n "${WANDB_RUN:-}" ]; then RUN_ARGS=(--run "$WANDB_RUN"); fi
 
@@ -76,28 +97,32 @@ run_stage() {
     echo "[runcpu] $name finished in $(( $(date +%s) - t0 )) s"
 }
 
-mkdir -p "$REASONING_BASE_DIR"
+[ "$DRY_RUN" -eq 1 ] || mkdir -p "$REASONING_BASE_DIR"  # a dry run touches nothing
 echo "[runcpu] base dir: $REASONING_BASE_DIR"
 
 # 1. offline pretraining corpus (synthetic reasoning problems + templated prose); only written once
 if [ "$DRY_RUN" -eq 1 ] || [ ! -d "$REASONING_BASE_DIR/base_data" ] || [ "$FORCE" -eq 1 ]; then
-    echo "[runcpu] ===== corpus: $PY -m reasoning.dataset --synthetic --num-shards 8 --docs-per-shard 4000"
-    [ "$DRY_RUN" -eq 1 ] || $PY -m reasoning.dataset --synthetic --num-shards 8 --docs-per-shard 4000
+    CORPUS_CMD=("$PY" -m reasoning.dataset --synthetic --num-shards "$NUM_SHARDS" --docs-per-shard "$DOCS_PER_SHARD")
+    echo "[runcpu] ===== corpus: ${CORPUS_CMD[*]}"
+    [ "$DRY_RUN" -eq 1 ] || "${CORPUS_CMD[@]}"
 fi
 
-run_stage tok_train $PY -m scripts.tok_train --vocab-size "$VOCAB_SIZE"
+run_stage tok_train $PY -m scripts.tok_train --vocab-size "$VOCAB_SIZE" "${TOK_EXTRA[@]}"
 run_stage tok_eval $PY -m scripts.tok_eval
 run_stage base_train $PY -m scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ_LEN" \
-    --num-iterations "$BASE_STEPS" --tag "$TAG" "${RUN_ARGS[@]}"
-run_stage base_eval $PY -m scripts.base_eval --stage base --tag "$TAG"
+    --num-iterations "$BASE_STEPS" --tag "$TAG" "${RUN_ARGS[@]}" "${BASE_EXTRA[@]}"
+run_stage base_eval $PY -m scripts.base_eval --stage base --tag "$TAG" "${BASE_EVAL_EXTRA[@]}"
 run_stage chat_sft $PY -m scripts.chat_sft --stage base --tag "$TAG" --task synthetic \
-    --num-iterations "$SFT_STEPS" "${RUN_ARGS[@]}"
-run_stage chat_eval_sft $PY -m scripts.chat_eval --stage sft --tag "$TAG" -a synthetic --max-problems "$EVAL_PROBLEMS"
-run_stage chat_rl $PY -m scripts.chat_rl --stage sft --tag "$TAG" --task synthetic --num-steps "$RL_STEPS" "${RUN_ARGS[@]}"
-run_stage chat_eval_rl $PY -m scripts.chat_eval --stage rl --tag "$TAG" -a synthetic --max-problems "$EVAL_PROBLEMS"
+    --num-iterations "$SFT_STEPS" "${RUN_ARGS[@]}" "${SFT_EXTRA[@]}"
+run_stage chat_eval_sft $PY -m scripts.chat_eval --stage sft --tag "$TAG" -a synthetic --max-problems "$EVAL_PROBLEMS" \
+    "${EVAL_EXTRA[@]}"
+run_stage chat_rl $PY -m scripts.chat_rl --stage sft --tag "$TAG" --task synthetic --num-steps "$RL_STEPS" \
+    "${RUN_ARGS[@]}" "${RL_EXTRA[@]}"
+run_stage chat_eval_rl $PY -m scripts.chat_eval --stage rl --tag "$TAG" -a synthetic --max-problems "$EVAL_PROBLEMS" \
+    "${EVAL_EXTRA[@]}"
 if [ -f "$MATH500_PATH" ]; then
     run_stage math500_rl $PY -m scripts.chat_eval --stage rl --tag "$TAG" -a MATH-500 --data-path "$MATH500_PATH" \
-        --max-problems 32 --max-tokens 128
+        --max-problems 32 --max-tokens 128 "${MATH500_EXTRA[@]}"
 else
     echo "[runcpu] MATH-500 slice skipped: no file at $MATH500_PATH (set MATH500_PATH)"
 fi

@@ -17,6 +17,13 @@
 #   MAJ_K=8                   samples per problem for maj@k / pass@k on MATH-500
 #   TORCHRUN=...              launcher command (default: torchrun --standalone --nproc_per_node=$NPROC);
 #                             the CPU smoke test points it at gloo with tiny sizes
+#   SYNTHETIC=1               write the offline synthetic corpus instead of downloading shards
+#   RL_TASK=MATH              GRPO prompt source
+#   CHAT_EVAL_TASK=GSM8K      task of the SFT eval and of the last eval (GSM8K_ARGS go with it)
+#   FINAL_EVAL_TASK=MATH-500  task of the greedy and maj@k evals of the RL model (MATH500_ARGS go with it)
+#   DATA_ARGS, BASE_ARGS, BASE_EVAL_ARGS, SFT_ARGS, RL_ARGS, EVAL_ARGS (every chat_eval), MATH500_ARGS, GSM8K_ARGS:
+#                             extra flags appended to a stage's command (later flags win)
+#   REASONING_SKIP_SETUP=1    use the python already on PATH instead of creating/updating .venv (runs/setup_env.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +31,7 @@ DRY_RUN=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^[^#]/{/^#/p;}' "$0"; exit 0 ;;  # the comment header
         *) echo "error: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
     esac
 done
@@ -41,10 +48,18 @@ SFT_TASKS="${SFT_TASKS:-GSM8K,MATH,SmolTalk}"
 RL_TASK="${RL_TASK:-MATH}"
 RL_STEPS="${RL_STEPS:-400}"
 MAJ_K="${MAJ_K:-8}"
+CHAT_EVAL_TASK="${CHAT_EVAL_TASK:-GSM8K}"
+FINAL_EVAL_TASK="${FINAL_EVAL_TASK:-MATH-500}"
+SYNTHETIC="${SYNTHETIC:-0}"
 TORCHRUN="${TORCHRUN:-torchrun --standalone --nproc_per_node=$NPROC}"
 # Extra flags per stage, so the CPU smoke test can shrink sizes without a second copy of this pipeline.
-DATA_ARGS="${DATA_ARGS:--n $NUM_SHARDS}"
+if [ "$SYNTHETIC" = "1" ]; then
+    DATA_ARGS="${DATA_ARGS:---num-shards 8 --docs-per-shard 4000}"
+else
+    DATA_ARGS="${DATA_ARGS:--n $NUM_SHARDS}"
+fi
 BASE_ARGS="${BASE_ARGS:---max-seq-len $SEQ_LEN}"
+BASE_EVAL_ARGS="${BASE_EVAL_ARGS:-}"
 SFT_ARGS="${SFT_ARGS:-}"
 RL_ARGS="${RL_ARGS:---num-steps $RL_STEPS}"
 EVAL_ARGS="${EVAL_ARGS:-}"
@@ -56,8 +71,9 @@ RUN_FLAG=""
 if [ -n "${WANDB_RUN:-}" ]; then RUN_FLAG="--run $WANDB_RUN"; fi
 
 run() {
+    # run "COMMAND LINE": print it, then evaluate it as one shell line (redirections, `&`, variables)
     echo "[speedrun] $*"
-    if [ "$DRY_RUN" -eq 0 ]; then eval "$@"; fi
+    if [ "$DRY_RUN" -eq 0 ]; then eval "$*"; fi
 }
 
 if [ "$DRY_RUN" -eq 0 ]; then
@@ -66,21 +82,31 @@ if [ "$DRY_RUN" -eq 0 ]; then
 fi
 
 run python -m reasoning.report reset
-# Data: the tokenizer needs only the first shards; the rest download in the background while it trains.
-run python -m reasoning.dataset -n 8
-run "python -m reasoning.dataset $DATA_ARGS > \"$REASONING_BASE_DIR/download.log\" 2>&1 &"
-run 'DATASET_DOWNLOAD_PID=$!'
+if [ "$SYNTHETIC" = "1" ]; then
+    # Offline: the synthetic corpus (reasoning problems + templated prose) is written in seconds, nothing to wait for.
+    run "python -m reasoning.dataset --synthetic $DATA_ARGS"
+else
+    # The tokenizer needs only the first shards; the rest download in the background while it trains.
+    run python -m reasoning.dataset -n 8
+    run "python -m reasoning.dataset $DATA_ARGS > \"$REASONING_BASE_DIR/download.log\" 2>&1 &"
+    # shellcheck disable=SC2016  # single quotes on purpose: $! is read when run() evaluates the line
+    run 'DATASET_DOWNLOAD_PID=$!'
+fi
 run python -m scripts.tok_train --vocab-size "$VOCAB_SIZE"
 run python -m scripts.tok_eval
-run 'wait $DATASET_DOWNLOAD_PID'
+if [ "$SYNTHETIC" != "1" ]; then
+    # shellcheck disable=SC2016  # as above: expanded by run(), where the PID variable lives
+    run 'wait $DATASET_DOWNLOAD_PID'
+fi
 
 run "$TORCHRUN -m scripts.base_train -- --depth $DEPTH --tag $TAG $BASE_ARGS $FP8_FLAG $RUN_FLAG"
-run "$TORCHRUN -m scripts.base_eval -- --stage base --tag $TAG"
+run "$TORCHRUN -m scripts.base_eval -- --stage base --tag $TAG $BASE_EVAL_ARGS"
 run "$TORCHRUN -m scripts.chat_sft -- --stage base --tag $TAG --task $SFT_TASKS $SFT_ARGS $RUN_FLAG"
-run "$TORCHRUN -m scripts.chat_eval -- --stage sft --tag $TAG -a GSM8K $EVAL_ARGS $GSM8K_ARGS"
+run "$TORCHRUN -m scripts.chat_eval -- --stage sft --tag $TAG -a $CHAT_EVAL_TASK $EVAL_ARGS $GSM8K_ARGS"
 run "$TORCHRUN -m scripts.chat_rl -- --stage sft --tag $TAG --task $RL_TASK $RL_ARGS $RUN_FLAG"
-run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a MATH-500 $EVAL_ARGS $MATH500_ARGS"
-run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a MATH-500 --num-samples $MAJ_K --temperature 0.7 $EVAL_ARGS $MATH500_ARGS"
-run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a GSM8K $EVAL_ARGS $GSM8K_ARGS"
+run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a $FINAL_EVAL_TASK $EVAL_ARGS $MATH500_ARGS"
+MAJ_FLAGS="--num-samples $MAJ_K --temperature 0.7"
+run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a $FINAL_EVAL_TASK $MAJ_FLAGS $EVAL_ARGS $MATH500_ARGS"
+run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a $CHAT_EVAL_TASK $EVAL_ARGS $GSM8K_ARGS"
 run python -m reasoning.report generate
 echo "[speedrun] report: $REASONING_BASE_DIR/report/report.md"
