@@ -327,7 +327,9 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        # _weight skips nn.Embedding's reset_parameters, whose init path imports torch._dynamo (~1.5 s per process
+        # start); init_weights() initialises every parameter anyway.
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd, _weight=torch.empty(config.vocab_size, config.n_embd))
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = RMSNorm(config.n_embd, config.rms_eps, config.norm_weight)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
