@@ -59,6 +59,8 @@ class SFTConfig:
     task_size: int = field(default=-1, metadata=_opt(
         "examples per task in the mixture (-1: all; synthetic: 20000 generated)"))
     synthetic_difficulty: str = field(default="easy", metadata=_opt("synthetic task preset: easy | medium | hard"))
+    synthetic_answer_only: float = field(default=0.0, metadata=_opt(
+        "fraction of synthetic training examples that state the answer without worked steps (tasks/synthetic.py)"))
     val_examples: int = field(default=256, metadata=_opt("held-out conversations for the validation loss"))
     pack: bool = field(default=False, metadata=_opt("pack conversations into full rows instead of padding"))
     max_seq_len: int = field(default=1024, metadata=_opt("tokens per training row (longer conversations are cut)"))
@@ -243,8 +245,9 @@ def build_sft_tasks(config: SFTConfig):
 
     options = {"synthetic": {"difficulty": config.synthetic_difficulty}}
     size = None if config.task_size == -1 else config.task_size
+    train_options = {"synthetic": dict(options["synthetic"], answer_only_frac=config.synthetic_answer_only)}
     train = build_mixture(config.task, split="train", data_path=config.data_path, seed=config.seed, size=size,
-                          task_options=options)
+                          task_options=train_options)
     val = None
     if config.val_examples > 0:
         held_out = []

@@ -44,14 +44,14 @@ done
 export REASONING_BASE_DIR="${REASONING_BASE_DIR:-$HOME/.cache/reasoning/runcpu}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 2)}"
 export WANDB_MODE="${WANDB_MODE:-offline}"
-DEPTH="${DEPTH:-4}"
+DEPTH="${DEPTH:-2}"
 TAG="${TAG:-d${DEPTH}}"
 VOCAB_SIZE="${VOCAB_SIZE:-1024}"
 SEQ_LEN="${SEQ_LEN:-256}"
-BASE_STEPS="${BASE_STEPS:-600}"
-SFT_STEPS="${SFT_STEPS:-300}"
-RL_STEPS="${RL_STEPS:-60}"
-EVAL_PROBLEMS="${EVAL_PROBLEMS:-200}"
+BASE_STEPS="${BASE_STEPS:-300}"
+SFT_STEPS="${SFT_STEPS:-100}"
+RL_STEPS="${RL_STEPS:-150}"
+EVAL_PROBLEMS="${EVAL_PROBLEMS:-500}"
 MATH500_PATH="${MATH500_PATH:-$REPO_ROOT/../shared/data/math500_test.json}"
 NUM_SHARDS="${NUM_SHARDS:-8}"
 DOCS_PER_SHARD="${DOCS_PER_SHARD:-4000}"
@@ -110,16 +110,17 @@ fi
 run_stage tok_train $PY -m scripts.tok_train --vocab-size "$VOCAB_SIZE" "${TOK_EXTRA[@]}"
 run_stage tok_eval $PY -m scripts.tok_eval
 run_stage base_train $PY -m scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ_LEN" \
-    --num-iterations "$BASE_STEPS" --tag "$TAG" "${RUN_ARGS[@]}" "${BASE_EXTRA[@]}"
+    --num-iterations "$BASE_STEPS" --device-batch-size 16 --eval-every 100 --tag "$TAG" "${RUN_ARGS[@]}" "${BASE_EXTRA[@]}"
 run_stage base_eval $PY -m scripts.base_eval --stage base --tag "$TAG" "${BASE_EVAL_EXTRA[@]}"
 run_stage chat_sft $PY -m scripts.chat_sft --stage base --tag "$TAG" --task synthetic \
-    --num-iterations "$SFT_STEPS" "${RUN_ARGS[@]}" "${SFT_EXTRA[@]}"
+    --num-iterations "$SFT_STEPS" --device-batch-size 16 --max-seq-len "$SEQ_LEN" "${RUN_ARGS[@]}" "${SFT_EXTRA[@]}"
 run_stage chat_eval_sft $PY -m scripts.chat_eval --stage sft --tag "$TAG" -a synthetic --max-problems "$EVAL_PROBLEMS" \
-    "${EVAL_EXTRA[@]}"
+    --max-tokens 64 --batch-size 128 "${EVAL_EXTRA[@]}"
 run_stage chat_rl $PY -m scripts.chat_rl --stage sft --tag "$TAG" --task synthetic --num-steps "$RL_STEPS" \
+    --prompts-per-step 16 --num-samples 8 --max-new-tokens 64 --lr-scale 0.1 --eval-every 50 --eval-problems 100 \
     "${RUN_ARGS[@]}" "${RL_EXTRA[@]}"
 run_stage chat_eval_rl $PY -m scripts.chat_eval --stage rl --tag "$TAG" -a synthetic --max-problems "$EVAL_PROBLEMS" \
-    "${EVAL_EXTRA[@]}"
+    --max-tokens 64 --batch-size 128 "${EVAL_EXTRA[@]}"
 if [ -f "$MATH500_PATH" ]; then
     run_stage math500_rl $PY -m scripts.chat_eval --stage rl --tag "$TAG" -a MATH-500 --data-path "$MATH500_PATH" \
         --max-problems 32 --max-tokens 128 "${MATH500_EXTRA[@]}"

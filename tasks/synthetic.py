@@ -432,7 +432,8 @@ class SyntheticReasoning(Task):
     slice of the task is reproducible on its own."""
 
     def __init__(self, split: str = "train", size: int = 1000, seed: int = 0, num_steps=None,
-                 max_operand: int | None = None, difficulty: str = DEFAULT_DIFFICULTY, kinds=KINDS):
+                 max_operand: int | None = None, difficulty: str = DEFAULT_DIFFICULTY, kinds=KINDS,
+                 answer_only_frac: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: expected one of {SPLITS}")
         if size < 0:
@@ -440,7 +441,14 @@ class SyntheticReasoning(Task):
         kinds = tuple(kinds)
         if not kinds or any(k not in KINDS for k in kinds):
             raise ValueError(f"kinds={kinds}: expected a non-empty subset of {KINDS}")
+        if not 0.0 <= answer_only_frac <= 1.0:
+            raise ValueError(f"answer_only_frac={answer_only_frac}: expected a fraction in [0, 1]")
         self.split, self.size, self.seed, self.kinds = split, size, seed, kinds
+        # Fraction of examples whose assistant turn skips the worked steps and states the answer directly, the way
+        # distillation data mixes careful traces with bare answers. A small model imitating such a mixture often
+        # prefers the shortcut when decoding greedily; RL with a verifiable reward can learn that working the steps
+        # out in the think span pays. The choice uses its own RNG stream, so problems are identical for any fraction.
+        self.answer_only_frac = answer_only_frac
         self.num_steps, self.max_operand = resolve_difficulty(difficulty, num_steps, max_operand)
 
     def __len__(self) -> int:
@@ -450,12 +458,14 @@ class SyntheticReasoning(Task):
         rng = random.Random(f"synthetic/{self.seed}/{self.split}/{index}")  # str seeds hash with sha512: stable
         num_steps = rng.randint(*self.num_steps)
         p = make_problem(rng, num_steps, self.max_operand, kind=rng.choice(self.kinds), split=self.split)
+        answer_part = {"type": "text", "text": f"The answer is \\boxed{{{p['answer']}}}."}
+        answer_only = (self.answer_only_frac > 0 and
+                       random.Random(f"synthetic-answer-only/{self.seed}/{self.split}/{index}").random()
+                       < self.answer_only_frac)
+        assistant = [answer_part] if answer_only else [{"type": "think", "text": "\n".join(p["steps"])}, answer_part]
         messages = [
             {"role": "user", "content": f"{p['problem']}\n{INSTRUCTION}"},
-            {"role": "assistant", "content": [
-                {"type": "think", "text": "\n".join(p["steps"])},
-                {"type": "text", "text": f"The answer is \\boxed{{{p['answer']}}}."},
-            ]},
+            {"role": "assistant", "content": assistant},
         ]
         return dict(messages=messages, answer=p["answer"], problem=p["problem"], num_steps=num_steps,
                     kind=p["kind"])

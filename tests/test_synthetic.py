@@ -258,3 +258,22 @@ def test_cli_writes_shards(tmp_path, monkeypatch, capsys):
         run_main(main)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: --num-shards 0") and len(err.strip().splitlines()) == 1
+
+
+def test_answer_only_fraction_keeps_problems_and_drops_worked_steps():
+    from tasks.synthetic import SyntheticReasoning
+
+    full = SyntheticReasoning(split="train", size=200, seed=3)
+    mixed = SyntheticReasoning(split="train", size=200, seed=3, answer_only_frac=0.5)
+    bare = SyntheticReasoning(split="train", size=200, seed=3, answer_only_frac=1.0)
+    answer_only = 0
+    for i in range(200):
+        a, b, c = full[i], mixed[i], bare[i]
+        assert a["problem"] == b["problem"] == c["problem"] and a["answer"] == b["answer"] == c["answer"]
+        assert [p["type"] for p in a["messages"][1]["content"]] == ["think", "text"]
+        assert [p["type"] for p in c["messages"][1]["content"]] == ["text"]
+        answer_only += [p["type"] for p in b["messages"][1]["content"]] == ["text"]
+        assert full.evaluate(a, c["messages"][1]["content"][0]["text"])
+    assert 70 <= answer_only <= 130  # ~half, seeded
+    with pytest.raises(ValueError, match="answer_only_frac"):
+        SyntheticReasoning(answer_only_frac=1.5)
