@@ -49,11 +49,14 @@ TAG="${TAG:-d${DEPTH}}"
 VOCAB_SIZE="${VOCAB_SIZE:-1024}"
 SEQ_LEN="${SEQ_LEN:-256}"
 BASE_STEPS="${BASE_STEPS:-300}"
-SFT_STEPS="${SFT_STEPS:-100}"
+SFT_STEPS="${SFT_STEPS:-300}"
 RL_STEPS="${RL_STEPS:-150}"
 EVAL_PROBLEMS="${EVAL_PROBLEMS:-500}"
 MATH500_PATH="${MATH500_PATH:-$REPO_ROOT/../shared/data/math500_test.json}"
 NUM_SHARDS="${NUM_SHARDS:-8}"
+# Half the SFT examples state the answer without worked steps (as distillation data often does): greedy SFT then
+# prefers the shortcut, and RL with a verifiable reward has to discover that reasoning in the think span pays.
+SFT_ANSWER_ONLY="${SFT_ANSWER_ONLY:-0.5}"
 DOCS_PER_SHARD="${DOCS_PER_SHARD:-4000}"
 # Extra per-stage flags, split on whitespace (the smoke test shrinks every stage with them).
 read -r -a TOK_EXTRA <<< "${TOK_ARGS:-}"
@@ -113,11 +116,12 @@ run_stage base_train $PY -m scripts.base_train --depth "$DEPTH" --max-seq-len "$
     --num-iterations "$BASE_STEPS" --device-batch-size 16 --eval-every 100 --tag "$TAG" "${RUN_ARGS[@]}" "${BASE_EXTRA[@]}"
 run_stage base_eval $PY -m scripts.base_eval --stage base --tag "$TAG" "${BASE_EVAL_EXTRA[@]}"
 run_stage chat_sft $PY -m scripts.chat_sft --stage base --tag "$TAG" --task synthetic \
-    --num-iterations "$SFT_STEPS" --device-batch-size 16 --max-seq-len "$SEQ_LEN" "${RUN_ARGS[@]}" "${SFT_EXTRA[@]}"
+    --num-iterations "$SFT_STEPS" --device-batch-size 16 --max-seq-len "$SEQ_LEN" \
+    --synthetic-answer-only "$SFT_ANSWER_ONLY" "${RUN_ARGS[@]}" "${SFT_EXTRA[@]}"
 run_stage chat_eval_sft $PY -m scripts.chat_eval --stage sft --tag "$TAG" -a synthetic --max-problems "$EVAL_PROBLEMS" \
     --max-tokens 64 --batch-size 128 "${EVAL_EXTRA[@]}"
 run_stage chat_rl $PY -m scripts.chat_rl --stage sft --tag "$TAG" --task synthetic --num-steps "$RL_STEPS" \
-    --prompts-per-step 16 --num-samples 8 --max-new-tokens 64 --lr-scale 0.1 --eval-every 50 --eval-problems 100 \
+    --prompts-per-step 16 --num-samples 8 --max-new-tokens 64 --lr-scale 0.2 --eval-every 50 --eval-problems 100 \
     "${RUN_ARGS[@]}" "${RL_EXTRA[@]}"
 run_stage chat_eval_rl $PY -m scripts.chat_eval --stage rl --tag "$TAG" -a synthetic --max-problems "$EVAL_PROBLEMS" \
     --max-tokens 64 --batch-size 128 "${EVAL_EXTRA[@]}"
