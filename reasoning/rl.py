@@ -1,0 +1,730 @@
+"""Reinforcement learning with verifiable rewards (GRPO family) as a library: `RLConfig` + `train_rl(config)`;
+scripts/chat_rl.py is its CLI, reasoning/grpo.py holds the math (advantages, clipped loss, chunked log-probs).
+
+One RL step, on every rank:
+  1. **Rollout.** The rank's next `prompts_per_step / world_size` prompts (an endless stream over the train split,
+     reshuffled each epoch; global position g goes to rank (g // P) mod W, so the cursor is one integer) are sampled
+     `num_samples` (G) times each by reasoning.engine.Engine, which also returns the sampler's per-token log-probs.
+  2. **Reward.** reasoning.rewards functions (correctness, format, optional DAPO soft overlong penalty),
+     combined with weights; every part is logged on its own.
+  3. **Advantages.** `grpo.group_advantages` per prompt group. Groups whose G rewards are all equal carry no signal
+     (their advantages are exactly 0): their share is logged, and `filter_zero_variance` drops them from the
+     training batch (DAPO's dynamic sampling, without the re-sampling).
+  4. **Optimisation.** `ppo_epochs` passes over the batch, each split into `num_minibatches` optimizer steps, each
+     accumulated from micro-batches of `device_batch_size` rows. The trainer's log-probs come from
+     `grpo.chunked_token_logprobs` on `forward_hidden` + `lm_head` (B x T x V logits never exist), at the sampling
+     temperature so they are comparable with the sampler's. `old` log-probs (PPO ratio denominator) and the frozen
+     reference's (k3 KL, only when `kl_coef` > 0: otherwise no reference model is even loaded) come from one
+     no-grad pass before the first update; with a single update per batch `old` is the live forward, detached.
+     Truncated importance sampling (`tis_cap`) reweights tokens by min(pi_old / pi_sampler, cap).
+
+Loss normalisation across micro-batches and ranks: `policy_loss` aggregates one micro-batch; we rescale it by
+(its rows, or tokens for "dapo") / (the optimizer step's total over all ranks) x world_size, so the accumulated,
+rank-averaged gradient equals the gradient of the aggregate over the whole step. The optimizer (MuonAdamW)
+averages gradients across ranks itself, so the model is not wrapped in DDP.
+
+Distributed invariant: every rank runs the same number of optimizer steps and, within each, at least one
+backward: a rank whose share of a minibatch is empty (everything filtered) runs a zero-weighted backward on one
+of its rows, so the gradient all-reduce always has every rank's (possibly zero) gradient. When a step has no
+trainable token on any rank, every rank skips the update together (the decision uses all-reduced counts).
+
+Periodic held-out evaluation (reasoning.evaluation): greedy pass@1 and sampled pass@k on the task's test split.
+Checkpoints hold model, optimizer, step, prompt cursor, every rank's RNG and the metric history; `resume=True`
+continues exactly (rollout seeds and minibatch shuffles are functions of (seed, step, rank), not of RNG state).
+
+References: DeepSeekMath (GRPO), DAPO (clip-higher, dynamic sampling, token-level loss, overlong shaping),
+Dr. GRPO, verl / TRL GRPOTrainer (minibatching, TIS), nanochat's chat_rl (the simple on-policy loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from reasoning import checkpoint as ckpt
+from reasoning.common import UserError, autocast_context, get_base_dir, get_compute_dtype, init_distributed, print0
+from reasoning.grpo import LOSS_TYPES, chunked_token_logprobs, group_advantages, mask_truncated_rows, policy_loss
+from reasoning.pretrain import NonFiniteLossError, _RunLog, lr_multiplier
+
+STAGE = "rl"
+LOG_NAME = "chat_rl"
+
+
+def _opt(help_text: str, **extra):
+    return {"help": help_text, **extra}
+
+
+@dataclass
+class RLConfig:
+    # model source: the reasoning.checkpoint.add_model_args flags (the script adds them itself)
+    stage: str = field(default="sft", metadata=_opt("source stage", cli=False))
+    tag: str | None = field(default=None, metadata=_opt("source tag", cli=False))
+    step: int | None = field(default=None, metadata=_opt("source step", cli=False))
+    init_from: str | None = field(default=None, metadata=_opt("source spec", cli=False))
+    # prompts
+    task: str = field(default="synthetic", metadata=_opt(
+        "prompt source: synthetic | GSM8K | MATH (comma list mixes them; NAME@PATH gives a task its own data)"))
+    data_path: str | None = field(default=None, metadata=_opt(
+        "local data file/folder for the hub tasks (default $REASONING_DATA_DIR, else the HF hub)"))
+    task_size: int = field(default=-1, metadata=_opt("train prompts per task (-1: all; synthetic: 20000)"))
+    synthetic_difficulty: str = field(default="easy", metadata=_opt("synthetic task preset (tasks.synthetic)"))
+    # rollouts
+    num_steps: int = field(default=100, metadata=_opt("RL steps (one rollout batch each)"))
+    prompts_per_step: int = field(default=16, metadata=_opt("prompts per step, all ranks together"))
+    num_samples: int = field(default=8, metadata=_opt("G: samples per prompt (the group)"))
+    max_new_tokens: int = field(default=256, metadata=_opt("generation budget per sample"))
+    temperature: float = field(default=1.0, metadata=_opt("sampling temperature (> 0)"))
+    top_k: int | None = field(default=None, metadata=_opt("sample from the k most likely tokens only"))
+    # rewards
+    format_weight: float = field(default=0.0, metadata=_opt(
+        "weight of the format reward (think span closed, one \\boxed{}); it is logged even at 0"))
+    require_think: bool = field(default=True, metadata=_opt("format reward needs a closed think span"))
+    overlong_buffer: int = field(default=0, metadata=_opt(
+        "DAPO soft overlong penalty over the last N tokens of the budget (0: off)"))
+    overlong_weight: float = field(default=1.0, metadata=_opt("weight of the overlong penalty"))
+    grader_timeout: float = field(default=1.5, metadata=_opt("seconds per answer comparison (math_equal)"))
+    # advantages and loss
+    loss_type: str = field(default="grpo", metadata=_opt("token aggregation: grpo | dr_grpo | dapo"))
+    std_normalize: bool = field(default=True, metadata=_opt(
+        "divide advantages by the group std (GRPO); Dr. GRPO turns it off"))
+    filter_zero_variance: bool = field(default=False, metadata=_opt(
+        "drop groups whose rewards are all equal from the training batch (DAPO dynamic sampling)"))
+    clip_low: float = field(default=0.2, metadata=_opt("PPO clip below: ratio >= 1 - clip_low"))
+    clip_high: float = field(default=0.28, metadata=_opt("PPO clip above: ratio <= 1 + clip_high (DAPO clip-higher)"))
+    kl_coef: float = field(default=0.0, metadata=_opt("k3 KL penalty to the frozen source model (0: no reference)"))
+    tis_cap: float = field(default=2.0, metadata=_opt(
+        "truncated importance sampling cap on pi_trainer/pi_sampler per token (0: off)"))
+    mask_truncated: bool = field(default=False, metadata=_opt(
+        "give no loss to completions cut by the token budget (DAPO overlong filtering)"))
+    ppo_epochs: int = field(default=1, metadata=_opt("optimisation passes over each rollout batch"))
+    num_minibatches: int = field(default=1, metadata=_opt("optimizer steps per pass"))
+    device_batch_size: int = field(default=32, metadata=_opt("rows per forward/backward micro-batch"))
+    logprob_chunk_size: int = field(default=1024, metadata=_opt("token rows per chunk of the log-prob kernel"))
+    # optimizer
+    lr_scale: float = field(default=0.05, metadata=_opt("multiplier on every learning rate below"))
+    matrix_lr: float = field(default=0.02, metadata=_opt("Muon learning rate of the hidden matrices"))
+    embedding_lr: float = field(default=0.2, metadata=_opt("AdamW learning rate of the token embedding"))
+    lm_head_lr: float = field(default=0.004, metadata=_opt("AdamW learning rate of the output head"))
+    scalar_lr: float = field(default=0.5, metadata=_opt("AdamW learning rate of gains and biases"))
+    weight_decay: float = field(default=0.0, metadata=_opt("decoupled weight decay of the Muon matrices"))
+    warmup_ratio: float = field(default=0.0, metadata=_opt("fraction of steps of linear LR warmup"))
+    final_lr_frac: float = field(default=0.0, metadata=_opt("LR multiplier reached at the last step"))
+    grad_clip: float = field(default=1.0, metadata=_opt("clip the global gradient norm to this (0: off)"))
+    # evaluation and logging
+    eval_every: int = field(default=20, metadata=_opt(
+        "held-out eval every N steps (0: only at the start and end, <0: never)"))
+    eval_task: str | None = field(default=None, metadata=_opt("eval task, test split (default: --task)"))
+    eval_problems: int = field(default=128, metadata=_opt("held-out problems per eval"))
+    eval_max_tokens: int = field(default=-1, metadata=_opt("tokens per eval completion (-1: --max-new-tokens)"))
+    eval_batch_size: int = field(default=64, metadata=_opt("problems per engine call in the eval"))
+    eval_pass_k: int = field(default=4, metadata=_opt("samples per problem for pass@k (<= 1: greedy pass@1 only)"))
+    eval_temperature: float = field(default=1.0, metadata=_opt("sampling temperature of the pass@k eval"))
+    log_every: int = field(default=1, metadata=_opt("print a progress line every N steps"))
+    run: str | None = field(default=None, metadata=_opt("wandb run name (wandb is used only when given)"))
+    wandb_project: str = field(default="reasoning", metadata=_opt("wandb project"))
+    # checkpoints
+    out_tag: str | None = field(default=None, metadata=_opt("output checkpoint tag (default: the source's tag)"))
+    save_every: int = field(default=0, metadata=_opt("checkpoint every N steps (0: only at the end)"))
+    keep_last: int = field(default=2, metadata=_opt("keep this many newest checkpoints (0: all)"))
+    resume: bool = field(default=False, metadata=_opt("continue from the last checkpoint of --out-tag"))
+    stop_at_step: int = field(default=-1, metadata=_opt(
+        "checkpoint and stop after this step, keeping the schedule of the full run (time-sliced jobs)"))
+    seed: int = field(default=0, metadata=_opt("seed of the prompt order, rollouts and minibatch shuffles"))
+    device: str | None = field(default=None, metadata=_opt("cuda | cpu | mps (default: autodetect)"))
+    base_dir: str | None = field(default=None, metadata=_opt("run folder (default $REASONING_BASE_DIR)"))
+
+    def validate(self) -> None:
+        """Raise UserError naming the first bad setting (they come from command-line flags)."""
+        for name in ("num_steps", "prompts_per_step", "num_samples", "max_new_tokens", "ppo_epochs",
+                     "num_minibatches", "device_batch_size", "logprob_chunk_size", "eval_problems",
+                     "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} {getattr(self, name)}: expected a positive integer")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UserError(f"--temperature {self.temperature}: expected a number > 0 (RL needs diverse samples)")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top-k {self.top_k}: expected a positive integer")
+        if self.loss_type not in LOSS_TYPES:
+            raise UserError(f"--loss-type {self.loss_type}: expected one of {', '.join(LOSS_TYPES)}")
+        if not 0 <= self.clip_low < 1:
+            raise UserError(f"--clip-low {self.clip_low}: expected a number in [0, 1)")
+        for name in ("clip_high", "kl_coef", "tis_cap", "format_weight", "overlong_weight", "lr_scale", "matrix_lr",
+                     "embedding_lr", "lm_head_lr", "scalar_lr", "weight_decay", "grad_clip", "keep_last",
+                     "eval_temperature", "overlong_buffer"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"--{_flag(name)} {value}: expected a finite number >= 0")
+        if not (math.isfinite(self.grader_timeout) and self.grader_timeout > 0):
+            raise UserError(f"--grader-timeout {self.grader_timeout}: expected seconds > 0")
+        if self.overlong_buffer > self.max_new_tokens:
+            raise UserError(f"--overlong-buffer {self.overlong_buffer}: expected at most --max-new-tokens "
+                            f"{self.max_new_tokens}")
+        for name in ("warmup_ratio", "final_lr_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"--{_flag(name)} {getattr(self, name)}: expected a number in [0, 1]")
+        if self.task_size == 0 or self.task_size < -1:
+            raise UserError(f"--task-size {self.task_size}: expected a positive number of prompts or -1")
+        if self.eval_max_tokens == 0 or self.eval_max_tokens < -1:
+            raise UserError(f"--eval-max-tokens {self.eval_max_tokens}: expected a positive integer or -1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def add_rl_args(parser) -> None:
+    """One --flag per RLConfig field (same name with dashes), defaults and help from the dataclass; booleans get
+    --flag / --no-flag. The model-source fields come from reasoning.checkpoint.add_model_args instead."""
+    for f in dataclasses.fields(RLConfig):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = f"--{_flag(f.name)}"
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+            continue
+        parse = int if kind.startswith("int") else float if kind.startswith("float") else str
+        default_text = "" if f.default is None else f" (default {f.default})"
+        parser.add_argument(flag, type=parse, default=f.default, help=f.metadata["help"] + default_text)
+
+
+def config_from_args(args) -> RLConfig:
+    return RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
+
+
+# ----------------------------------------------------------------------------------------------- tasks, rewards
+
+def build_rl_tasks(config: RLConfig):
+    """(train task, held-out eval task or None): the train split of `task`, the test split of `eval_task`."""
+    from tasks.registry import build_mixture
+
+    options = {"synthetic": {"difficulty": config.synthetic_difficulty}}
+    size = None if config.task_size == -1 else config.task_size
+    train = build_mixture(config.task, split="train", data_path=config.data_path, seed=config.seed, size=size,
+                          task_options=options)
+    held_out = None
+    if config.eval_every >= 0:
+        held_out = build_mixture(config.eval_task or config.task, split="test", data_path=config.data_path,
+                                 seed=config.seed, task_options=options)
+    return train, held_out
+
+
+def _gold(example: dict) -> str:
+    return str(example["answer"])
+
+
+def build_reward(config: RLConfig):
+    """CombinedReward: correctness (weight 1), format (format_weight, logged even at 0), overlong penalty."""
+    from reasoning.rewards import combine_rewards, correctness_reward, format_reward, overlong_penalty
+
+    fns = [correctness_reward(_gold, timeout=config.grader_timeout), format_reward(config.require_think)]
+    weights = [1.0, config.format_weight]
+    if config.overlong_buffer > 0:
+        fns.append(overlong_penalty(config.max_new_tokens, config.overlong_buffer))
+        weights.append(config.overlong_weight)
+    return combine_rewards(fns, weights)
+
+
+class PromptStream:
+    """The endless, epoch-shuffled stream of train prompts. `cursor` = prompts consumed by all ranks together;
+    a step takes `per_step` of them and rank r owns the r-th contiguous slice."""
+
+    def __init__(self, task, seed: int, cursor: int = 0):
+        if len(task) == 0:
+            raise UserError("the RL task has no train prompts")
+        self.task, self.seed, self.cursor = task, seed, cursor
+        self._epoch, self._order = None, None
+
+    def _index(self, g: int) -> int:
+        epoch, offset = divmod(g, len(self.task))
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.task))
+        return int(self._order[offset])
+
+    def next_examples(self, per_step: int, rank: int, world_size: int) -> list[dict]:
+        per_rank = per_step // world_size
+        first = self.cursor + rank * per_rank
+        examples = [self.task[self._index(g)] for g in range(first, first + per_rank)]
+        self.cursor += per_step
+        return examples
+
+
+def _seed_for(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of the keys (rollouts and shuffles must not depend on RNG state)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+# ----------------------------------------------------------------------------------------------- rollouts
+
+@dataclass
+class Rollout:
+    """One rank's rollout batch: P prompts x G samples, rows prompt-major."""
+    examples: list[dict]
+    prompts: list[list[int]]
+    generations: list            # list[reasoning.engine.Generation], N = P * G
+    texts: list[str]
+    rewards: torch.Tensor        # (N,) float32 weighted total
+    parts: dict                  # reward name -> (N,) float32 unweighted values
+    advantages: torch.Tensor     # (N,) float32
+    zero_variance: torch.Tensor  # (P,) bool
+
+
+def collect_rollout(engine, tokenizer, examples: list[dict], reward, config: RLConfig, seed: int) -> Rollout:
+    """Sample G completions per example, score them, compute group advantages."""
+    from reasoning.evaluation import completion_text
+    from reasoning.rewards import Completion
+
+    G = config.num_samples
+    prompts = [tokenizer.render_for_completion({"messages": ex["messages"]}) for ex in examples]
+    was_training = engine.model.training
+    engine.model.eval()
+    try:
+        generations = engine.generate(prompts, num_samples=G, max_tokens=config.max_new_tokens,
+                                      temperature=config.temperature, top_k=config.top_k, seed=seed)
+    finally:
+        engine.model.train(was_training)
+    texts = [completion_text(tokenizer, g.tokens, g.stop_reason, "chat") for g in generations]
+    completions = [Completion(text=t, num_tokens=len(g.tokens), truncated=g.stop_reason != "stop")
+                   for t, g in zip(texts, generations)]
+    breakdown = reward(completions, [examples[g.prompt_index] for g in generations])
+    rewards = torch.tensor(breakdown.total, dtype=torch.float32)
+    parts = {name: torch.tensor(values, dtype=torch.float32) for name, values in breakdown.parts.items()}
+    advantages, zero_variance = group_advantages(rewards, G, normalize_std=config.std_normalize)
+    return Rollout(examples, prompts, generations, texts, rewards, parts, advantages, zero_variance)
+
+
+@dataclass
+class TrainingRows:
+    """The rollout laid out for the trainer, (N, T) right-padded; column t predicts token t + 1."""
+    inputs: torch.Tensor            # (N, T) long
+    targets: torch.Tensor           # (N, T) long, -1 except at sampled completion tokens
+    sampler_logprobs: torch.Tensor  # (N, T) float32, engine log-probs at the target positions (0 elsewhere)
+    mask: torch.Tensor              # (N, T) float32, 1 where the token takes part in the loss
+    lengths: list[int]              # input length of each row (for trimming micro-batches)
+
+
+def training_rows(prompts: list[list[int]], generations: list, mask_truncated: bool) -> TrainingRows:
+    """Rows of prompt + completion. Only tokens the policy sampled are targets (forced tool output is not)."""
+    lengths = [max(1, len(prompts[g.prompt_index]) + len(g.tokens) - 1) for g in generations]
+    N, T = len(generations), max(lengths)
+    inputs = torch.zeros((N, T), dtype=torch.long)
+    targets = torch.full((N, T), -1, dtype=torch.long)
+    sampler = torch.zeros((N, T), dtype=torch.float32)
+    for i, g in enumerate(generations):
+        prompt = prompts[g.prompt_index]
+        full = prompt + g.tokens
+        inputs[i, :lengths[i]] = torch.tensor(full[:lengths[i]], dtype=torch.long)
+        if g.tokens:
+            start = len(prompt) - 1  # the last prompt position predicts the first completion token
+            n = len(g.tokens)
+            sampled = torch.tensor(g.mask, dtype=torch.bool)
+            targets[i, start:start + n] = torch.where(sampled, torch.tensor(g.tokens), -1)
+            sampler[i, start:start + n] = torch.tensor(g.logprobs, dtype=torch.float32)
+    mask = (targets >= 0).float()
+    if mask_truncated:
+        mask = mask_truncated_rows(mask, [g.stop_reason != "stop" for g in generations])
+    return TrainingRows(inputs, targets, sampler, mask, lengths)
+
+
+# ----------------------------------------------------------------------------------------------- the update
+
+def _all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, config: RLConfig, compute_entropy: bool):
+    """Trainer log-probs (and detached entropy) of `targets` (B, T) at the sampling temperature, chunked over V.
+
+    Only positions with a target go through the output head: prompts and padding are most of a rollout row,
+    and the head's (n, V) logits are the expensive part. Other positions get 0."""
+    hidden = model.forward_hidden(inputs)                                 # (B, T, d)
+    valid = targets >= 0
+    out = chunked_token_logprobs(hidden[valid], model.lm_head.weight, targets[valid], softcap=model.config.softcap,
+                                 chunk_size=config.logprob_chunk_size, temperature=config.temperature,
+                                 compute_entropy=compute_entropy)       # (n_valid,) each
+    results = []
+    for flat in (out if compute_entropy else (out,)):
+        full = flat.new_zeros(targets.shape)
+        full[valid] = flat                                                # differentiable scatter back to (B, T)
+        results.append(full)
+    return tuple(results) if compute_entropy else results[0]
+
+
+def _micro_batches(rows: list[int], size: int) -> list[list[int]]:
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def _slice(rows_data: TrainingRows, index: list[int], device):
+    """(inputs, targets, sampler, mask) of some rows, trimmed to their longest row, on `device`."""
+    width = max(rows_data.lengths[i] for i in index)
+    ix = torch.tensor(index, dtype=torch.long)
+    return tuple(t[ix, :width].to(device) for t in (rows_data.inputs, rows_data.targets,
+                                                    rows_data.sampler_logprobs, rows_data.mask))
+
+
+@torch.no_grad()
+def reference_pass(model, ref_model, data: TrainingRows, rows: list[int], config: RLConfig, device, autocast):
+    """Per-row (T,)-padded old log-probs (policy before any update), reference log-probs (or None) and entropy,
+    all (N, T) on the CPU, filled for `rows`."""
+    N, T = data.targets.shape
+    old = torch.zeros((N, T))
+    entropy = torch.zeros((N, T))
+    ref = torch.zeros((N, T)) if ref_model is not None else None
+    for index in _micro_batches(sorted(rows, key=lambda i: data.lengths[i]), config.device_batch_size):
+        inputs, targets, _, _ = _slice(data, index, device)
+        width = inputs.shape[1]
+        with autocast():
+            lp, ent = token_logprobs(model, inputs, targets, config, compute_entropy=True)
+            old[index, :width] = lp.float().cpu()
+            entropy[index, :width] = ent.float().cpu()
+            if ref_model is not None:
+                ref[index, :width] = token_logprobs(ref_model, inputs, targets, config, False).float().cpu()
+    return old, ref, entropy
+
+
+_STAT_KEYS = ("loss", "pg_loss", "ratio_mean", "ratio_max", "clip_frac_low", "clip_frac_high", "kl_mean",
+              "entropy_mean", "is_logp_abs_diff_mean", "is_ratio_max", "is_capped_frac", "is_weight_mean")
+
+
+def optimize_rollout(model, optimizer, data: TrainingRows, advantages: torch.Tensor, rows: list[int],
+                     fallback_row: int, config: RLConfig, step: int, lr_mult: float, rank: int, world_size: int,
+                     device, autocast, ref_model=None) -> dict:
+    """ppo_epochs x num_minibatches optimizer steps over `rows` (this rank's trainable rows). Returns token-weighted
+    loss statistics (this rank's sums and weights, for the caller to all-reduce), grad norms and update count.
+
+    `fallback_row` is any row of this rank's batch: it carries the zero-weighted backward of an empty share."""
+    updates_per_batch = config.ppo_epochs * config.num_minibatches
+    precomputed = updates_per_batch > 1 or ref_model is not None
+    old = ref = entropy = None
+    if precomputed and rows:
+        model.eval()
+        old, ref, entropy = reference_pass(model, ref_model, data, rows, config, device, autocast)
+        model.train()
+    # one row = one unit (grpo, dr_grpo normalise per sequence), one token = one unit (dapo)
+    units = data.mask.sum(dim=1) if config.loss_type == "dapo" else torch.ones(data.mask.shape[0])
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_mult
+
+    stat_sums = dict.fromkeys(_STAT_KEYS, 0.0)
+    stat_weight = dict.fromkeys(_STAT_KEYS, 0.0)
+    grad_norms, updates = [], 0
+    for epoch in range(config.ppo_epochs):
+        order = list(rows)
+        np.random.default_rng(_seed_for(config.seed, step, epoch, rank)).shuffle(order)
+        chunks = [[int(i) for i in c] for c in np.array_split(np.array(order, dtype=np.int64),
+                                                              config.num_minibatches)]
+        counts = torch.tensor([float(units[c].sum()) if c else 0.0 for c in chunks], dtype=torch.float64)
+        counts = _all_reduce(counts, world_size)  # the global normaliser of every minibatch of this pass
+        for chunk, total in zip(chunks, counts.tolist()):
+            if not chunk:
+                # this rank has nothing in this minibatch but the others may: a zero-weighted backward keeps its
+                # gradients defined (zeros) so every rank enters the gradient all-reduce alike
+                inputs, targets, _, _ = _slice(data, [fallback_row], device)
+                with autocast():
+                    logprobs = token_logprobs(model, inputs, targets, config, compute_entropy=False)
+                (logprobs.sum() * 0.0).backward()
+            # micro-batches of similar lengths pad less; the order does not change the accumulated gradient
+            for index in _micro_batches(sorted(chunk, key=lambda i: data.lengths[i]), config.device_batch_size):
+                inputs, targets, sampler, mask = _slice(data, index, device)
+                width = inputs.shape[1]
+                with autocast():
+                    if old is None and epoch == 0:  # single update per batch: the live forward is also "old"
+                        logprobs, ent = token_logprobs(model, inputs, targets, config, compute_entropy=True)
+                    else:
+                        logprobs = token_logprobs(model, inputs, targets, config, compute_entropy=False)
+                        ent = entropy[index, :width].to(device) if entropy is not None and epoch == 0 else None
+                old_lp = logprobs.detach() if old is None else old[index, :width].to(device)
+                loss, stats = policy_loss(
+                    logprobs, old_lp, advantages[index].to(device), mask, loss_type=config.loss_type,
+                    clip_low=config.clip_low, clip_high=config.clip_high, max_tokens_norm=config.max_new_tokens,
+                    ref_logprobs=None if ref is None else ref[index, :width].to(device), kl_coef=config.kl_coef,
+                    sampler_logprobs=sampler, tis_cap=config.tis_cap or None, entropy=ent)
+                # nothing to learn on any rank (total 0): the backward still runs, with weight 0
+                scale = 0.0 if total == 0 else float(units[index].sum()) / total * world_size
+                (loss * scale).backward()
+                tokens = float(mask.sum())
+                if tokens > 0:
+                    for key in _STAT_KEYS:
+                        if key in stats:
+                            stat_sums[key] += float(stats[key]) * tokens
+                            stat_weight[key] += tokens
+            if total == 0:  # every rank agrees (all-reduced count): no update from an empty minibatch
+                model.zero_grad(set_to_none=True)
+                continue
+            optimizer.reduce_gradients()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                  config.grad_clip if config.grad_clip > 0 else float("inf"))
+            if not math.isfinite(float(norm)):
+                raise NonFiniteLossError(f"step {step}: gradient norm {float(norm)}: RL diverged; stopped before the "
+                                         f"update. Try a lower --lr-scale.")
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            grad_norms.append(float(norm))
+            updates += 1
+    return {"stat_sums": stat_sums, "stat_weight": stat_weight, "grad_norms": grad_norms, "updates": updates}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def held_out_eval(model, tokenizer, task, config: RLConfig) -> dict:
+    """Greedy pass@1 and (eval_pass_k > 1) sampled pass@k on the first eval_problems test problems."""
+    from reasoning.evaluation import EvalSettings, broadcast_summary, evaluate_task
+
+    max_tokens = config.max_new_tokens if config.eval_max_tokens == -1 else config.eval_max_tokens
+    greedy = EvalSettings(max_tokens=max_tokens, batch_size=config.eval_batch_size, seed=config.seed)
+    summary = broadcast_summary(evaluate_task(model, tokenizer, task, greedy, max_problems=config.eval_problems))
+    result = {"accuracy": summary["accuracy"], "eval_response_len": summary.get("mean_completion_tokens")}
+    if config.eval_pass_k > 1:
+        k = config.eval_pass_k
+        sampled = EvalSettings(num_samples=k, temperature=config.eval_temperature, max_tokens=max_tokens,
+                               batch_size=max(1, config.eval_batch_size // k), seed=config.seed)
+        summary = broadcast_summary(evaluate_task(model, tokenizer, task, sampled, max_problems=config.eval_problems))
+        result["pass@1_sampled"] = summary["pass@1"]
+        result[f"pass@{k}"] = summary[f"pass@{k}"]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+def _gather_all(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _load_policy(config: RLConfig, device, base_dir: str):
+    return ckpt.load_model_from_args(config, device, phase="train", base_dir=base_dir)
+
+
+def _load_reference(config: RLConfig, device, base_dir: str):
+    """The frozen source model for the KL penalty (always the source checkpoint, also when resuming)."""
+    ref_model, _, _ = ckpt.load_model_from_args(config, device, phase="eval", base_dir=base_dir)
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    return ref_model
+
+
+def _mean_tail(points: list, n: int = 10):
+    values = [v for _, v in points[-n:]]
+    return sum(values) / len(values) if values else None
+
+
+def train_rl(config: RLConfig, tasks=None) -> dict:
+    """Run (or resume) GRPO-style RL per `config`; every rank must call it. `tasks` = (train, held-out or None)
+    overrides build_rl_tasks (tests). Returns a summary: metrics, series, per-step records, checkpoint dir."""
+    from reasoning.engine import Engine
+    from reasoning.evaluation import resolve_source
+
+    config.validate()
+    start_time = time.perf_counter()
+    info = init_distributed(config.device)
+    rank, world_size, device = info.rank, info.world_size, info.device
+    master = rank == 0
+    if config.prompts_per_step % world_size:
+        raise UserError(f"--prompts-per-step {config.prompts_per_step}: expected a multiple of the number of "
+                        f"processes ({world_size})")
+    base_dir = config.base_dir or get_base_dir()
+    dtype = get_compute_dtype(device)
+
+    def autocast():
+        return autocast_context(device, dtype)
+
+    source = resolve_source(config, base_dir)
+    model, tokenizer, source_meta = _load_policy(config, device, base_dir)
+    ref_model = _load_reference(config, device, base_dir) if config.kl_coef > 0 else None
+    train_task, eval_task = tasks if tasks is not None else build_rl_tasks(config)
+    reward = build_reward(config)
+    tag = config.out_tag or source["tag"]
+    ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)
+
+    # ---- resume: weights, optimizer, cursor, RNG and history from our own last checkpoint
+    resume_meta = None
+    if config.resume:
+        last = ckpt.find_last_step(ckpt_dir)
+        if last < 0:
+            print0(f"--resume: no checkpoint in {ckpt_dir} yet; starting from {source['dir']}")
+        else:
+            model_state, _, resume_meta = ckpt.load_checkpoint(ckpt_dir, last, device=device)
+            if resume_meta.get("model_config") != model.config.to_dict():
+                raise UserError(f"--resume: {ckpt_dir} step {last} holds a different model than {source['dir']}")
+            if len(resume_meta.get("rng", [])) != world_size:
+                raise UserError(f"--resume: checkpoint was written by {len(resume_meta.get('rng', []))} ranks but "
+                                f"this run has {world_size}; resume with the same number of processes")
+            model.load_state_dict(model_state)
+    optimizer = model.setup_optimizer(
+        matrix_lr=config.matrix_lr * config.lr_scale, embedding_lr=config.embedding_lr * config.lr_scale,
+        lm_head_lr=config.lm_head_lr * config.lr_scale, scalar_lr=config.scalar_lr * config.lr_scale,
+        weight_decay=config.weight_decay)
+    if resume_meta is not None:
+        _, optim_state, _ = ckpt.load_checkpoint(ckpt_dir, resume_meta["step"], device=device, load_optimizer=True)
+        optimizer.load_state_dict(optim_state)
+        ckpt.set_rng_state(resume_meta["rng"][rank])
+    start_step = 0 if resume_meta is None else resume_meta["step"]
+    if start_step > config.num_steps:
+        raise UserError(f"--resume: checkpoint is at step {start_step}, past --num-steps {config.num_steps}")
+    stream = PromptStream(train_task, config.seed, 0 if resume_meta is None else resume_meta["cursor"])
+    history = resume_meta["history"] if resume_meta is not None else \
+        {"reward": [], "train_accuracy": [], "accuracy": [], "evals": []}
+    records = [] if resume_meta is None else resume_meta.get("records", [])
+    elapsed_before = 0.0 if resume_meta is None else resume_meta.get("train_seconds", 0.0)
+    engine = Engine(model, tokenizer)
+
+    log = _RunLog(os.path.join(base_dir, "logs", f"{LOG_NAME}_{tag}.jsonl") if master else None, config,
+                  start_step if resume_meta is not None else None)
+    G, P = config.num_samples, config.prompts_per_step
+    print0(f"rl: {len(train_task):,} train prompts ({getattr(train_task, 'name', config.task)}), "
+           f"{config.num_steps} steps x {P} prompts x {G} samples ({world_size} ranks), {config.ppo_epochs} pass(es) "
+           f"x {config.num_minibatches} minibatch(es), "
+           f"loss {config.loss_type}, kl {config.kl_coef}{' (no reference model)' if ref_model is None else ''} | "
+           f"from {source['dir']} step {source['step']} -> {ckpt_dir}"
+           + (f" | resumed at step {start_step}" if resume_meta else ""))
+
+    def save(step: int):
+        meta = {
+            "model_config": model.config.to_dict(), "rl_config": config.to_dict(), "stage": STAGE,
+            "tokenizer_dir": source_meta.get("tokenizer_dir"),
+            "source": {"dir": source["dir"], "step": source["step"]}, "cursor": stream.cursor,
+            "history": history, "records": records,
+            "train_seconds": elapsed_before + (time.perf_counter() - start_time),
+            "rng": _gather_all(ckpt.rng_state(), world_size),
+        }
+        if master:  # unsharded optimizer: its state is identical on every rank
+            ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta=meta, rank=0,
+                                 keep_last=config.keep_last or None)
+        if world_size > 1:
+            dist.barrier()
+
+    def evaluate(step: int):
+        result = held_out_eval(model, tokenizer, eval_task, config)
+        history["accuracy"].append([step, result["accuracy"]])
+        history["evals"].append({"step": step, **result})
+        print0(f"step {step:05d} | eval " + " | ".join(f"{k} {v:.4f}" for k, v in result.items() if v is not None))
+        log.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+
+    step = start_step
+    model.train()
+    try:
+        while True:
+            finished = step == config.num_steps
+            stopping = step == config.stop_at_step
+            fresh = resume_meta is None or step != start_step  # at the resumed step this was done already
+            if fresh and eval_task is not None and len(eval_task) and config.eval_every >= 0 and (
+                    step == 0 or finished or (config.eval_every > 0 and step % config.eval_every == 0)):
+                evaluate(step)
+            if fresh and step > 0 and (finished or stopping or (config.save_every > 0
+                                                                and step % config.save_every == 0)):
+                save(step)
+            if finished or stopping:
+                break
+            record = rl_step(model, optimizer, engine, tokenizer, stream, reward, config, step, rank, world_size,
+                             device, autocast, ref_model)
+            step += 1
+            record["step"] = step
+            records.append(record)
+            history["reward"].append([step, record["reward"]])
+            history["train_accuracy"].append([step, record["reward/correctness"]])
+            log.log(record)
+            if step % config.log_every == 0 or step == config.num_steps:
+                print0(f"step {step:05d}/{config.num_steps} | reward {record['reward']:.3f} | "
+                       f"correct {record['reward/correctness']:.3f} | zero-var {record['zero_variance_frac']:.2f} | "
+                       f"len {record['response_len']:.0f} | kl {record.get('kl', 0.0):.4f} | "
+                       f"ent {record.get('entropy', float('nan')):.3f} | clip {record.get('clip_frac', 0.0):.3f} | "
+                       f"rollout {record['t_rollout']:.1f}s train {record['t_train']:.1f}s | "
+                       f"{record['tok_per_s']:.0f} tok/s")
+    finally:
+        log.close()
+
+    accuracies = [v for _, v in history["accuracy"]]
+    metrics = {
+        "initial_accuracy": accuracies[0] if accuracies else None,
+        "accuracy": accuracies[-1] if accuracies else None,
+        "mean_reward": _mean_tail(history["reward"]),          # the last steps: one batch is noisy
+        "initial_reward": _mean_tail(history["reward"][:10]),
+        "train_accuracy": _mean_tail(history["train_accuracy"]),
+        "steps": step,
+    }
+    return {
+        "step": step, "num_steps": config.num_steps, "finished": step == config.num_steps, "metrics": metrics,
+        "series": {"reward": history["reward"], "accuracy": history["accuracy"],
+                   "train_accuracy": history["train_accuracy"]},
+        "records": records, "evals": history["evals"], "seconds": elapsed_before + (time.perf_counter() - start_time),
+        "checkpoint_dir": ckpt_dir, "config": config.to_dict(), "source": source, "tag": tag,
+        "world_size": world_size, "reference_loaded": ref_model is not None,
+    }
+
+
+def rl_step(model, optimizer, engine, tokenizer, stream: PromptStream, reward, config: RLConfig, step: int,
+            rank: int, world_size: int, device, autocast, ref_model=None) -> dict:
+    """Rollout -> reward -> advantages -> update for one step; returns the step's metrics (all ranks combined)."""
+    t0 = time.perf_counter()
+    examples = stream.next_examples(config.prompts_per_step, rank, world_size)
+    seed = _seed_for(config.seed, step, rank)
+    t_gen = time.perf_counter()
+    rollout = collect_rollout(engine, tokenizer, examples, reward, config, seed)
+    t_rollout = time.perf_counter() - t_gen
+    data = training_rows(rollout.prompts, rollout.generations, config.mask_truncated)
+    G = config.num_samples
+    if config.filter_zero_variance:
+        keep = ~rollout.zero_variance.repeat_interleave(G)
+        rows = [i for i in range(len(rollout.generations)) if bool(keep[i])]
+    else:
+        rows = list(range(len(rollout.generations)))
+    t1 = time.perf_counter()
+    lr_mult = lr_multiplier(step, config.num_steps, config.warmup_ratio, 1.0 - config.warmup_ratio,
+                            config.final_lr_frac)
+    result = optimize_rollout(model, optimizer, data, rollout.advantages, rows, 0, config, step, lr_mult, rank,
+                              world_size, device, autocast, ref_model)
+    t_train = time.perf_counter() - t1
+
+    # ---- metrics: sums over this rank, all-reduced in one collective
+    gens = rollout.generations
+    lengths = torch.tensor([len(g.tokens) for g in gens], dtype=torch.float64)
+    names = sorted(rollout.parts)
+    local = [float(len(gens)), float(rollout.rewards.sum()), *[float(rollout.parts[n].sum()) for n in names],
+             float(rollout.zero_variance.sum()), float(rollout.zero_variance.numel()), float(lengths.sum()),
+             float(sum(g.stop_reason != "stop" for g in gens)), float(len(rows))]
+    local += [result["stat_sums"][k] for k in _STAT_KEYS] + [result["stat_weight"][k] for k in _STAT_KEYS]
+    totals = _all_reduce(torch.tensor(local, dtype=torch.float64), world_size).tolist()
+    n_rows, reward_sum = totals[0], totals[1]
+    part_sums = dict(zip(names, totals[2:2 + len(names)]))
+    zero_var, groups, length_sum, truncated, trained_rows = totals[2 + len(names):7 + len(names)]
+    stat_sums = dict(zip(_STAT_KEYS, totals[7 + len(names):7 + len(names) + len(_STAT_KEYS)]))
+    stat_weight = dict(zip(_STAT_KEYS, totals[7 + len(names) + len(_STAT_KEYS):]))
+    stat = {k: stat_sums[k] / stat_weight[k] for k in _STAT_KEYS if stat_weight[k] > 0}
+    elapsed = time.perf_counter() - t0
+    record = {
+        "reward": reward_sum / n_rows,
+        **{f"reward/{n}": part_sums[n] / n_rows for n in names},
+        "zero_variance_frac": zero_var / groups,
+        "trained_rows": trained_rows,
+        "response_len": length_sum / n_rows,
+        "truncated_frac": truncated / n_rows,
+        "updates": result["updates"],
+        "grad_norm": sum(result["grad_norms"]) / len(result["grad_norms"]) if result["grad_norms"] else 0.0,
+        "lr_mult": lr_mult,
+        "tok_per_s": length_sum / max(t_rollout, 1e-9) / world_size,  # per rank, like the engine sees it
+        "t_rollout": t_rollout, "t_train": t_train, "t_step": elapsed,
+    }
+    renames = {"kl_mean": "kl", "entropy_mean": "entropy", "is_logp_abs_diff_mean": "is_logp_abs_diff"}
+    for key, value in stat.items():
+        record[renames.get(key, key)] = value
+    if "clip_frac_low" in stat:
+        record["clip_frac"] = stat["clip_frac_low"] + stat.get("clip_frac_high", 0.0)
+    return record
