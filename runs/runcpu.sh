@@ -50,7 +50,7 @@ VOCAB_SIZE="${VOCAB_SIZE:-1024}"
 SEQ_LEN="${SEQ_LEN:-256}"
 BASE_STEPS="${BASE_STEPS:-300}"
 SFT_STEPS="${SFT_STEPS:-300}"
-RL_STEPS="${RL_STEPS:-150}"
+RL_STEPS="${RL_STEPS:-100}"
 EVAL_PROBLEMS="${EVAL_PROBLEMS:-500}"
 MATH500_PATH="${MATH500_PATH:-$REPO_ROOT/../shared/data/math500_test.json}"
 NUM_SHARDS="${NUM_SHARDS:-8}"
@@ -113,8 +113,8 @@ fi
 run_stage tok_train $PY -m scripts.tok_train --vocab-size "$VOCAB_SIZE" "${TOK_EXTRA[@]}"
 run_stage tok_eval $PY -m scripts.tok_eval
 run_stage base_train $PY -m scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ_LEN" \
-    --num-iterations "$BASE_STEPS" --device-batch-size 16 --eval-every 100 --tag "$TAG" "${RUN_ARGS[@]}" "${BASE_EXTRA[@]}"
-run_stage base_eval $PY -m scripts.base_eval --stage base --tag "$TAG" "${BASE_EVAL_EXTRA[@]}"
+    --num-iterations "$BASE_STEPS" --device-batch-size 16 --eval-every 100 --eval-tokens 131072 --tag "$TAG" "${RUN_ARGS[@]}" "${BASE_EXTRA[@]}"
+run_stage base_eval $PY -m scripts.base_eval --stage base --tag "$TAG" --eval-tokens 131072 "${BASE_EVAL_EXTRA[@]}"
 run_stage chat_sft $PY -m scripts.chat_sft --stage base --tag "$TAG" --task synthetic \
     --num-iterations "$SFT_STEPS" --device-batch-size 16 --max-seq-len "$SEQ_LEN" \
     --synthetic-answer-only "$SFT_ANSWER_ONLY" "${RUN_ARGS[@]}" "${SFT_EXTRA[@]}"
