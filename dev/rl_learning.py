@@ -62,10 +62,12 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--base-steps", type=int, default=300)
-    parser.add_argument("--sft-steps", type=int, default=100)
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--sft-answer-only", type=float, default=0.5,
+                        help="fraction of SFT examples without worked steps (see dev/LOG.md, RL on the synthetic task)")
     parser.add_argument("--eval-problems", type=int, default=500, help="synthetic test problems (the split has 500)")
     parser.add_argument("--eval-max-tokens", type=int, default=64)
-    parser.add_argument("--rl-steps", type=int, default=150)
+    parser.add_argument("--rl-steps", type=int, default=100)
     parser.add_argument("--rl-lr-scale", type=float, default=0.2)
     parser.add_argument("--rl-prompts", type=int, default=16, help="prompts per RL step")
     parser.add_argument("--rl-samples", type=int, default=8, help="samples per prompt (G)")
@@ -118,6 +120,7 @@ def main():
             source = {"dir": ckpt.checkpoint_dir("base", tag, base_dir), "step": meta["step"], "tag": tag,
                       "tokenizer_dir": meta.get("tokenizer_dir")}
             train_sft(SFTConfig(task="synthetic", synthetic_difficulty=args.difficulty, num_iterations=args.sft_steps,
+                                synthetic_answer_only=args.sft_answer_only,
                                 device_batch_size=16, max_seq_len=256, eval_every=-1, log_every=50,
                                 base_dir=base_dir), model, tokenizer, source, torch.device("cpu"))
 
