@@ -223,7 +223,8 @@ def test_runcpu_dry_run_and_bad_stage(tmp_path):
     env = script_env(tmp_path, REASONING_BASE_DIR=base, MATH500_PATH=tmp_path / "absent.json", BASE_ARGS="--foo 1")
     proc = run_script("runcpu.sh", "--dry-run", env=env, timeout=30)
     assert stage_lines(proc.stdout) == ["corpus"] + RUNCPU_STAGES[:8]
-    assert "--num-iterations 600 --tag d4 --foo 1" in proc.stdout  # extra flags go last, so they win
+    base_line = next(line for line in proc.stdout.splitlines() if "===== base_train:" in line)
+    assert base_line.endswith("--tag d2 --foo 1")  # extra flags go last, so they win
     assert "MATH-500 slice skipped" in proc.stdout
     assert not base.exists(), "a dry run must not create the run folder"
     bad = subprocess.run(["bash", "runs/runcpu.sh", "--stage", "chat_lr", "--dry-run"], cwd=REPO, env=env,
