@@ -1,10 +1,12 @@
 """Reinforcement learning with verifiable rewards (GRPO family) as a library: `RLConfig` + `train_rl(config)`;
-scripts/chat_rl.py is its CLI, reasoning/grpo.py holds the math (advantages, clipped loss, chunked log-probs).
+scripts/chat_rl.py is its CLI, reasoning/grpo.py holds the math (advantages, clipped loss, chunked log-probs) and
+reasoning/rollout.py the batch (prompt stream, sampled groups with rewards and advantages, trainer rows).
 
 One RL step, on every rank:
-  1. **Rollout.** The rank's next `prompts_per_step / world_size` prompts (an endless stream over the train split,
-     reshuffled each epoch; global position g goes to rank (g // P) mod W, so the cursor is one integer) are sampled
-     `num_samples` (G) times each by reasoning.engine.Engine, which also returns the sampler's per-token log-probs.
+  1. **Rollout.** Each step takes the next `prompts_per_step` prompts of an endless stream over the train split
+     (reshuffled each epoch), rank r the r-th contiguous slice of them, so the stream position is one integer.
+     Each is sampled `num_samples` (G) times by reasoning.engine.Engine, which also returns the sampler's per-token
+     log-probs. A prompt too long for the model's context is skipped (and counted), not fatal.
   2. **Reward.** reasoning.rewards functions (correctness, format, optional DAPO soft overlong penalty),
      combined with weights; every part is logged on its own.
   3. **Advantages.** `grpo.group_advantages` per prompt group. Groups whose G rewards are all equal carry no signal
@@ -24,8 +26,8 @@ rank-averaged gradient equals the gradient of the aggregate over the whole step.
 averages gradients across ranks itself, so the model is not wrapped in DDP.
 
 Distributed invariant: every rank runs the same number of optimizer steps and, within each, at least one
-backward: a rank whose share of a minibatch is empty (everything filtered) runs a zero-weighted backward on one
-of its rows, so the gradient all-reduce always has every rank's (possibly zero) gradient. When a step has no
+backward: a rank whose share of a minibatch is empty (everything filtered or skipped) runs a zero-weighted
+backward, so the gradient all-reduce always has every rank's (possibly zero) gradient. When a step has no
 trainable token on any rank, every rank skips the update together (the decision uses all-reduced counts).
 
 Periodic held-out evaluation (reasoning.evaluation): greedy pass@1 and sampled pass@k on the task's test split.
@@ -51,8 +53,9 @@ import torch.distributed as dist
 
 from reasoning import checkpoint as ckpt
 from reasoning.common import UserError, autocast_context, get_base_dir, get_compute_dtype, init_distributed, print0
-from reasoning.grpo import LOSS_TYPES, chunked_token_logprobs, group_advantages, mask_truncated_rows, policy_loss
+from reasoning.grpo import LOSS_TYPES, chunked_token_logprobs, policy_loss
 from reasoning.pretrain import NonFiniteLossError, _RunLog, lr_multiplier
+from reasoning.rollout import PromptStream, TrainingRows, collect_rollout, training_rows
 
 STAGE = "rl"
 LOG_NAME = "chat_rl"
@@ -237,106 +240,9 @@ def build_reward(config: RLConfig):
     return combine_rewards(fns, weights)
 
 
-class PromptStream:
-    """The endless, epoch-shuffled stream of train prompts. `cursor` = prompts consumed by all ranks together;
-    a step takes `per_step` of them and rank r owns the r-th contiguous slice."""
-
-    def __init__(self, task, seed: int, cursor: int = 0):
-        if len(task) == 0:
-            raise UserError("the RL task has no train prompts")
-        self.task, self.seed, self.cursor = task, seed, cursor
-        self._epoch, self._order = None, None
-
-    def _index(self, g: int) -> int:
-        epoch, offset = divmod(g, len(self.task))
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.task))
-        return int(self._order[offset])
-
-    def next_examples(self, per_step: int, rank: int, world_size: int) -> list[dict]:
-        per_rank = per_step // world_size
-        first = self.cursor + rank * per_rank
-        examples = [self.task[self._index(g)] for g in range(first, first + per_rank)]
-        self.cursor += per_step
-        return examples
-
-
 def _seed_for(*keys: int) -> int:
     """A 63-bit seed that is a pure function of the keys (rollouts and shuffles must not depend on RNG state)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
-# ----------------------------------------------------------------------------------------------- rollouts
-
-@dataclass
-class Rollout:
-    """One rank's rollout batch: P prompts x G samples, rows prompt-major."""
-    examples: list[dict]
-    prompts: list[list[int]]
-    generations: list            # list[reasoning.engine.Generation], N = P * G
-    texts: list[str]
-    rewards: torch.Tensor        # (N,) float32 weighted total
-    parts: dict                  # reward name -> (N,) float32 unweighted values
-    advantages: torch.Tensor     # (N,) float32
-    zero_variance: torch.Tensor  # (P,) bool
-
-
-def collect_rollout(engine, tokenizer, examples: list[dict], reward, config: RLConfig, seed: int) -> Rollout:
-    """Sample G completions per example, score them, compute group advantages."""
-    from reasoning.evaluation import completion_text
-    from reasoning.rewards import Completion
-
-    G = config.num_samples
-    prompts = [tokenizer.render_for_completion({"messages": ex["messages"]}) for ex in examples]
-    was_training = engine.model.training
-    engine.model.eval()
-    try:
-        generations = engine.generate(prompts, num_samples=G, max_tokens=config.max_new_tokens,
-                                      temperature=config.temperature, top_k=config.top_k, seed=seed)
-    finally:
-        engine.model.train(was_training)
-    texts = [completion_text(tokenizer, g.tokens, g.stop_reason, "chat") for g in generations]
-    completions = [Completion(text=t, num_tokens=len(g.tokens), truncated=g.stop_reason != "stop")
-                   for t, g in zip(texts, generations)]
-    breakdown = reward(completions, [examples[g.prompt_index] for g in generations])
-    rewards = torch.tensor(breakdown.total, dtype=torch.float32)
-    parts = {name: torch.tensor(values, dtype=torch.float32) for name, values in breakdown.parts.items()}
-    advantages, zero_variance = group_advantages(rewards, G, normalize_std=config.std_normalize)
-    return Rollout(examples, prompts, generations, texts, rewards, parts, advantages, zero_variance)
-
-
-@dataclass
-class TrainingRows:
-    """The rollout laid out for the trainer, (N, T) right-padded; column t predicts token t + 1."""
-    inputs: torch.Tensor            # (N, T) long
-    targets: torch.Tensor           # (N, T) long, -1 except at sampled completion tokens
-    sampler_logprobs: torch.Tensor  # (N, T) float32, engine log-probs at the target positions (0 elsewhere)
-    mask: torch.Tensor              # (N, T) float32, 1 where the token takes part in the loss
-    lengths: list[int]              # input length of each row (for trimming micro-batches)
-
-
-def training_rows(prompts: list[list[int]], generations: list, mask_truncated: bool) -> TrainingRows:
-    """Rows of prompt + completion. Only tokens the policy sampled are targets (forced tool output is not)."""
-    lengths = [max(1, len(prompts[g.prompt_index]) + len(g.tokens) - 1) for g in generations]
-    N, T = len(generations), max(lengths)
-    inputs = torch.zeros((N, T), dtype=torch.long)
-    targets = torch.full((N, T), -1, dtype=torch.long)
-    sampler = torch.zeros((N, T), dtype=torch.float32)
-    for i, g in enumerate(generations):
-        prompt = prompts[g.prompt_index]
-        full = prompt + g.tokens
-        inputs[i, :lengths[i]] = torch.tensor(full[:lengths[i]], dtype=torch.long)
-        if g.tokens:
-            start = len(prompt) - 1  # the last prompt position predicts the first completion token
-            n = len(g.tokens)
-            sampled = torch.tensor(g.mask, dtype=torch.bool)
-            targets[i, start:start + n] = torch.where(sampled, torch.tensor(g.tokens), -1)
-            sampler[i, start:start + n] = torch.tensor(g.logprobs, dtype=torch.float32)
-    mask = (targets >= 0).float()
-    if mask_truncated:
-        mask = mask_truncated_rows(mask, [g.stop_reason != "stop" for g in generations])
-    return TrainingRows(inputs, targets, sampler, mask, lengths)
 
 
 # ----------------------------------------------------------------------------------------------- the update
@@ -401,13 +307,20 @@ _STAT_KEYS = ("loss", "pg_loss", "ratio_mean", "ratio_max", "clip_frac_low", "cl
               "entropy_mean", "is_logp_abs_diff_mean", "is_ratio_max", "is_capped_frac", "is_weight_mean")
 
 
-def optimize_rollout(model, optimizer, data: TrainingRows, advantages: torch.Tensor, rows: list[int],
-                     fallback_row: int, config: RLConfig, step: int, lr_mult: float, rank: int, world_size: int,
-                     device, autocast, ref_model=None) -> dict:
-    """ppo_epochs x num_minibatches optimizer steps over `rows` (this rank's trainable rows). Returns token-weighted
-    loss statistics (this rank's sums and weights, for the caller to all-reduce), grad norms and update count.
+def _zero_backward(model, data: TrainingRows, device, autocast):
+    """A backward with weight 0 through every parameter (on one rollout row, or one token if there is none): a rank
+    whose share of a minibatch is empty still has (zero) gradients to bring to the all-reduce."""
+    inputs = data.inputs[:1, :data.lengths[0]] if data.lengths else torch.zeros((1, 1), dtype=torch.long)
+    with autocast():
+        logits = model.compute_logits(model.forward_hidden(inputs.to(device)))
+    (logits.sum() * 0.0).backward()
 
-    `fallback_row` is any row of this rank's batch: it carries the zero-weighted backward of an empty share."""
+
+def optimize_rollout(model, optimizer, data: TrainingRows, advantages: torch.Tensor, rows: list[int],
+                     config: RLConfig, step: int, lr_mult: float, rank: int, world_size: int, device, autocast,
+                     ref_model=None) -> dict:
+    """ppo_epochs x num_minibatches optimizer steps over `rows` (this rank's trainable rows). Returns token-weighted
+    loss statistics (this rank's sums and weights, for the caller to all-reduce), grad norms and update count."""
     updates_per_batch = config.ppo_epochs * config.num_minibatches
     precomputed = updates_per_batch > 1 or ref_model is not None
     old = ref = entropy = None
@@ -431,13 +344,8 @@ def optimize_rollout(model, optimizer, data: TrainingRows, advantages: torch.Ten
         counts = torch.tensor([float(units[c].sum()) if c else 0.0 for c in chunks], dtype=torch.float64)
         counts = _all_reduce(counts, world_size)  # the global normaliser of every minibatch of this pass
         for chunk, total in zip(chunks, counts.tolist()):
-            if not chunk:
-                # this rank has nothing in this minibatch but the others may: a zero-weighted backward keeps its
-                # gradients defined (zeros) so every rank enters the gradient all-reduce alike
-                inputs, targets, _, _ = _slice(data, [fallback_row], device)
-                with autocast():
-                    logprobs = token_logprobs(model, inputs, targets, config, compute_entropy=False)
-                (logprobs.sum() * 0.0).backward()
+            if not chunk:  # nothing here, but other ranks may have rows: enter their all-reduce with zeros
+                _zero_backward(model, data, device, autocast)
             # micro-batches of similar lengths pad less; the order does not change the accumulated gradient
             for index in _micro_batches(sorted(chunk, key=lambda i: data.lengths[i]), config.device_batch_size):
                 inputs, targets, sampler, mask = _slice(data, index, device)
@@ -677,7 +585,8 @@ def rl_step(model, optimizer, engine, tokenizer, stream: PromptStream, reward, c
     examples = stream.next_examples(config.prompts_per_step, rank, world_size)
     seed = _seed_for(config.seed, step, rank)
     t_gen = time.perf_counter()
-    rollout = collect_rollout(engine, tokenizer, examples, reward, config, seed)
+    rollout = collect_rollout(engine, tokenizer, examples, reward, config.num_samples, config.max_new_tokens,
+                              config.temperature, seed, top_k=config.top_k, std_normalize=config.std_normalize)
     t_rollout = time.perf_counter() - t_gen
     data = training_rows(rollout.prompts, rollout.generations, config.mask_truncated)
     G = config.num_samples
@@ -689,24 +598,25 @@ def rl_step(model, optimizer, engine, tokenizer, stream: PromptStream, reward, c
     t1 = time.perf_counter()
     lr_mult = lr_multiplier(step, config.num_steps, config.warmup_ratio, 1.0 - config.warmup_ratio,
                             config.final_lr_frac)
-    result = optimize_rollout(model, optimizer, data, rollout.advantages, rows, 0, config, step, lr_mult, rank,
+    result = optimize_rollout(model, optimizer, data, rollout.advantages, rows, config, step, lr_mult, rank,
                               world_size, device, autocast, ref_model)
     t_train = time.perf_counter() - t1
 
     # ---- metrics: sums over this rank, all-reduced in one collective
     gens = rollout.generations
     lengths = torch.tensor([len(g.tokens) for g in gens], dtype=torch.float64)
-    names = sorted(rollout.parts)
+    names = sorted(rollout.parts)  # every reward's name, also for an empty rollout: the vectors must align
     local = [float(len(gens)), float(rollout.rewards.sum()), *[float(rollout.parts[n].sum()) for n in names],
              float(rollout.zero_variance.sum()), float(rollout.zero_variance.numel()), float(lengths.sum()),
-             float(sum(g.stop_reason != "stop" for g in gens)), float(len(rows))]
+             float(sum(g.stop_reason != "stop" for g in gens)), float(len(rows)), float(rollout.skipped)]
     local += [result["stat_sums"][k] for k in _STAT_KEYS] + [result["stat_weight"][k] for k in _STAT_KEYS]
     totals = _all_reduce(torch.tensor(local, dtype=torch.float64), world_size).tolist()
     n_rows, reward_sum = totals[0], totals[1]
     part_sums = dict(zip(names, totals[2:2 + len(names)]))
-    zero_var, groups, length_sum, truncated, trained_rows = totals[2 + len(names):7 + len(names)]
-    stat_sums = dict(zip(_STAT_KEYS, totals[7 + len(names):7 + len(names) + len(_STAT_KEYS)]))
-    stat_weight = dict(zip(_STAT_KEYS, totals[7 + len(names) + len(_STAT_KEYS):]))
+    zero_var, groups, length_sum, truncated, trained_rows, skipped = totals[2 + len(names):8 + len(names)]
+    stat_sums = dict(zip(_STAT_KEYS, totals[8 + len(names):8 + len(names) + len(_STAT_KEYS)]))
+    stat_weight = dict(zip(_STAT_KEYS, totals[8 + len(names) + len(_STAT_KEYS):]))
+    n_rows, groups = max(n_rows, 1.0), max(groups, 1.0)  # every prompt of every rank skipped: report zeros
     stat = {k: stat_sums[k] / stat_weight[k] for k in _STAT_KEYS if stat_weight[k] > 0}
     elapsed = time.perf_counter() - t0
     record = {
@@ -714,6 +624,7 @@ def rl_step(model, optimizer, engine, tokenizer, stream: PromptStream, reward, c
         **{f"reward/{n}": part_sums[n] / n_rows for n in names},
         "zero_variance_frac": zero_var / groups,
         "trained_rows": trained_rows,
+        "skipped_prompts": skipped,
         "response_len": length_sum / n_rows,
         "truncated_frac": truncated / n_rows,
         "updates": result["updates"],

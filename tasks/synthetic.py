@@ -42,8 +42,14 @@ DIFFICULTY = {
     "easy": dict(num_steps=(1, 2), max_operand=10),
     "medium": dict(num_steps=(2, 4), max_operand=20),
     "hard": dict(num_steps=(3, 6), max_operand=50),
+    # A CPU setting where RL on clean SFT data beats SFT (dev/rl_learning.py --difficulty twostep): exactly two
+    # operations on operands <= 5, so every arithmetic fact a test problem needs also occurs in train problems and
+    # an under-trained SFT model's errors are ones RL on the train split can fix (on "easy" RL mostly sharpened
+    # train-split recall; dev/LOG.md, "RL loop ... the RL sweep"). Not in the pretraining corpus.
+    "twostep": dict(num_steps=(2, 2), max_operand=5),
 }
 DEFAULT_DIFFICULTY = "easy"
+CORPUS_DIFFICULTIES = ("easy", "medium", "hard")  # presets the pretraining corpus mixes (its content is pinned)
 
 INSTRUCTION = "Put your final answer in \\boxed{}."
 
@@ -539,7 +545,7 @@ def _corpus_document(rng: random.Random) -> str:
         if rng.random() < 0.4:
             parts.append(" ".join(_prose_sentence(rng) for _ in range(rng.randint(2, 6))))
             continue
-        difficulty = DIFFICULTY[rng.choice(list(DIFFICULTY))]
+        difficulty = DIFFICULTY[rng.choice(CORPUS_DIFFICULTIES)]
         p = make_problem(rng, rng.randint(*difficulty["num_steps"]), difficulty["max_operand"], split="train")
         if rng.random() < 0.5:
             parts.append(f"{p['problem']}\n{p['solution']}")

@@ -18,12 +18,14 @@ import torch.multiprocessing as mp
 
 from reasoning import checkpoint as ckpt
 from reasoning import rl
+from reasoning import rollout as rollout_module
 from reasoning.checkpoint import checkpoint_dir, save_checkpoint
 from reasoning.engine import Engine
 from reasoning.gpt import GPT, GPTConfig
-from reasoning.rl import RLConfig, build_reward, collect_rollout, token_logprobs, train_rl, training_rows
+from reasoning.rl import RLConfig, build_reward, token_logprobs, train_rl
+from reasoning.rollout import collect_rollout, training_rows
 from reasoning.sft import conversation_targets, pad_rows
-from reasoning.tokenizer import Tokenizer, train_tokenizer
+from reasoning.tokenizer import train_tokenizer
 from tasks.common import Task
 
 
@@ -31,8 +33,9 @@ class Addition(Task):
     """a + b, digits 0..max_digit; the reference answer is boxed in half of the examples (seeded per example)."""
 
     def __init__(self, split: str = "train", size: int = 1000, seed: int = 0, max_digit: int = 4,
-                 impossible: bool = False):
+                 impossible: bool = False, long_every: int = 0):
         self.split, self.size, self.seed, self.max_digit, self.impossible = split, size, seed, max_digit, impossible
+        self.long_every = long_every  # every long_every-th prompt is too long for the tiny model's context (0: none)
 
     def __len__(self):
         return self.size
@@ -41,7 +44,8 @@ class Addition(Task):
         rng = random.Random(f"{self.seed}/{self.split}/{index}")
         a, b = rng.randint(0, self.max_digit), rng.randint(0, self.max_digit)
         answer = f"\\boxed{{{a + b}}}" if rng.random() < 0.5 else str(a + b)
-        messages = [{"role": "user", "content": f"{a}+{b}"},
+        padding = "9 " * 200 if self.long_every and index % self.long_every == 0 else ""
+        messages = [{"role": "user", "content": f"{padding}{a}+{b}"},
                     {"role": "assistant", "content": [{"type": "think", "text": f"{a}+{b}={a + b}"},
                                                       {"type": "text", "text": answer}]}]
         # impossible=True: a gold answer no completion ever states, so every group is all-zero reward
@@ -112,7 +116,8 @@ def test_trainer_logprobs_match_sampler_and_rows_align(tiny_sft):
     model, tokenizer, _ = ckpt.load_model(ckpt_dir, device="cpu")
     config = small_config(base_dir, ckpt_dir, temperature=0.7)
     examples = [Addition()[i] for i in range(3)]
-    rollout = collect_rollout(Engine(model, tokenizer), tokenizer, examples, build_reward(config), config, seed=5)
+    rollout = collect_rollout(Engine(model, tokenizer), tokenizer, examples, build_reward(config), num_samples=4,
+                              max_new_tokens=16, temperature=0.7, seed=5)
     data = training_rows(rollout.prompts, rollout.generations, mask_truncated=False)
     for i, g in enumerate(rollout.generations):
         prompt = rollout.prompts[g.prompt_index]
@@ -205,6 +210,21 @@ def test_all_zero_variance_step_runs_a_zero_update(tiny_sft, monkeypatch, filter
         assert torch.equal(value, before[name]), name
 
 
+@pytest.mark.parametrize("long_every", [2, 1])
+def test_prompts_longer_than_the_context_are_skipped(tiny_sft, long_every):
+    base_dir, ckpt_dir = tiny_sft
+    config = small_config(base_dir, ckpt_dir, out_tag=f"long{long_every}", num_steps=2, prompts_per_step=4)
+    summary = train_rl(config, tasks=_tasks(long_every=long_every))
+    records = summary["records"]
+    if long_every == 1:  # nothing left to sample: the steps still run, without an update
+        for record in records:
+            assert record["skipped_prompts"] == 4 and record["updates"] == 0 and record["trained_rows"] == 0
+    else:  # the stream's shuffled order decides how many of each step's 4 prompts are the long ones
+        assert 0 < sum(r["skipped_prompts"] for r in records) < 8
+        for record in records:
+            assert record["trained_rows"] <= (4 - record["skipped_prompts"]) * 4
+
+
 def test_grpo_scaling_matches_one_big_batch(tiny_sft):
     """Micro-batching + minibatch normalisation: the accumulated gradient equals the loss of the whole batch."""
     import contextlib
@@ -217,7 +237,7 @@ def test_grpo_scaling_matches_one_big_batch(tiny_sft):
             config = small_config(base_dir, ckpt_dir, loss_type=loss_type, device_batch_size=device_batch_size,
                                   lr_scale=0.0)
             rollout = collect_rollout(Engine(model, tokenizer), tokenizer, [Addition()[i] for i in range(4)],
-                                      build_reward(config), config, seed=3)
+                                      build_reward(config), num_samples=4, max_new_tokens=16, temperature=1.0, seed=3)
             data = training_rows(rollout.prompts, rollout.generations, mask_truncated=False)
             optimizer = model.setup_optimizer(matrix_lr=0.0, embedding_lr=0.0, lm_head_lr=0.0, scalar_lr=0.0)
             captured = {}
@@ -228,7 +248,7 @@ def test_grpo_scaling_matches_one_big_batch(tiny_sft):
                 return original_step(*args, **kwargs)
             optimizer.step = capture_step
             config.grad_clip = 0.0
-            rl.optimize_rollout(model, optimizer, data, rollout.advantages, list(range(16)), 0, config, 0, 1.0, 0, 1,
+            rl.optimize_rollout(model, optimizer, data, rollout.advantages, list(range(16)), config, 0, 1.0, 0, 1,
                                 "cpu", contextlib.nullcontext)
             grads.append(captured["grad"])
         assert grads[0].abs().max() > 0
@@ -290,7 +310,7 @@ def _rank_main(rank, world_size, port, base_dir, ckpt_dir, out_file):
     if rank == 1:
         def all_zero_variance(rewards, group_size, normalize_std=True):
             return torch.zeros_like(rewards), torch.ones(rewards.numel() // group_size, dtype=torch.bool)
-        rl.group_advantages = all_zero_variance
+        rollout_module.group_advantages = all_zero_variance
     config = small_config(base_dir, ckpt_dir, out_tag="ddp", num_steps=2, prompts_per_step=8,
                           filter_zero_variance=True, num_minibatches=2, ppo_epochs=2, lr_scale=0.5)
     summary = train_rl(config, tasks=_tasks())
