@@ -12,16 +12,17 @@
   - **Resume.** On start rank 0 keeps the complete problems of an existing predictions file (all samples present,
     written under the same protocol), drops anything else (a torn last line, another protocol), and every rank
     skips those problems. A rerun with everything done only recomputes the summary. Batches are formed from each
-    rank's remaining problems in order, so with the same world size and batch size a resumed run forms the same
-    batches, and its predictions equal an uninterrupted run's (sampling keys depend on the batch: see below).
+    rank's remaining problems in order; its predictions equal an uninterrupted run's (sampling is keyed per
+    problem: see below).
   - **Metrics** (`summarize`): accuracy = mean over problems of c/n (= pass@1), unbiased pass@k (Chen et al. 2021)
     for k = 1, 2, 4, ... n, maj@n (majority over equivalence classes of extracted answers under math_equal, ties to
     the class seen first), accuracy by level and by subject, fraction of completions without an extractable
     answer, mean completion length, tokens/s.
 
-Sampling randomness: the engine keys a row's random stream by (seed, position in the call, sample index). The
-seed of each engine call is derived from `seed` and the first problem of the batch, so results are reproducible
-for a given world size and batch size; greedy decoding (the default) does not depend on either.
+Sampling randomness: every problem gets its own engine seed, derived from `seed` and the problem's index in the
+task (`problem_seed`), and the engine keys a row's random stream by (that seed, sample index). So sampled
+completions (k > 1, temperature > 0) do not depend on the batch size, the number of ranks, or where a resumed run
+picks up; greedy decoding (the default) never did.
 """
 
 from __future__ import annotations
@@ -219,6 +220,11 @@ def grader_description(task) -> str:
     return f"{type(owner).__module__}.{type(owner).__name__}.evaluate"
 
 
+def problem_seed(seed: int, problem_index: int) -> int:
+    """The engine seed of one problem: depends only on the run's seed and the problem's index in the task."""
+    return (seed * 1_000_003 + problem_index) % (2**63)
+
+
 def generate_records(engine, tokenizer, task, indices: list[int], settings: EvalSettings) -> list[dict]:
     """Generate and grade num_samples completions for each problem in `indices` (one engine call)."""
     examples = [task[i] for i in indices]
@@ -227,10 +233,12 @@ def generate_records(engine, tokenizer, task, indices: list[int], settings: Eval
     runnable = [j for j, p in enumerate(prompts) if len(p) < context]
     generations = {}
     if runnable:
-        seed = (settings.seed * 1_000_003 + indices[0]) % (2**63)
+        # one seed per problem, from its index in the task: a problem's samples are the same whichever batch,
+        # rank or resumed run it lands in
+        seeds = [problem_seed(settings.seed, indices[j]) for j in runnable]
         outs = engine.generate([prompts[j] for j in runnable], num_samples=settings.num_samples,
                                max_tokens=settings.max_tokens, temperature=settings.temperature,
-                               top_k=settings.top_k, seed=seed)
+                               top_k=settings.top_k, seed=seeds)
         for g in outs:
             generations[(runnable[g.prompt_index], g.sample_index)] = g
     records = []

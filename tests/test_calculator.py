@@ -105,7 +105,7 @@ def test_long_inputs_rejected_quickly():
     start = time.perf_counter()
     for text in huge_inputs:
         assert calculate(text) is None
-    assert time.perf_counter() - start < 0.01
+    assert time.perf_counter() - start < 0.05  # measured ~5 µs; the bound leaves room for a loaded CI box
     # right at the limit it still evaluates, just past it is rejected
     at_limit = "1+" * ((MAX_INPUT_CHARS - 1) // 2) + "1"
     assert len(at_limit) <= MAX_INPUT_CHARS and calculate(at_limit) == str((MAX_INPUT_CHARS - 1) // 2 + 1)
@@ -119,7 +119,7 @@ def test_worst_case_inputs_within_the_limit_are_fast():
     for text in nasty:
         assert len(text) <= MAX_INPUT_CHARS
         calculate(text)  # must simply return, whatever the result
-    assert time.perf_counter() - start < 0.05
+    assert time.perf_counter() - start < 0.25  # measured ~1.2 ms
 
 
 def test_never_raises_on_random_garbage():

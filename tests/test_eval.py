@@ -151,6 +151,20 @@ def test_resume_after_a_kill_gives_the_same_predictions(model_and_tokenizer, tmp
     assert read_lines(tmp_path / "full" / "predictions.jsonl") == reference
 
 
+def test_sampled_predictions_do_not_depend_on_batch_size(model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    task = SyntheticReasoning("test", size=10, seed=0)
+    outputs = {}
+    for batch_size in (1, 3, 7):
+        settings = EvalSettings(num_samples=3, temperature=1.0, max_tokens=10, batch_size=batch_size, seed=11)
+        evaluate_task(model, tokenizer, task, settings, max_problems=7, out_dir=str(tmp_path / str(batch_size)))
+        outputs[batch_size] = [json.loads(r) for r in read_lines(tmp_path / str(batch_size) / "predictions.jsonl")]
+    assert outputs[1] == outputs[3] == outputs[7]
+    # ...while the samples of one problem are different draws (the seeds really are per sample and per problem)
+    completions = [r["completion"] for r in outputs[1]]
+    assert len(set(completions)) > len(completions) // 2
+
+
 def test_changed_settings_start_over(model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     task = SyntheticReasoning("test", size=5, seed=0)
@@ -170,8 +184,9 @@ def test_changed_settings_start_over(model_and_tokenizer, tmp_path):
 def test_chat_eval_two_ranks_match_one_rank(run_dir, tmp_path, monkeypatch, capsys):
     from scripts import chat_eval
 
+    # sampled, so the comparison also shows that samples do not depend on sharding or batching
     common = ["-a", "synthetic", "--max-problems", "9", "--batch-size", "2", "--max-tokens", "10",
-              "--base-dir", str(run_dir)]
+              "--num-samples", "2", "--temperature", "1.0", "--base-dir", str(run_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1", REASONING_BASE_DIR=str(run_dir), PYTHONPATH=REPO)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "scripts.chat_eval", "--", *common, "--out-dir", str(tmp_path / "two"),
@@ -186,13 +201,13 @@ def test_chat_eval_two_ranks_match_one_rank(run_dir, tmp_path, monkeypatch, caps
 
     two_lines = read_lines(tmp_path / "two" / "predictions.jsonl")
     one_lines = read_lines(tmp_path / "one" / "predictions.jsonl")
-    assert len(two_lines) == 9 and len({json.loads(r)["index"] for r in two_lines}) == 9
+    assert len(two_lines) == 18 and len({json.loads(r)["index"] for r in two_lines}) == 9
     assert two_lines == one_lines
     summaries = [json.load(open(tmp_path / name / "summary.json")) for name in ("one", "two")]
     assert summaries[1]["world_size"] == 2
-    for key in ("accuracy", "pass@1", "maj@1", "no_answer_frac", "mean_completion_tokens", "protocol"):
+    for key in ("accuracy", "pass@2", "maj@2", "no_answer_frac", "mean_completion_tokens", "protocol"):
         assert summaries[0][key] == summaries[1][key]
-    section = json.load(open(run_dir / "report" / "chat_eval_sft.json"))
+    section = json.load(open(run_dir / "report" / "chat_eval_sft_k2.json"))
     assert section["metrics"]["accuracy"] == summaries[0]["accuracy"]
 
 
