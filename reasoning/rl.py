@@ -40,117 +40,90 @@ Dr. GRPO, verl / TRL GRPOTrainer (minibatching, TIS), nanochat's chat_rl (the si
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from reasoning import checkpoint as ckpt
-from reasoning.common import UserError, autocast_context, get_base_dir, get_compute_dtype, init_distributed, print0
+from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_distributed, print0
 from reasoning.grpo import LOSS_TYPES, chunked_token_logprobs, policy_loss
-from reasoning.pretrain import NonFiniteLossError, _RunLog, lr_multiplier
 from reasoning.rollout import PromptStream, TrainingRows, collect_rollout, training_rows
+from reasoning.training import (DEVICE_HELP, FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, all_reduce_sum,
+                                autocast_factory, load_optimizer_state, load_resume_checkpoint, option,
+                                save_training_checkpoint)
 
 STAGE = "rl"
 LOG_NAME = "chat_rl"
 
 
-def _opt(help_text: str, **extra):
-    return {"help": help_text, **extra}
-
-
 @dataclass
-class RLConfig:
+class RLConfig(FinetuneConfig):
+    """RL settings; the optimizer, logging and checkpoint settings come from FinetuneConfig (reasoning.training)."""
     # model source: the reasoning.checkpoint.add_model_args flags (the script adds them itself)
-    stage: str = field(default="sft", metadata=_opt("source stage", cli=False))
-    tag: str | None = field(default=None, metadata=_opt("source tag", cli=False))
-    step: int | None = field(default=None, metadata=_opt("source step", cli=False))
-    init_from: str | None = field(default=None, metadata=_opt("source spec", cli=False))
+    stage: str = field(default="sft", metadata=option("source stage", cli=False))
+    tag: str | None = field(default=None, metadata=option("source tag", cli=False))
+    step: int | None = field(default=None, metadata=option("source step", cli=False))
+    init_from: str | None = field(default=None, metadata=option("source spec", cli=False))
     # prompts
-    task: str = field(default="synthetic", metadata=_opt(
+    task: str = field(default="synthetic", metadata=option(
         "prompt source: synthetic | GSM8K | MATH (comma list mixes them; NAME@PATH gives a task its own data)"))
-    data_path: str | None = field(default=None, metadata=_opt(
-        "local data file/folder for the hub tasks (default $REASONING_DATA_DIR, else the HF hub)"))
-    task_size: int = field(default=-1, metadata=_opt("train prompts per task (-1: all; synthetic: 20000)"))
-    synthetic_difficulty: str = field(default="easy", metadata=_opt("synthetic task preset (tasks.synthetic)"))
+    task_size: int = field(default=-1, metadata=option("train prompts per task (-1: all; synthetic: 20000)"))
+    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset (tasks.synthetic)"))
     # rollouts
-    num_steps: int = field(default=100, metadata=_opt("RL steps (one rollout batch each)"))
-    prompts_per_step: int = field(default=16, metadata=_opt("prompts per step, all ranks together"))
-    num_samples: int = field(default=8, metadata=_opt("G: samples per prompt (the group)"))
-    max_new_tokens: int = field(default=256, metadata=_opt("generation budget per sample"))
-    temperature: float = field(default=1.0, metadata=_opt("sampling temperature (> 0)"))
-    top_k: int | None = field(default=None, metadata=_opt("sample from the k most likely tokens only"))
+    num_steps: int = field(default=100, metadata=option("RL steps (one rollout batch each)"))
+    prompts_per_step: int = field(default=16, metadata=option("prompts per step, all ranks together"))
+    num_samples: int = field(default=8, metadata=option("G: samples per prompt (the group)"))
+    max_new_tokens: int = field(default=256, metadata=option("generation budget per sample"))
+    temperature: float = field(default=1.0, metadata=option("sampling temperature (> 0)"))
+    top_k: int | None = field(default=None, metadata=option("sample from the k most likely tokens only"))
     # rewards
-    format_weight: float = field(default=0.0, metadata=_opt(
+    format_weight: float = field(default=0.0, metadata=option(
         "weight of the format reward (think span closed, one \\boxed{}); it is logged even at 0"))
-    require_think: bool = field(default=True, metadata=_opt("format reward needs a closed think span"))
-    overlong_buffer: int = field(default=0, metadata=_opt(
+    require_think: bool = field(default=True, metadata=option("format reward needs a closed think span"))
+    overlong_buffer: int = field(default=0, metadata=option(
         "DAPO soft overlong penalty over the last N tokens of the budget (0: off)"))
-    overlong_weight: float = field(default=1.0, metadata=_opt("weight of the overlong penalty"))
-    grader_timeout: float = field(default=1.5, metadata=_opt("seconds per answer comparison (math_equal)"))
+    overlong_weight: float = field(default=1.0, metadata=option("weight of the overlong penalty"))
+    grader_timeout: float = field(default=1.5, metadata=option("seconds per answer comparison (math_equal)"))
     # advantages and loss
-    loss_type: str = field(default="grpo", metadata=_opt("token aggregation: grpo | dr_grpo | dapo"))
-    std_normalize: bool = field(default=True, metadata=_opt(
+    loss_type: str = field(default="grpo", metadata=option("token aggregation: grpo | dr_grpo | dapo"))
+    std_normalize: bool = field(default=True, metadata=option(
         "divide advantages by the group std (GRPO); Dr. GRPO turns it off"))
-    filter_zero_variance: bool = field(default=False, metadata=_opt(
+    filter_zero_variance: bool = field(default=False, metadata=option(
         "drop groups whose rewards are all equal from the training batch (DAPO dynamic sampling)"))
-    clip_low: float = field(default=0.2, metadata=_opt("PPO clip below: ratio >= 1 - clip_low"))
-    clip_high: float = field(default=0.28, metadata=_opt("PPO clip above: ratio <= 1 + clip_high (DAPO clip-higher)"))
-    kl_coef: float = field(default=0.0, metadata=_opt("k3 KL penalty to the frozen source model (0: no reference)"))
-    tis_cap: float = field(default=2.0, metadata=_opt(
+    clip_low: float = field(default=0.2, metadata=option("PPO clip below: ratio >= 1 - clip_low"))
+    clip_high: float = field(default=0.28, metadata=option("PPO clip above: ratio <= 1 + clip_high (DAPO clip-higher)"))
+    kl_coef: float = field(default=0.0, metadata=option("k3 KL penalty to the frozen source model (0: no reference)"))
+    tis_cap: float = field(default=2.0, metadata=option(
         "truncated importance sampling cap on pi_trainer/pi_sampler per token (0: off)"))
-    mask_truncated: bool = field(default=False, metadata=_opt(
+    mask_truncated: bool = field(default=False, metadata=option(
         "give no loss to completions cut by the token budget (DAPO overlong filtering)"))
-    ppo_epochs: int = field(default=1, metadata=_opt("optimisation passes over each rollout batch"))
-    num_minibatches: int = field(default=1, metadata=_opt("optimizer steps per pass"))
-    device_batch_size: int = field(default=32, metadata=_opt("rows per forward/backward micro-batch"))
-    logprob_chunk_size: int = field(default=1024, metadata=_opt("token rows per chunk of the log-prob kernel"))
-    # optimizer
-    lr_scale: float = field(default=0.05, metadata=_opt("multiplier on every learning rate below"))
-    matrix_lr: float = field(default=0.02, metadata=_opt("Muon learning rate of the hidden matrices"))
-    embedding_lr: float = field(default=0.2, metadata=_opt("AdamW learning rate of the token embedding"))
-    lm_head_lr: float = field(default=0.004, metadata=_opt("AdamW learning rate of the output head"))
-    scalar_lr: float = field(default=0.5, metadata=_opt("AdamW learning rate of gains and biases"))
-    weight_decay: float = field(default=0.0, metadata=_opt("decoupled weight decay of the Muon matrices"))
-    warmup_ratio: float = field(default=0.0, metadata=_opt("fraction of steps of linear LR warmup"))
-    final_lr_frac: float = field(default=0.0, metadata=_opt("LR multiplier reached at the last step"))
-    grad_clip: float = field(default=1.0, metadata=_opt("clip the global gradient norm to this (0: off)"))
-    # evaluation and logging
-    eval_every: int = field(default=20, metadata=_opt(
+    ppo_epochs: int = field(default=1, metadata=option("optimisation passes over each rollout batch"))
+    num_minibatches: int = field(default=1, metadata=option("optimizer steps per pass"))
+    device_batch_size: int = field(default=32, metadata=option("rows per forward/backward micro-batch"))
+    logprob_chunk_size: int = field(default=1024, metadata=option("token rows per chunk of the log-prob kernel"))
+    # optimizer: FinetuneConfig's rates, scaled down (an RL update moves a fine-tuned model; SFT's scale is 1)
+    lr_scale: float = field(default=0.05, metadata=option("multiplier on every learning rate below"))
+    # evaluation
+    eval_every: int = field(default=20, metadata=option(
         "held-out eval every N steps (0: only at the start and end, <0: never)"))
-    eval_task: str | None = field(default=None, metadata=_opt("eval task, test split (default: --task)"))
-    eval_problems: int = field(default=128, metadata=_opt("held-out problems per eval"))
-    eval_max_tokens: int = field(default=-1, metadata=_opt("tokens per eval completion (-1: --max-new-tokens)"))
-    eval_batch_size: int = field(default=64, metadata=_opt("problems per engine call in the eval"))
-    eval_pass_k: int = field(default=4, metadata=_opt("samples per problem for pass@k (<= 1: greedy pass@1 only)"))
-    eval_temperature: float = field(default=1.0, metadata=_opt("sampling temperature of the pass@k eval"))
-    log_every: int = field(default=1, metadata=_opt("print a progress line every N steps"))
-    run: str | None = field(default=None, metadata=_opt("wandb run name (wandb is used only when given)"))
-    wandb_project: str = field(default="reasoning", metadata=_opt("wandb project"))
-    # checkpoints
-    out_tag: str | None = field(default=None, metadata=_opt("output checkpoint tag (default: the source's tag)"))
-    save_every: int = field(default=0, metadata=_opt("checkpoint every N steps (0: only at the end)"))
-    keep_last: int = field(default=2, metadata=_opt("keep this many newest checkpoints (0: all)"))
-    resume: bool = field(default=False, metadata=_opt("continue from the last checkpoint of --out-tag"))
-    stop_at_step: int = field(default=-1, metadata=_opt(
-        "checkpoint and stop after this step, keeping the schedule of the full run (time-sliced jobs)"))
-    seed: int = field(default=0, metadata=_opt("seed of the prompt order, rollouts and minibatch shuffles"))
-    device: str | None = field(default=None, metadata=_opt("cuda | cpu | mps (default: autodetect)"))
-    base_dir: str | None = field(default=None, metadata=_opt("run folder (default $REASONING_BASE_DIR)"))
+    eval_task: str | None = field(default=None, metadata=option("eval task, test split (default: --task)"))
+    eval_problems: int = field(default=128, metadata=option("held-out problems per eval"))
+    eval_max_tokens: int = field(default=-1, metadata=option("tokens per eval completion (-1: --max-new-tokens)"))
+    eval_batch_size: int = field(default=64, metadata=option("problems per engine call in the eval"))
+    eval_pass_k: int = field(default=4, metadata=option("samples per problem for pass@k (<= 1: greedy pass@1 only)"))
+    eval_temperature: float = field(default=1.0, metadata=option("sampling temperature of the pass@k eval"))
+    seed: int = field(default=0, metadata=option("seed of the prompt order, rollouts and minibatch shuffles"))
+    device: str | None = field(default=None, metadata=option(DEVICE_HELP))
 
     def validate(self) -> None:
         """Raise UserError naming the first bad setting (they come from command-line flags)."""
-        for name in ("num_steps", "prompts_per_step", "num_samples", "max_new_tokens", "ppo_epochs",
-                     "num_minibatches", "device_batch_size", "logprob_chunk_size", "eval_problems",
-                     "eval_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{_flag(name)} {getattr(self, name)}: expected a positive integer")
+        super().validate()
+        self.require_positive("num_steps", "prompts_per_step", "num_samples", "max_new_tokens", "ppo_epochs",
+                              "num_minibatches", "device_batch_size", "logprob_chunk_size", "eval_problems",
+                              "eval_batch_size")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise UserError(f"--temperature {self.temperature}: expected a number > 0 (RL needs diverse samples)")
         if self.top_k is not None and self.top_k < 1:
@@ -159,52 +132,26 @@ class RLConfig:
             raise UserError(f"--loss-type {self.loss_type}: expected one of {', '.join(LOSS_TYPES)}")
         if not 0 <= self.clip_low < 1:
             raise UserError(f"--clip-low {self.clip_low}: expected a number in [0, 1)")
-        for name in ("clip_high", "kl_coef", "tis_cap", "format_weight", "overlong_weight", "lr_scale", "matrix_lr",
-                     "embedding_lr", "lm_head_lr", "scalar_lr", "weight_decay", "grad_clip", "keep_last",
-                     "eval_temperature", "overlong_buffer"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise UserError(f"--{_flag(name)} {value}: expected a finite number >= 0")
+        self.require_non_negative("clip_high", "kl_coef", "tis_cap", "format_weight", "overlong_weight",
+                                  "eval_temperature", "overlong_buffer")
         if not (math.isfinite(self.grader_timeout) and self.grader_timeout > 0):
             raise UserError(f"--grader-timeout {self.grader_timeout}: expected seconds > 0")
         if self.overlong_buffer > self.max_new_tokens:
             raise UserError(f"--overlong-buffer {self.overlong_buffer}: expected at most --max-new-tokens "
                             f"{self.max_new_tokens}")
-        for name in ("warmup_ratio", "final_lr_frac"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"--{_flag(name)} {getattr(self, name)}: expected a number in [0, 1]")
         if self.task_size == 0 or self.task_size < -1:
             raise UserError(f"--task-size {self.task_size}: expected a positive number of prompts or -1")
         if self.eval_max_tokens == 0 or self.eval_max_tokens < -1:
             raise UserError(f"--eval-max-tokens {self.eval_max_tokens}: expected a positive integer or -1")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
 
 def add_rl_args(parser) -> None:
-    """One --flag per RLConfig field (same name with dashes), defaults and help from the dataclass; booleans get
-    --flag / --no-flag. The model-source fields come from reasoning.checkpoint.add_model_args instead."""
-    for f in dataclasses.fields(RLConfig):
-        if not f.metadata.get("cli", True):
-            continue
-        flag = f"--{_flag(f.name)}"
-        kind = str(f.type)
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
-            continue
-        parse = int if kind.startswith("int") else float if kind.startswith("float") else str
-        default_text = "" if f.default is None else f" (default {f.default})"
-        parser.add_argument(flag, type=parse, default=f.default, help=f.metadata["help"] + default_text)
+    """One --flag per RLConfig field (reasoning.training), booleans as --flag / --no-flag pairs. The model-source
+    fields have none: reasoning.checkpoint.add_model_args gives those flags."""
+    RLConfig.add_args(parser, negatable_booleans=True)
 
 
-def config_from_args(args) -> RLConfig:
-    return RLConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RLConfig)})
+config_from_args = RLConfig.from_args
 
 
 # ----------------------------------------------------------------------------------------------- tasks, rewards
@@ -246,12 +193,6 @@ def _seed_for(*keys: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- the update
-
-def _all_reduce(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        dist.all_reduce(t)
-    return t
-
 
 def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, config: RLConfig, compute_entropy: bool):
     """Trainer log-probs (and detached entropy) of `targets` (B, T) at the sampling temperature, chunked over V.
@@ -342,7 +283,7 @@ def optimize_rollout(model, optimizer, data: TrainingRows, advantages: torch.Ten
         chunks = [[int(i) for i in c] for c in np.array_split(np.array(order, dtype=np.int64),
                                                               config.num_minibatches)]
         counts = torch.tensor([float(units[c].sum()) if c else 0.0 for c in chunks], dtype=torch.float64)
-        counts = _all_reduce(counts, world_size)  # the global normaliser of every minibatch of this pass
+        counts = all_reduce_sum(counts)  # the global normaliser of every minibatch of this pass
         for chunk, total in zip(chunks, counts.tolist()):
             if not chunk:  # nothing here, but other ranks may have rows: enter their all-reduce with zeros
                 _zero_backward(model, data, device, autocast)
@@ -409,14 +350,6 @@ def held_out_eval(model, tokenizer, task, config: RLConfig) -> dict:
 
 # ----------------------------------------------------------------------------------------------- the loop
 
-def _gather_all(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _load_policy(config: RLConfig, device, base_dir: str):
     return ckpt.load_model_from_args(config, device, phase="train", base_dir=base_dir)
 
@@ -444,16 +377,11 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     start_time = time.perf_counter()
     info = init_distributed(config.device)
     rank, world_size, device = info.rank, info.world_size, info.device
-    master = rank == 0
     if config.prompts_per_step % world_size:
         raise UserError(f"--prompts-per-step {config.prompts_per_step}: expected a multiple of the number of "
                         f"processes ({world_size})")
     base_dir = config.base_dir or get_base_dir()
-    dtype = get_compute_dtype(device)
-
-    def autocast():
-        return autocast_context(device, dtype)
-
+    autocast = autocast_factory(device, get_compute_dtype(device))
     source = resolve_source(config, base_dir)
     model, tokenizer, source_meta = _load_policy(config, device, base_dir)
     ref_model = _load_reference(config, device, base_dir) if config.kl_coef > 0 else None
@@ -463,61 +391,36 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)
 
     # ---- resume: weights, optimizer, cursor, RNG and history from our own last checkpoint
-    resume_meta = None
-    if config.resume:
-        last = ckpt.find_last_step(ckpt_dir)
-        if last < 0:
-            print0(f"--resume: no checkpoint in {ckpt_dir} yet; starting from {source['dir']}")
-        else:
-            model_state, _, resume_meta = ckpt.load_checkpoint(ckpt_dir, last, device=device)
-            if resume_meta.get("model_config") != model.config.to_dict():
-                raise UserError(f"--resume: {ckpt_dir} step {last} holds a different model than {source['dir']}")
-            if len(resume_meta.get("rng", [])) != world_size:
-                raise UserError(f"--resume: checkpoint was written by {len(resume_meta.get('rng', []))} ranks but "
-                                f"this run has {world_size}; resume with the same number of processes")
-            model.load_state_dict(model_state)
-    optimizer = model.setup_optimizer(
-        matrix_lr=config.matrix_lr * config.lr_scale, embedding_lr=config.embedding_lr * config.lr_scale,
-        lm_head_lr=config.lm_head_lr * config.lr_scale, scalar_lr=config.scalar_lr * config.lr_scale,
-        weight_decay=config.weight_decay)
+    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "rng", str(source["dir"])) \
+        if config.resume else None
+    optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale))
     if resume_meta is not None:
-        _, optim_state, _ = ckpt.load_checkpoint(ckpt_dir, resume_meta["step"], device=device, load_optimizer=True)
-        optimizer.load_state_dict(optim_state)
+        load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
         ckpt.set_rng_state(resume_meta["rng"][rank])
-    start_step = 0 if resume_meta is None else resume_meta["step"]
-    if start_step > config.num_steps:
-        raise UserError(f"--resume: checkpoint is at step {start_step}, past --num-steps {config.num_steps}")
+    progress = RunProgress(resume_meta, config.num_steps, config.stop_at_step, "--num-steps", start_time)
     stream = PromptStream(train_task, config.seed, 0 if resume_meta is None else resume_meta["cursor"])
     history = resume_meta["history"] if resume_meta is not None else \
         {"reward": [], "train_accuracy": [], "accuracy": [], "evals": []}
     records = [] if resume_meta is None else resume_meta.get("records", [])
-    elapsed_before = 0.0 if resume_meta is None else resume_meta.get("train_seconds", 0.0)
     engine = Engine(model, tokenizer)
 
-    log = _RunLog(os.path.join(base_dir, "logs", f"{LOG_NAME}_{tag}.jsonl") if master else None, config,
-                  start_step if resume_meta is not None else None)
+    log = RunLog.for_run(base_dir, f"{LOG_NAME}_{tag}", config, progress.resumed_at)
     G, P = config.num_samples, config.prompts_per_step
     print0(f"rl: {len(train_task):,} train prompts ({getattr(train_task, 'name', config.task)}), "
            f"{config.num_steps} steps x {P} prompts x {G} samples ({world_size} ranks), {config.ppo_epochs} pass(es) "
            f"x {config.num_minibatches} minibatch(es), "
            f"loss {config.loss_type}, kl {config.kl_coef}{' (no reference model)' if ref_model is None else ''} | "
-           f"from {source['dir']} step {source['step']} -> {ckpt_dir}"
-           + (f" | resumed at step {start_step}" if resume_meta else ""))
+           f"from {source['dir']} step {source['step']} -> {ckpt_dir}{progress.resumed_note}")
 
     def save(step: int):
         meta = {
-            "model_config": model.config.to_dict(), "rl_config": config.to_dict(), "stage": STAGE,
+            "rl_config": config.to_dict(), "stage": STAGE,
             "tokenizer_dir": source_meta.get("tokenizer_dir"),
             "source": {"dir": source["dir"], "step": source["step"]}, "cursor": stream.cursor,
             "history": history, "records": records,
-            "train_seconds": elapsed_before + (time.perf_counter() - start_time),
-            "rng": _gather_all(ckpt.rng_state(), world_size),
+            "train_seconds": progress.seconds(),
         }
-        if master:  # unsharded optimizer: its state is identical on every rank
-            ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta=meta, rank=0,
-                                 keep_last=config.keep_last or None)
-        if world_size > 1:
-            dist.barrier()
+        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last)
 
     def evaluate(step: int):
         result = held_out_eval(model, tokenizer, eval_task, config)
@@ -526,20 +429,16 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
         print0(f"step {step:05d} | eval " + " | ".join(f"{k} {v:.4f}" for k, v in result.items() if v is not None))
         log.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
 
-    step = start_step
+    step = progress.start_step
     model.train()
     try:
         while True:
-            finished = step == config.num_steps
-            stopping = step == config.stop_at_step
-            fresh = resume_meta is None or step != start_step  # at the resumed step this was done already
-            if fresh and eval_task is not None and len(eval_task) and config.eval_every >= 0 and (
-                    step == 0 or finished or (config.eval_every > 0 and step % config.eval_every == 0)):
+            at = progress.at(step)
+            if eval_task is not None and len(eval_task) and at.evaluate_due(config.eval_every):
                 evaluate(step)
-            if fresh and step > 0 and (finished or stopping or (config.save_every > 0
-                                                                and step % config.save_every == 0)):
+            if at.save_due(config.save_every):
                 save(step)
-            if finished or stopping:
+            if at.last:
                 break
             record = rl_step(model, optimizer, engine, tokenizer, stream, reward, config, step, rank, world_size,
                              device, autocast, ref_model)
@@ -572,7 +471,7 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
         "step": step, "num_steps": config.num_steps, "finished": step == config.num_steps, "metrics": metrics,
         "series": {"reward": history["reward"], "accuracy": history["accuracy"],
                    "train_accuracy": history["train_accuracy"]},
-        "records": records, "evals": history["evals"], "seconds": elapsed_before + (time.perf_counter() - start_time),
+        "records": records, "evals": history["evals"], "seconds": progress.seconds(),
         "checkpoint_dir": ckpt_dir, "config": config.to_dict(), "source": source, "tag": tag,
         "world_size": world_size, "reference_loaded": ref_model is not None,
     }
@@ -596,8 +495,7 @@ def rl_step(model, optimizer, engine, tokenizer, stream: PromptStream, reward, c
     else:
         rows = list(range(len(rollout.generations)))
     t1 = time.perf_counter()
-    lr_mult = lr_multiplier(step, config.num_steps, config.warmup_ratio, 1.0 - config.warmup_ratio,
-                            config.final_lr_frac)
+    lr_mult = config.lr_multiplier(step, config.num_steps)
     result = optimize_rollout(model, optimizer, data, rollout.advantages, rows, config, step, lr_mult, rank,
                               world_size, device, autocast, ref_model)
     t_train = time.perf_counter() - t1
@@ -610,7 +508,7 @@ def rl_step(model, optimizer, engine, tokenizer, stream: PromptStream, reward, c
              float(rollout.zero_variance.sum()), float(rollout.zero_variance.numel()), float(lengths.sum()),
              float(sum(g.stop_reason != "stop" for g in gens)), float(len(rows)), float(rollout.skipped)]
     local += [result["stat_sums"][k] for k in _STAT_KEYS] + [result["stat_weight"][k] for k in _STAT_KEYS]
-    totals = _all_reduce(torch.tensor(local, dtype=torch.float64), world_size).tolist()
+    totals = all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
     n_rows, reward_sum = totals[0], totals[1]
     part_sums = dict(zip(names, totals[2:2 + len(names)]))
     zero_var, groups, length_sum, truncated, trained_rows, skipped = totals[2 + len(names):8 + len(names)]

@@ -16,7 +16,7 @@ position g goes to rank g mod world_size, so a rank's position is one integer an
 
 One optimizer step = `total_batch_size` rows (conversations or packed rows) from all ranks via gradient
 accumulation; the loss is the sum of token losses divided by the number of valid targets in the whole step
-(reasoning.pretrain.accumulate_gradients), so long and short conversations weigh by their tokens. LR: linear warmup,
+(reasoning.training.accumulate_gradients), so long and short conversations weigh by their tokens. LR: linear warmup,
 then linear decay to `final_lr_frac` (nanochat SFT decays to 0). Muon for matrices, AdamW for the rest
 (`model.setup_optimizer`), every lr multiplied by `lr_scale`.
 
@@ -27,7 +27,6 @@ position and RNG, and the metric history, so `resume=True` continues bitwise-ide
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -35,85 +34,52 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from reasoning import checkpoint as ckpt
-from reasoning.common import UserError, autocast_context, get_base_dir, get_compute_dtype, print0
-from reasoning.pretrain import NonFiniteLossError, _RunLog, accumulate_gradients, lr_multiplier
+from reasoning.common import UserError, get_base_dir, get_compute_dtype, get_rank, get_world_size, print0
+from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, accumulate_gradients,
+                                all_reduce_sum, autocast_factory, gather_objects, load_optimizer_state,
+                                load_resume_checkpoint, option, save_training_checkpoint)
 
 STAGE = "sft"
 
 
-def _opt(help_text: str, **extra):
-    return {"help": help_text, **extra}
-
-
 @dataclass
-class SFTConfig:
+class SFTConfig(FinetuneConfig):
+    """SFT settings; the optimizer, logging and checkpoint settings come from FinetuneConfig (reasoning.training)."""
     # data
-    task: str = field(default="synthetic", metadata=_opt(
+    task: str = field(default="synthetic", metadata=option(
         "training mixture: comma list of synthetic, GSM8K, MATH, SmolTalk, customjson:FILE (NAME*N oversamples, "
         "NAME@PATH gives a task its own data)"))
-    data_path: str | None = field(default=None, metadata=_opt(
-        "local data file/folder for the hub tasks (default $REASONING_DATA_DIR, else the HF hub)"))
-    task_size: int = field(default=-1, metadata=_opt(
+    task_size: int = field(default=-1, metadata=option(
         "examples per task in the mixture (-1: all; synthetic: 20000 generated)"))
-    synthetic_difficulty: str = field(default="easy", metadata=_opt("synthetic task preset: easy | medium | hard"))
-    synthetic_answer_only: float = field(default=0.0, metadata=_opt(
+    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset: easy | medium | hard"))
+    synthetic_answer_only: float = field(default=0.0, metadata=option(
         "fraction of synthetic training examples that state the answer without worked steps (tasks/synthetic.py)"))
-    val_examples: int = field(default=256, metadata=_opt("held-out conversations for the validation loss"))
-    pack: bool = field(default=False, metadata=_opt("pack conversations into full rows instead of padding"))
-    max_seq_len: int = field(default=1024, metadata=_opt("tokens per training row (longer conversations are cut)"))
+    val_examples: int = field(default=256, metadata=option("held-out conversations for the validation loss"))
+    pack: bool = field(default=False, metadata=option("pack conversations into full rows instead of padding"))
+    max_seq_len: int = field(default=1024, metadata=option("tokens per training row (longer conversations are cut)"))
     # length and batch
-    num_epochs: float = field(default=1.0, metadata=_opt("passes over the mixture when --num-iterations is -1"))
-    num_iterations: int = field(default=-1, metadata=_opt("optimizer steps (-1: from --num-epochs)"))
-    device_batch_size: int = field(default=8, metadata=_opt("rows per micro-batch per process"))
-    total_batch_size: int = field(default=-1, metadata=_opt(
+    num_epochs: float = field(default=1.0, metadata=option("passes over the mixture when --num-iterations is -1"))
+    num_iterations: int = field(default=-1, metadata=option("optimizer steps (-1: from --num-epochs)"))
+    device_batch_size: int = field(default=8, metadata=option("rows per micro-batch per process"))
+    total_batch_size: int = field(default=-1, metadata=option(
         "rows per optimizer step, all ranks (-1: device_batch_size x world size)"))
-    # optimizer
-    lr_scale: float = field(default=1.0, metadata=_opt("multiplier on every learning rate below"))
-    matrix_lr: float = field(default=0.02, metadata=_opt("Muon learning rate of the hidden matrices"))
-    embedding_lr: float = field(default=0.2, metadata=_opt("AdamW learning rate of the token embedding"))
-    lm_head_lr: float = field(default=0.004, metadata=_opt("AdamW learning rate of the output head"))
-    scalar_lr: float = field(default=0.5, metadata=_opt("AdamW learning rate of gains and biases"))
-    weight_decay: float = field(default=0.0, metadata=_opt("decoupled weight decay of the Muon matrices"))
-    warmup_ratio: float = field(default=0.0, metadata=_opt("fraction of steps of linear LR warmup"))
-    final_lr_frac: float = field(default=0.0, metadata=_opt("LR multiplier reached at the last step"))
-    grad_clip: float = field(default=1.0, metadata=_opt("clip the global gradient norm to this (0: off)"))
-    # evaluation and logging
-    eval_every: int = field(default=100, metadata=_opt(
+    # evaluation
+    eval_every: int = field(default=100, metadata=option(
         "val loss + generative eval every N steps (0: only at the start and end, <0: never)"))
-    eval_task: str = field(default="synthetic", metadata=_opt("generative eval task (test split)"))
-    eval_problems: int = field(default=64, metadata=_opt("problems in the generative eval"))
-    eval_max_tokens: int = field(default=256, metadata=_opt("new tokens per eval completion"))
-    eval_batch_size: int = field(default=32, metadata=_opt("problems per engine call in the eval"))
-    log_every: int = field(default=1, metadata=_opt("print a progress line every N steps"))
-    run: str | None = field(default=None, metadata=_opt("wandb run name (wandb is used only when given)"))
-    wandb_project: str = field(default="reasoning", metadata=_opt("wandb project"))
-    # checkpoints
-    out_tag: str | None = field(default=None, metadata=_opt("output checkpoint tag (default: the source's tag)"))
-    save_every: int = field(default=0, metadata=_opt("checkpoint every N steps (0: only at the end)"))
-    keep_last: int = field(default=2, metadata=_opt("keep this many newest checkpoints (0: all)"))
-    resume: bool = field(default=False, metadata=_opt("continue from the last checkpoint of --out-tag"))
-    stop_at_step: int = field(default=-1, metadata=_opt(
-        "checkpoint and stop after this step, keeping the schedule of the full run (time-sliced jobs)"))
-    seed: int = field(default=0, metadata=_opt("seed of the data order"))
-    base_dir: str | None = field(default=None, metadata=_opt("run folder (default $REASONING_BASE_DIR)"))
+    eval_task: str = field(default="synthetic", metadata=option("generative eval task (test split)"))
+    eval_problems: int = field(default=64, metadata=option("problems in the generative eval"))
+    eval_max_tokens: int = field(default=256, metadata=option("new tokens per eval completion"))
+    eval_batch_size: int = field(default=32, metadata=option("problems per engine call in the eval"))
+    seed: int = field(default=0, metadata=option("seed of the data order"))
 
     def validate(self) -> None:
         """Raise UserError naming the first bad setting (they come from command-line flags)."""
-        for name in ("max_seq_len", "device_batch_size", "log_every", "eval_problems", "eval_max_tokens",
-                     "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{_flag(name)} {getattr(self, name)}: expected a positive integer")
-        for name in ("lr_scale", "matrix_lr", "embedding_lr", "lm_head_lr", "scalar_lr", "weight_decay",
-                     "grad_clip", "num_epochs", "val_examples", "keep_last"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise UserError(f"--{_flag(name)} {value}: expected a finite number >= 0")
-        for name in ("warmup_ratio", "final_lr_frac"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"--{_flag(name)} {getattr(self, name)}: expected a number in [0, 1]")
+        super().validate()
+        self.require_positive("max_seq_len", "device_batch_size", "eval_problems", "eval_max_tokens",
+                              "eval_batch_size")
+        self.require_non_negative("num_epochs", "val_examples")
         if self.num_iterations < -1:
             raise UserError(f"--num-iterations {self.num_iterations}: expected >= 0 or -1")
         if self.num_iterations == -1 and self.num_epochs <= 0:
@@ -123,29 +89,9 @@ class SFTConfig:
         if self.task_size == 0 or self.task_size < -1:
             raise UserError(f"--task-size {self.task_size}: expected a positive number of examples or -1")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def add_sft_args(parser) -> None:
-    """One --flag per SFTConfig field (same name with dashes); defaults and help from the dataclass."""
-    for f in dataclasses.fields(SFTConfig):
-        flag = f"--{_flag(f.name)}"
-        kind = str(f.type)
-        if kind == "bool":
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-            continue
-        parse = int if kind.startswith("int") else float if kind.startswith("float") else str
-        default_text = "" if f.default is None else f" (default {f.default})"
-        parser.add_argument(flag, type=parse, default=f.default, help=f.metadata["help"] + default_text)
-
-
-def config_from_args(args) -> SFTConfig:
-    return SFTConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SFTConfig)})
+add_sft_args = SFTConfig.add_args  # one --flag per field (reasoning.training); scripts/chat_sft.py
+config_from_args = SFTConfig.from_args
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -277,8 +223,7 @@ def build_sft_tasks(config: SFTConfig):
 @torch.no_grad()
 def validation_loss(model, tokenizer, task, max_seq_len: int, batch_size: int, device, autocast) -> float:
     """Mean token loss over the assistant tokens of every conversation in `task` (rank r takes r, r+W, ...)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = get_rank(), get_world_size()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of targets)
     mine = list(range(rank, len(task), world))
     was_training = model.training
@@ -295,8 +240,7 @@ def validation_loss(model, tokenizer, task, max_seq_len: int, batch_size: int, d
             totals[1] += (targets >= 0).sum()
     finally:
         model.train(was_training)
-    if world > 1:
-        dist.all_reduce(totals)
+    all_reduce_sum(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
@@ -309,14 +253,6 @@ def generative_accuracy(model, tokenizer, task, config: SFTConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- the loop
-
-def _gather_all(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
 
 def _downsample(points: list, limit: int = 500) -> list:
     if len(points) <= limit:
@@ -333,39 +269,18 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     checkpoint dir, steps. Every rank must call it (collectives inside)."""
     config.validate()
     start_time = time.perf_counter()
-    master = rank == 0
     base_dir = config.base_dir or get_base_dir()
-    dtype = get_compute_dtype(device)
-
-    def autocast():
-        return autocast_context(device, dtype)
-
+    autocast = autocast_factory(device, get_compute_dtype(device))
     train_task, val_task, eval_task = tasks if tasks is not None else build_sft_tasks(config)
     tag = config.out_tag or source.get("tag") or f"d{model.config.n_layer}"
     ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)
 
     # ---- resume: weights, optimizer, stream positions, RNG and history from our own last checkpoint
-    resume_meta = None
-    if config.resume:
-        last = ckpt.find_last_step(ckpt_dir)
-        if last < 0:
-            print0(f"--resume: no checkpoint in {ckpt_dir} yet; starting from {source.get('dir')}")
-        else:
-            model_state, _, resume_meta = ckpt.load_checkpoint(ckpt_dir, last, device=device)
-            if resume_meta.get("model_config") != model.config.to_dict():
-                raise UserError(f"--resume: {ckpt_dir} step {last} holds a different model than {source.get('dir')}")
-            if len(resume_meta.get("positions", [])) != world_size:
-                raise UserError(f"--resume: checkpoint was written by {len(resume_meta.get('positions', []))} ranks "
-                                f"but this run has {world_size}; resume with the same number of processes")
-            model.load_state_dict(model_state)
-
-    optimizer = model.setup_optimizer(
-        matrix_lr=config.matrix_lr * config.lr_scale, embedding_lr=config.embedding_lr * config.lr_scale,
-        lm_head_lr=config.lm_head_lr * config.lr_scale, scalar_lr=config.scalar_lr * config.lr_scale,
-        weight_decay=config.weight_decay)
+    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "positions", str(source.get("dir"))) \
+        if config.resume else None
+    optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale))
     if resume_meta is not None:
-        _, optim_state, _ = ckpt.load_checkpoint(ckpt_dir, resume_meta["step"], device=device, load_optimizer=True)
-        optimizer.load_state_dict(optim_state)
+        load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
 
     # ---- batch geometry and length
     rows_per_micro = config.device_batch_size * world_size
@@ -384,36 +299,24 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
         if config.pack:  # estimated from a sample: packed rows hold a data-dependent number of conversations
             conversations_per_row = max(1.0, (config.max_seq_len + 1) / stream.mean_rendered_length())
         num_iterations = max(1, math.ceil(config.num_epochs * len(train_task) / (total_rows * conversations_per_row)))
-    start_step = 0 if resume_meta is None else resume_meta["step"]
-    if start_step > num_iterations:
-        raise UserError(f"--resume: checkpoint is at step {start_step}, past --num-iterations {num_iterations}")
+    progress = RunProgress(resume_meta, num_iterations, config.stop_at_step, "--num-iterations", start_time)
     history = {"train_loss": [], "val_loss": [], "accuracy": []} if resume_meta is None else resume_meta["history"]
-    elapsed_before = 0.0 if resume_meta is None else resume_meta.get("train_seconds", 0.0)
     if resume_meta is not None:
         ckpt.set_rng_state(resume_meta["rng"][rank])
 
-    log = _RunLog(os.path.join(base_dir, "logs", f"{STAGE}_{tag}.jsonl") if master else None, config,
-                  start_step if resume_meta is not None else None)
+    log = RunLog.for_run(base_dir, f"{STAGE}_{tag}", config, progress.resumed_at)
     print0(f"sft: {len(train_task):,} conversations ({config.task}), {num_iterations} steps of {total_rows} rows "
            f"({config.device_batch_size} rows x {world_size} ranks x {grad_accum} accumulation, "
            f"{'packed' if config.pack else 'padded'}, <= {config.max_seq_len} tokens) | from {source.get('dir')} "
-           f"step {source.get('step')} -> {ckpt_dir}" + (f" | resumed at step {start_step}" if resume_meta else ""))
+           f"step {source.get('step')} -> {ckpt_dir}{progress.resumed_note}")
 
     def save(step: int):
         meta = {
-            "model_config": model.config.to_dict(), "sft_config": config.to_dict(), "stage": STAGE,
-            "tokenizer_dir": source.get("tokenizer_dir"), "source": {"dir": source.get("dir"),
-                                                                     "step": source.get("step")},
-            "num_iterations": num_iterations, "history": history,
-            "train_seconds": elapsed_before + (time.perf_counter() - start_time),
-            "positions": _gather_all(stream.position, world_size),
-            "rng": _gather_all(ckpt.rng_state(), world_size),
+            "sft_config": config.to_dict(), "stage": STAGE, "tokenizer_dir": source.get("tokenizer_dir"),
+            "source": {"dir": source.get("dir"), "step": source.get("step")}, "num_iterations": num_iterations,
+            "history": history, "train_seconds": progress.seconds(), "positions": gather_objects(stream.position),
         }
-        if master:  # unsharded optimizer: its state is the same on every rank, rank 0's file serves all
-            ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta=meta, rank=0,
-                                 keep_last=config.keep_last or None)
-        if world_size > 1:
-            dist.barrier()
+        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last)
 
     def evaluate(step: int):
         record = {"step": step}
@@ -428,28 +331,22 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
             print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
             log.log(record)
 
-    step = start_step
+    step = progress.start_step
     losses: list[tuple[int, float]] = []
     model.train()
     try:
         while True:
-            finished = step == num_iterations
-            stopping = step == config.stop_at_step
-            fresh = resume_meta is None or step != start_step  # at the resumed step this was done already
-            if fresh and config.eval_every >= 0 and (
-                    step == 0 or finished or (config.eval_every > 0 and step % config.eval_every == 0)):
+            at = progress.at(step)
+            if at.evaluate_due(config.eval_every):
                 evaluate(step)
-            if fresh and step > 0 and (finished or stopping or (config.save_every > 0
-                                                                and step % config.save_every == 0)):
+            if at.save_due(config.save_every):
                 save(step)
-            if finished or stopping:
+            if at.last:
                 break
 
             t0 = time.perf_counter()
-            micro_batches = []
-            for _ in range(grad_accum):
-                inputs, targets = stream.next_batch(config.device_batch_size)
-                micro_batches.append((inputs.to(device), targets.to(device)))
+            micro_batches = [tuple(t.to(device) for t in stream.next_batch(config.device_batch_size))
+                             for _ in range(grad_accum)]
             valid = sum(int((t >= 0).sum()) for _, t in micro_batches)
             loss = accumulate_gradients(model, micro_batches, autocast)
             optimizer.reduce_gradients()  # average across ranks now (no-op alone) to measure and clip the norm
@@ -459,8 +356,7 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 raise NonFiniteLossError(f"step {step}: loss {loss_value}, gradient norm {norm_value}: SFT diverged; "
                                          f"stopped before the update. Try a lower --lr-scale.")
-            lr_mult = lr_multiplier(step, num_iterations, config.warmup_ratio, 1.0 - config.warmup_ratio,
-                                    config.final_lr_frac)
+            lr_mult = config.lr_multiplier(step, num_iterations)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_mult
             optimizer.step()
@@ -494,7 +390,7 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     return {
         "step": step, "num_iterations": num_iterations, "finished": step == num_iterations, "metrics": metrics,
         "series": {name: _downsample(points) for name, points in history.items()}, "losses": losses,
-        "seconds": elapsed_before + (time.perf_counter() - start_time), "checkpoint_dir": ckpt_dir,
+        "seconds": progress.seconds(), "checkpoint_dir": ckpt_dir,
         "config": config.to_dict(), "tag": tag, "world_size": world_size,
     }
 

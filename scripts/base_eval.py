@@ -8,22 +8,18 @@ CORE (DCLM-style in-context tasks, reasoning.core_eval) runs only when the bundl
 (`--eval-bundle PATH`, default <base>/eval_bundle); nothing is downloaded. Logs the report section "base_eval".
 """
 
-import argparse
 import os
-import sys
 import time
 
 from reasoning.checkpoint import add_model_args, load_model_from_args
 from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_distributed, print0, run_main
 from reasoning.pretrain import DEFAULT_SAMPLE_PROMPTS, evaluate_val_bpb, sample_completions
 from reasoning.report import log_stage
+from reasoning.training import add_run_args, parse_script_args, print_result, script_parser
 
 
 def main(argv: list[str] | None = None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--"]:  # torchrun passes its separator through
-        argv = argv[1:]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_args(parser, default_stage="base")
     parser.add_argument("--data-dir", default=None, help="parquet shards (default $REASONING_DATA_DIR or "
                                                          "<base>/base_data); the last shard is validation")
@@ -34,9 +30,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--eval-bundle", default=None, help="CORE eval bundle dir (default <base>/eval_bundle)")
     parser.add_argument("--core-max-per-task", type=int, default=-1,
                         help="evaluate at most this many examples per CORE task (-1: all)")
-    parser.add_argument("--base-dir", default=None, help="run folder (default $REASONING_BASE_DIR)")
-    parser.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
-    args = parser.parse_args(argv)
+    add_run_args(parser)
+    args = parse_script_args(parser, argv)
     for name in ("device_batch_size", "eval_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
@@ -80,8 +75,7 @@ def main(argv: list[str] | None = None):
     if info.rank == 0:
         log_stage("base_eval", config=vars(args) | {"checkpoint_step": meta["step"]}, metrics=metrics,
                   seconds=time.perf_counter() - start, tables=tables, base_dir=base_dir)
-        core_text = f" core={metrics['core']:.4f}" if "core" in metrics else ""
-        print(f"RESULT val_bpb={bpb:.4f}{core_text} step={meta['step']}", flush=True)
+        print_result({"val_bpb": bpb, **({"core": metrics["core"]} if "core" in metrics else {}), "step": meta["step"]})
 
 
 if __name__ == "__main__":

@@ -13,24 +13,20 @@ with the same settings (--fresh starts over). The report gets a section chat_eva
 math500_<stage>, gsm8k_<stage>, ... with accuracy by level. Last line: RESULT task=... accuracy=... pass@k=... maj@k=...
 """
 
-import argparse
 import os
 import shutil
-import sys
 
 from reasoning.checkpoint import add_model_args, load_model_from_args
 from reasoning.common import UserError, get_base_dir, init_distributed, is_master, print0, run_main
 from reasoning.evaluation import (PROMPT_MODES, EvalSettings, evaluate_task, format_table, grader_description,
                                   resolve_source, section_name, template_text)
 from reasoning.report import log_stage
+from reasoning.training import add_run_args, parse_script_args, print_result, script_parser
 from tasks.registry import build_task, task_label
 
 
 def main(argv: list[str] | None = None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--"]:  # torchrun passes the separator through
-        argv = argv[1:]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_args(parser, default_stage="sft")
     parser.add_argument("-a", "--task", default="synthetic",
                         help="synthetic | GSM8K | MATH-500 | MATH | customjson:FILE (comma list: one after another)")
@@ -50,9 +46,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--out-dir", default=None, help="results folder (default <base>/eval/<task>_<stage>)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier predictions instead of resuming")
     parser.add_argument("--no-report", action="store_true", help="do not write a report section")
-    parser.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
-    parser.add_argument("--base-dir", default=None, help="run folder (default $REASONING_BASE_DIR)")
-    args = parser.parse_args(argv)
+    add_run_args(parser)
+    args = parse_script_args(parser, argv)
     if args.num_samples < 1 or args.batch_size < 1 or args.max_tokens < 1:
         raise UserError("--num-samples, --batch-size and --max-tokens: expected positive integers")
     if args.max_problems == 0 or args.max_problems < -1:
@@ -114,19 +109,19 @@ def main(argv: list[str] | None = None):
             metrics.update({key: value for key, value in summary.items()
                             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in metrics})
             tables = {"accuracy by level": summary["by_level"], "accuracy by subject": summary["by_subject"]}
-            log_stage(section_name(name, stage, settings.num_samples), config={"protocol": summary["protocol"], "out_dir": out_dir},
+            log_stage(section_name(name, stage, settings.num_samples),
+                      config={"protocol": summary["protocol"], "out_dir": out_dir},
                       metrics=metrics, seconds=summary["seconds"], tables={k: v for k, v in tables.items() if v},
                       base_dir=base_dir)
         results.append((label, summary))
 
-    if is_master():
-        k = settings.num_samples
+    k = settings.num_samples
 
-        def joined(key):
-            return ",".join(f"{s[key]:.4f}" for _, s in results)
+    def joined(key):  # one value per task, in task order
+        return ",".join(f"{s[key]:.4f}" for _, s in results)
 
-        print(f"RESULT task={','.join(label for label, _ in results)} accuracy={joined('accuracy')} "
-              f"pass@k={joined(f'pass@{k}')} maj@k={joined(f'maj@{k}')} k={k}", flush=True)
+    print_result({"task": ",".join(label for label, _ in results), "accuracy": joined("accuracy"),
+                  "pass@k": joined(f"pass@{k}"), "maj@k": joined(f"maj@{k}"), "k": k})
 
 
 if __name__ == "__main__":

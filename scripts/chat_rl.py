@@ -15,44 +15,26 @@ Metrics go to <base>/logs/chat_rl_<tag>.jsonl (and wandb with --run NAME); on su
 section (initial/final held-out accuracy, mean reward, reward and accuracy curves). Exit code 3 on divergence.
 """
 
-import argparse
-import sys
-
 from reasoning.checkpoint import add_model_args
-from reasoning.common import die, is_master, run_main, seed_everything
-from reasoning.pretrain import NonFiniteLossError
-from reasoning.report import log_stage
+from reasoning.common import run_main, seed_everything
 from reasoning.rl import add_rl_args, config_from_args, train_rl
+from reasoning.training import finish_training_script, parse_script_args, run_trainer, script_parser
 
 
 def main(argv: list[str] | None = None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--"]:  # torchrun passes the separator through
-        argv = argv[1:]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_args(parser, default_stage="sft")
     add_rl_args(parser)
-    config = config_from_args(parser.parse_args(argv))
+    config = config_from_args(parse_script_args(parser, argv))
     config.validate()
     seed_everything(config.seed)
-    try:
-        summary = train_rl(config)
-    except NonFiniteLossError as e:
-        die(str(e), code=3)
+    summary = run_trainer(train_rl, config)
     m = summary["metrics"]
-    if is_master() and summary["finished"]:
-        log_stage("chat_rl", config=summary["config"] | {"source": summary["source"],
-                                                         "world_size": summary["world_size"]},
-                  metrics=m, series={k: v for k, v in summary["series"].items() if v}, seconds=summary["seconds"],
-                  base_dir=config.base_dir)
-
-    def fmt(value):
-        return "nan" if value is None else f"{value:.4f}"
-
-    status = "" if summary["finished"] else f" stopped_at={summary['step']}"
-    if is_master():
-        print(f"RESULT initial_accuracy={fmt(m['initial_accuracy'])} accuracy={fmt(m['accuracy'])} "
-              f"mean_reward={fmt(m['mean_reward'])} steps={summary['step']}{status}", flush=True)
+    finish_training_script(
+        "chat_rl", summary,
+        {k: m[k] for k in ("initial_accuracy", "accuracy", "mean_reward")} | {"steps": summary["step"]},
+        config=summary["config"] | {"source": summary["source"], "world_size": summary["world_size"]},
+        metrics=m, base_dir=config.base_dir)
 
 
 if __name__ == "__main__":

@@ -14,26 +14,19 @@ Metrics go to <base>/logs/sft_<tag>.jsonl (and wandb with --run NAME); on succes
 section (train/val loss, accuracy on the held-out eval slice, loss curves). Exit code 3 when the loss diverges.
 """
 
-import argparse
-import sys
-
 from reasoning.checkpoint import add_model_args, load_model_from_args
-from reasoning.common import die, init_distributed, is_master, run_main, seed_everything
+from reasoning.common import init_distributed, run_main, seed_everything
 from reasoning.evaluation import resolve_source
-from reasoning.pretrain import NonFiniteLossError
-from reasoning.report import log_stage
 from reasoning.sft import add_sft_args, config_from_args, train_sft
+from reasoning.training import add_run_args, finish_training_script, parse_script_args, run_trainer, script_parser
 
 
 def main(argv: list[str] | None = None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--"]:  # torchrun passes the separator through
-        argv = argv[1:]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     add_model_args(parser, default_stage="base")
     add_sft_args(parser)
-    parser.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
-    args = parser.parse_args(argv)
+    add_run_args(parser, base_dir=False)  # --base-dir is an SFTConfig field
+    args = parse_script_args(parser, argv)
     config = config_from_args(args)
     config.validate()
 
@@ -42,24 +35,13 @@ def main(argv: list[str] | None = None):
     source = resolve_source(args, config.base_dir)
     model, tokenizer, meta = load_model_from_args(args, info.device, phase="train", base_dir=config.base_dir)
     source["tokenizer_dir"] = meta.get("tokenizer_dir")
-    try:
-        summary = train_sft(config, model, tokenizer, source, info.device, info.rank, info.world_size)
-    except NonFiniteLossError as e:
-        die(str(e), code=3)
+    summary = run_trainer(train_sft, config, model, tokenizer, source, info.device, info.rank, info.world_size)
     m = summary["metrics"]
-    if is_master() and summary["finished"]:
-        log_stage("chat_sft", config=summary["config"] | {"source": {k: source[k] for k in ("dir", "step")},
-                                                          "world_size": summary["world_size"]},
-                  metrics=m, series={k: v for k, v in summary["series"].items() if v}, seconds=summary["seconds"],
-                  base_dir=config.base_dir)
-
-    def fmt(value):
-        return "nan" if value is None else f"{value:.4f}"
-
-    status = "" if summary["finished"] else f" stopped_at={summary['step']}"
-    if is_master():
-        print(f"RESULT train_loss={fmt(m['train_loss'])} val_loss={fmt(m['val_loss'])} "
-              f"accuracy={fmt(m['accuracy'])} steps={summary['step']}{status}", flush=True)
+    finish_training_script(
+        "chat_sft", summary, {k: m[k] for k in ("train_loss", "val_loss", "accuracy")} | {"steps": summary["step"]},
+        config=summary["config"] | {"source": {k: source[k] for k in ("dir", "step")},
+                                    "world_size": summary["world_size"]},
+        metrics=m, base_dir=config.base_dir)
 
 
 if __name__ == "__main__":

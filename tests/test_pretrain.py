@@ -9,8 +9,8 @@ import torch
 from reasoning import checkpoint as ckpt
 from reasoning.common import UserError, run_main
 from reasoning.gpt import GPT, config_from_depth
-from reasoning.pretrain import (NonFiniteLossError, TrainConfig, accumulate_gradients, add_train_args,
-                                config_from_args, lr_multiplier, muon_momentum, train)
+from reasoning.pretrain import TrainConfig, add_train_args, config_from_args, muon_momentum, train
+from reasoning.training import NonFiniteLossError, StepBoundary, accumulate_gradients, lr_multiplier
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -258,6 +258,48 @@ def test_cli_flags_map_to_config():
                                                  "--total-batch-size", "4096", "--head-dim", "16"]))
     assert (config.depth, config.compile, config.run, config.matrix_lr) == (3, True, "x", 0.01)
     assert (config.total_batch_size, config.head_dim, config.fp8, config.tag) == (4096, 16, False, None)
+
+
+def test_every_trainer_cli_round_trips_its_config():
+    """The shared dataclass -> argparse plumbing (reasoning.training): no flags give the dataclass defaults, every
+    field with a flag has exactly one, shared fields included; RL booleans also take --no-X."""
+    import argparse
+
+    from reasoning.checkpoint import add_model_args
+    from reasoning.rl import RLConfig, add_rl_args
+    from reasoning.rl import config_from_args as rl_from_args
+    from reasoning.sft import SFTConfig, add_sft_args
+    from reasoning.sft import config_from_args as sft_from_args
+
+    for cls, add, parse, source_stage in [(TrainConfig, add_train_args, config_from_args, None),
+                                          (SFTConfig, add_sft_args, sft_from_args, "base"),
+                                          (RLConfig, add_rl_args, rl_from_args, "sft")]:
+        parser = argparse.ArgumentParser()
+        if source_stage:  # as the scripts do: the model-source flags come from reasoning.checkpoint
+            add_model_args(parser, source_stage)
+        add(parser)
+        assert parse(parser.parse_args([])).to_dict() == cls().to_dict(), cls.__name__
+        flags = {a.dest for a in parser._actions}
+        with_flag = {f for f in cls().to_dict() if f not in ("sample_prompts", "stage", "tag", "step", "init_from")}
+        assert with_flag <= flags and {"matrix_lr", "grad_clip", "keep_last", "base_dir"} <= flags, cls.__name__
+    parser = argparse.ArgumentParser()
+    add_model_args(parser, "sft")
+    add_rl_args(parser)
+    rl = rl_from_args(parser.parse_args(["--no-std-normalize", "--resume", "--tag", "t", "--lr-scale", "0.1"]))
+    assert (rl.std_normalize, rl.resume, rl.tag, rl.lr_scale, RLConfig().lr_scale) == (False, True, "t", 0.1, 0.05)
+    assert TrainConfig().to_dict()["sample_prompts"] == list(TrainConfig().sample_prompts)  # JSON-ready
+
+
+def test_step_boundary_schedules_evals_and_saves():
+    def steps(every, kind, num_steps=10, stop_at=-1, resumed_at=None, first=0):
+        return [s for s in range(first, num_steps + 1)
+                if getattr(StepBoundary(s, num_steps, stop_at, resumed_at), kind)(every)]
+
+    assert steps(4, "evaluate_due") == [0, 4, 8, 10] and steps(0, "evaluate_due") == [0, 10]
+    assert steps(-1, "evaluate_due") == [] and steps(4, "save_due") == [4, 8, 10] and steps(0, "save_due") == [10]
+    assert steps(4, "save_due", stop_at=6) == [4, 6, 8, 10]                    # a time slice ends with a save
+    assert steps(4, "evaluate_due", resumed_at=4, first=4) == [8, 10]          # done before the checkpoint
+    assert StepBoundary(6, 10, stop_at_step=6).last and not StepBoundary(6, 10).last
 
 
 def test_bad_settings_are_user_errors(tiny_corpus, tmp_path):

@@ -28,6 +28,8 @@ from reasoning.sft import conversation_targets, pad_rows
 from reasoning.tokenizer import train_tokenizer
 from tasks.common import Task
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on a shared box, threads only contend
+
 
 class Addition(Task):
     """a + b, digits 0..max_digit; the reference answer is boxed in half of the examples (seeded per example)."""
@@ -54,14 +56,6 @@ class Addition(Task):
     def evaluate(self, example, completion):
         from reasoning.verifiers import extract_answer
         return extract_answer(completion) == example["answer"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared box: threads only add contention
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,7 @@ from tasks.common import Task
 from tasks.synthetic import SyntheticReasoning
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny matmuls gain nothing from intra-op threads on a shared, oversubscribed 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls gain nothing from intra-op threads
 
 
 @pytest.fixture(scope="module")
