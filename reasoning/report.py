@@ -129,6 +129,16 @@ def environment_info() -> dict:
     return info
 
 
+def _ema(values: list[float], span: int) -> list[float]:
+    """Exponential moving average with bias correction (the first points are not pulled towards 0)."""
+    alpha, mean, weight, out = 2.0 / (span + 1), 0.0, 0.0, []
+    for v in values:
+        mean = (1 - alpha) * mean + alpha * float(v)
+        weight = (1 - alpha) * weight + alpha
+        out.append(mean / weight)
+    return out
+
+
 def _plot_series(sections: dict, out_dir: str) -> list[tuple[str, str]]:
     """One PNG per stage that recorded curves; returns (title, filename) pairs."""
     try:
@@ -149,7 +159,12 @@ def _plot_series(sections: dict, out_dir: str) -> list[tuple[str, str]]:
         for ax, (curve, points) in zip(axes[0], curves.items()):
             xs = [p[0] for p in points if isinstance(p, (list, tuple)) and len(p) == 2]
             ys = [p[1] for p in points if isinstance(p, (list, tuple)) and len(p) == 2]
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+            if len(xs) < 30:
+                ax.plot(xs, ys, marker="o", markersize=3)
+            else:  # per-step curves (RL reward, training loss) are noisy: faint raw points, bold running mean
+                ax.plot(xs, ys, alpha=0.3, linewidth=0.8, label="per step")
+                ax.plot(xs, _ema(ys, span=max(5, len(ys) // 20)), linewidth=1.8, label="EMA")
+                ax.legend(fontsize=7)
             ax.set_title(curve, fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from reasoning import report
 
 
@@ -48,3 +50,11 @@ def test_rerun_replaces_section_and_bad_values_stay_json(tmp_path):
     with open(os.path.join(base, "report", ".tmp_xyzchat_rl.json"), "w") as f:
         json.dump({"name": "chat_rl", "metrics": {"accuracy": 0.5}}, f)
     assert list(report.load_sections(base)) == ["chat_sft"]
+
+
+def test_ema_is_bias_corrected_and_tracks_a_step():
+    from reasoning.report import _ema
+
+    assert _ema([3.0, 3.0, 3.0], span=9) == pytest.approx([3.0, 3.0, 3.0])  # a constant stays put from the start
+    smooth = _ema([0.0] * 50 + [1.0] * 50, span=5)
+    assert smooth[49] == pytest.approx(0.0) and 0.3 < smooth[50] < 0.4 and smooth[-1] == pytest.approx(1.0, abs=1e-6)
