@@ -43,9 +43,20 @@ def get_device(override: str | None = None) -> torch.device:
     """cuda > mps > cpu, unless `override` or $REASONING_DEVICE says otherwise."""
     choice = override or os.environ.get("REASONING_DEVICE") or ""
     if choice:
-        if choice.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(choice)
+        except RuntimeError:
+            raise UserError(f"device {choice!r}: expected cpu, cuda, cuda:N or mps") from None
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise UserError(f"device {choice!r}: expected cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device {choice!r} requested but CUDA is not available (use --device cpu)")
-        return torch.device(choice)
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {choice!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        mps = getattr(torch.backends, "mps", None)
+        if device.type == "mps" and not (mps is not None and mps.is_available()):
+            raise UserError(f"device {choice!r} requested but MPS is not available (use --device cpu)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

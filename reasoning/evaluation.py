@@ -67,6 +67,9 @@ class EvalSettings:
             raise ValueError(f"batch_size={self.batch_size}, max_tokens={self.max_tokens}: expected both >= 1")
         if self.prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode={self.prompt_mode!r}: expected one of {PROMPT_MODES}")
+        from reasoning.engine import check_sampling_args  # before any file is touched, not at the first generate
+
+        check_sampling_args(self.temperature, self.top_k, None, None)
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -280,6 +283,19 @@ def _write_lines_atomic(path: str, records: list[dict]) -> None:
     atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records), mode="w")
 
 
+def _set_aside(pred_path: str, protocol_path: str | None) -> str:
+    """Rename predictions.jsonl (and its protocol.json) to the first free predictions.old<N>.jsonl; returns it."""
+    stem, ext = os.path.splitext(pred_path)
+    n = 1
+    while os.path.exists(f"{stem}.old{n}{ext}"):
+        n += 1
+    os.replace(pred_path, f"{stem}.old{n}{ext}")
+    if protocol_path is not None:
+        pstem, pext = os.path.splitext(protocol_path)
+        os.replace(protocol_path, f"{pstem}.old{n}{pext}")
+    return f"{stem}.old{n}{ext}"
+
+
 def _complete_problems(records: list[dict], num_samples: int, allowed: set[int]) -> list[dict]:
     """Records of the problems in `allowed` that have every sample 0..num_samples-1 exactly once."""
     by_problem: dict[int, dict[int, dict]] = defaultdict(dict)
@@ -346,8 +362,11 @@ def evaluate_task(model, tokenizer, task, settings: EvalSettings, max_problems: 
                     previous = None
         if previous == json.loads(json.dumps(protocol)):
             done_records = _complete_problems(_read_predictions(pred_path), k, set(range(total)))
-        elif os.path.exists(pred_path) and log is not None:
-            log(f"{pred_path}: made under other settings; starting over")
+        elif os.path.exists(pred_path) and os.path.getsize(pred_path) > 0:
+            # other settings: start over, but keep the old predictions (and their protocol) beside the new ones
+            kept = _set_aside(pred_path, protocol_path if previous is not None else None)
+            if log is not None:
+                log(f"{pred_path}: made under other settings; kept as {kept}, starting over")
         _write_lines_atomic(pred_path, done_records)  # the clean prefix new rounds append to
         atomic_write_json(protocol_path, protocol, indent=1)
     done = _broadcast(sorted({r["index"] for r in done_records}), world_size)

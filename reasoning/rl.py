@@ -54,6 +54,7 @@ from reasoning.rollout import PromptStream, TrainingRows, collect_rollout, train
 from reasoning.training import (DEVICE_HELP, FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, all_reduce_sum,
                                 autocast_factory, load_optimizer_state, load_resume_checkpoint, option,
                                 save_training_checkpoint)
+from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "rl"
 LOG_NAME = "chat_rl"
@@ -71,7 +72,8 @@ class RLConfig(FinetuneConfig):
     task: str = field(default="synthetic", metadata=option(
         "prompt source: synthetic | GSM8K | MATH (comma list mixes them; NAME@PATH gives a task its own data)"))
     task_size: int = field(default=-1, metadata=option("train prompts per task (-1: all; synthetic: 20000)"))
-    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset (tasks.synthetic)"))
+    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset (tasks.synthetic)",
+                                                                      choices=tuple(_SYNTHETIC_DIFFICULTY)))
     # rollouts
     num_steps: int = field(default=100, metadata=option("RL steps (one rollout batch each)"))
     prompts_per_step: int = field(default=16, metadata=option("prompts per step, all ranks together"))

@@ -40,6 +40,7 @@ from reasoning.common import UserError, get_base_dir, get_compute_dtype, get_ran
 from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, accumulate_gradients,
                                 all_reduce_sum, autocast_factory, gather_objects, load_optimizer_state,
                                 load_resume_checkpoint, option, save_training_checkpoint)
+from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "sft"
 
@@ -53,7 +54,8 @@ class SFTConfig(FinetuneConfig):
         "NAME@PATH gives a task its own data)"))
     task_size: int = field(default=-1, metadata=option(
         "examples per task in the mixture (-1: all; synthetic: 20000 generated)"))
-    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset: easy | medium | hard"))
+    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset",
+                                                                      choices=tuple(_SYNTHETIC_DIFFICULTY)))
     synthetic_answer_only: float = field(default=0.0, metadata=option(
         "fraction of synthetic training examples that state the answer without worked steps (tasks/synthetic.py)"))
     val_examples: int = field(default=256, metadata=option("held-out conversations for the validation loss"))
@@ -80,6 +82,7 @@ class SFTConfig(FinetuneConfig):
         self.require_positive("max_seq_len", "device_batch_size", "eval_problems", "eval_max_tokens",
                               "eval_batch_size")
         self.require_non_negative("num_epochs", "val_examples")
+        self.require_fraction("synthetic_answer_only")
         if self.num_iterations < -1:
             raise UserError(f"--num-iterations {self.num_iterations}: expected >= 0 or -1")
         if self.num_iterations == -1 and self.num_epochs <= 0:
@@ -172,6 +175,12 @@ class ConversationStream:
             pad = width - len(ids)
             packed.append(conversation_targets(ids + [self.pad_id] * pad, mask + [0] * pad))
         return pad_rows(packed, self.pad_id, self.max_seq_len)
+
+    def trainable_fraction(self, sample: int = 64) -> float:
+        """Share of (the first `sample`) conversations that keep a supervised token after the cut at max_seq_len."""
+        count = min(sample, len(self.task))
+        kept = sum(any(t >= 0 for t in conversation_targets(*self.render(k))[1]) for k in range(count))
+        return kept / max(count, 1)
 
     def mean_rendered_length(self, sample: int = 256) -> float:
         lengths = [len(self.render(k)[0]) for k in range(min(sample, len(self.task)))]
@@ -292,6 +301,10 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     position = 0 if resume_meta is None else resume_meta["positions"][rank]
     stream = ConversationStream(train_task, tokenizer, config.max_seq_len, rank, world_size, config.seed,
                                 config.pack, position)
+    if stream.trainable_fraction() == 0:  # every reply cut off: not one token to learn from
+        full = [len(tokenizer.render_conversation(train_task[k])[0]) for k in range(min(64, len(train_task)))]
+        raise UserError(f"--max-seq-len {config.max_seq_len}: the conversations are cut before any assistant token "
+                        f"(uncut they are {min(full)}-{max(full)} tokens); expected a longer one")
     if config.num_iterations >= 0:
         num_iterations = config.num_iterations
     else:

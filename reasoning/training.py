@@ -45,7 +45,8 @@ class NonFiniteLossError(RuntimeError):
 # -------------------------------------------------------------------------------------------- configs
 
 def option(help_text: str, **extra) -> dict:
-    """Field metadata: the --flag help text (and cli=False for a field that has no flag of its own)."""
+    """Field metadata: the --flag help text (cli=False for a field that has no flag of its own; choices=(...) for
+    a field with a fixed set of values, checked by argparse and by `validate`)."""
     return {"help": help_text, **extra}
 
 
@@ -79,6 +80,11 @@ class TrainerConfig:
         self.require_non_negative("matrix_lr", "embedding_lr", "lm_head_lr", "scalar_lr", "weight_decay",
                                   "grad_clip", "keep_last")
         self.require_fraction("warmup_ratio", "final_lr_frac")
+        for f in dataclasses.fields(self):  # fields declared with option(..., choices=...)
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise UserError(f"--{flag_name(f.name)} {getattr(self, f.name)!r}: expected one of "
+                                f"{', '.join(map(str, choices))}")
 
     def _require(self, names, ok: Callable, expected: str) -> None:
         for name in names:
@@ -128,7 +134,8 @@ class TrainerConfig:
                 continue
             parse = int if kind.startswith("int") else float if kind.startswith("float") else str
             default_text = "" if f.default is None else f" (default {f.default})"
-            parser.add_argument(flag, type=parse, default=f.default, help=f.metadata["help"] + default_text)
+            parser.add_argument(flag, type=parse, default=f.default, choices=f.metadata.get("choices"),
+                                help=f.metadata["help"] + default_text)
 
     @classmethod
     def from_args(cls, args):

@@ -23,6 +23,7 @@ from reasoning.evaluation import (PROMPT_MODES, EvalSettings, evaluate_task, for
 from reasoning.report import log_stage
 from reasoning.training import add_run_args, parse_script_args, print_result, script_parser
 from tasks.registry import build_task, task_label
+from tasks.synthetic import DIFFICULTY as SYNTHETIC_DIFFICULTY
 
 
 def main(argv: list[str] | None = None):
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--batch-size", type=int, default=32, help="problems per engine call per rank")
     parser.add_argument("--prompt-mode", choices=PROMPT_MODES, default=None,
                         help="chat template or a plain completion prompt (default: base for base checkpoints)")
-    parser.add_argument("--synthetic-difficulty", default="easy", help="synthetic task preset: easy | medium | hard")
+    parser.add_argument("--synthetic-difficulty", default="easy", choices=tuple(SYNTHETIC_DIFFICULTY),
+                        help="synthetic task preset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=None, help="results folder (default <base>/eval/<task>_<stage>)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier predictions instead of resuming")

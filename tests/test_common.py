@@ -136,10 +136,12 @@ def test_written_files_get_umask_permissions_not_private_temp_ones(tmp_path):
 
 
 def test_get_device_override_beats_env_and_env_beats_autodetect(monkeypatch):
-    monkeypatch.setenv("REASONING_DEVICE", "meta")
-    assert get_device() == torch.device("meta")
+    monkeypatch.setenv("REASONING_DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # autodetect would say cuda; the env wins
+    assert get_device() == torch.device("cpu")
+    monkeypatch.setenv("REASONING_DEVICE", "cuda")
     assert get_device("cpu") == torch.device("cpu")
-    monkeypatch.delenv("REASONING_DEVICE")
+    monkeypatch.undo()  # the real cuda check, and no REASONING_DEVICE
     assert get_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         assert get_device() == torch.device("cpu")
@@ -153,6 +155,12 @@ def test_get_device_cuda_without_cuda_is_a_user_error(monkeypatch):
     monkeypatch.setenv("REASONING_DEVICE", "cuda:1")
     with pytest.raises(UserError, match="cuda:1"):
         get_device()
+
+
+@pytest.mark.parametrize("name", ["gpu", "foo", "meta", "cuda:x"])
+def test_get_device_rejects_unknown_devices_in_one_line(name):
+    with pytest.raises(UserError, match=f"device '{name}': expected cpu, cuda, cuda:N or mps"):
+        get_device(name)
 
 
 @pytest.mark.parametrize("value, dtype", [("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16),

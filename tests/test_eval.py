@@ -151,6 +151,18 @@ def test_resume_after_a_kill_gives_the_same_predictions(model_and_tokenizer, tmp
     assert read_lines(tmp_path / "full" / "predictions.jsonl") == reference
 
 
+def test_bad_sampling_settings_fail_before_touching_earlier_results(model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    task = SyntheticReasoning("test", size=5, seed=0)
+    evaluate_task(model, tokenizer, task, EvalSettings(max_tokens=4), out_dir=str(tmp_path))
+    before = {name: (tmp_path / name).read_text() for name in ("predictions.jsonl", "protocol.json")}
+    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(temperature=float("nan"))):
+        with pytest.raises(ValueError, match="temperature|top_k"):
+            evaluate_task(model, tokenizer, task, EvalSettings(max_tokens=4, **bad), out_dir=str(tmp_path))
+    assert {name: (tmp_path / name).read_text() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl", "protocol.json", "summary.json"]
+
+
 def test_sampled_predictions_do_not_depend_on_batch_size(model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     task = SyntheticReasoning("test", size=10, seed=0)
@@ -174,6 +186,8 @@ def test_changed_settings_start_over(model_and_tokenizer, tmp_path):
                             out_dir=str(tmp_path))
     second = [json.loads(line) for line in read_lines(tmp_path / "predictions.jsonl")]
     assert len(second) == 5 and [json.dumps(r) for r in second] != first
+    assert read_lines(tmp_path / "predictions.old1.jsonl") == first  # the earlier run is kept, not overwritten
+    assert json.load(open(tmp_path / "protocol.old1.json"))["max_tokens"] == 4
     assert all(r["prompt"].startswith("<|bos|>Problem: ") and r["prompt"].endswith("\nSolution:") for r in second)
     assert summary["protocol"]["template"].startswith("<|bos|>" + BASE_TEMPLATE)
 

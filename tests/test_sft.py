@@ -124,6 +124,15 @@ def test_accumulation_is_normalised_by_valid_tokens(tokenizer, tmp_path):
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=2e-5, rtol=1e-4)
 
 
+def test_rows_cut_before_every_reply_are_a_one_line_error(tokenizer, tmp_path):
+    train = SyntheticReasoning("train", size=8, seed=5)
+    prompt_tokens = min(len(tokenizer.render_for_completion(e)) for e in train)
+    model = tiny_model(tokenizer.vocab_size, sequence_len=128)
+    with pytest.raises(UserError, match=f"--max-seq-len {prompt_tokens - 2}: the conversations are cut before"):
+        run_sft(model, tokenizer, tmp_path, train, num_iterations=1, max_seq_len=prompt_tokens - 2)
+    run_sft(model, tokenizer, tmp_path, train, num_iterations=1, max_seq_len=prompt_tokens + 4)  # some reply left
+
+
 def test_stream_sharding_packing_and_positions(tokenizer):
     task = SyntheticReasoning("train", size=10, seed=1)
     single = ConversationStream(task, tokenizer, 128, seed=4)
