@@ -201,6 +201,13 @@ def parse_chat_request(body: dict, tokenizer, context_len: int, default_max_toke
     for name in _UNSUPPORTED:
         if body.get(name) not in (None, False, 0, [], {}):
             raise RequestError(f"{name}: not supported by this server (leave it unset)", name, "unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise RequestError("response_format: only {\"type\": \"text\"} is supported (no JSON mode or schemas)",
+                           "response_format", "unsupported_parameter")
+    if body.get("tool_choice") not in (None, "none", "auto"):  # with no tools, "auto" means no tool call: honoured
+        raise RequestError("tool_choice: not supported by this server (leave it unset, or \"none\")", "tool_choice",
+                           "unsupported_parameter")
     if body.get("n") not in (None, 1):
         raise RequestError(f"n: only n=1 is supported, got {json.dumps(body.get('n'))[:40]}", "n", "invalid_value")
     stream = body.get("stream")

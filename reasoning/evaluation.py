@@ -74,12 +74,24 @@ class EvalSettings:
 
 # ----------------------------------------------------------------------------------------------- prompts
 
-def template_text(prompt_mode: str) -> str:
-    """Human-readable description of the prompt format, saved with the results."""
+TEMPLATE_SLOT = {"base": "{problem}", "chat": "{user message}"}
+
+
+def template_text(prompt_mode: str, tokenizer=None) -> str:
+    """The exact prompt text of `prompt_mode` for this tokenizer (ours or a Hugging Face model's chat format), with
+    the problem as a placeholder slot; saved with the results, since MATH-500 scores swing with the template."""
+    if prompt_mode not in PROMPT_MODES:
+        raise ValueError(f"prompt_mode={prompt_mode!r}: expected one of {PROMPT_MODES}")
+    slot = TEMPLATE_SLOT[prompt_mode]
+    if tokenizer is None:
+        prompt = ("<|bos|>" + BASE_TEMPLATE if prompt_mode == "base"
+                  else "<|bos|><|user_start|>" + slot + "<|user_end|><|assistant_start|>")
+    else:
+        placeholder = {"problem": slot, "messages": [{"role": "user", "content": slot}]}
+        prompt = tokenizer.decode(build_prompt(tokenizer, placeholder, prompt_mode))
     if prompt_mode == "base":
-        return "<|bos|>" + BASE_TEMPLATE + f"   (completion cut at {BASE_STOP_TEXT!r})"
-    return ("<|bos|><|user_start|>{task's user message}<|user_end|><|assistant_start|>"
-            "   (tokenizer.render_for_completion; the completion is graded after <|think_end|>)")
+        return prompt + f"   (completion cut at {BASE_STOP_TEXT!r})"
+    return prompt + "   (the task's user message in the slot; graded after the last think-end marker, if any)"
 
 
 def problem_text(example: dict) -> str:
@@ -343,7 +355,7 @@ def evaluate_task(model, tokenizer, task, settings: EvalSettings, max_problems: 
     total = len(task) if max_problems is None else min(len(task), max_problems)
     k = settings.num_samples
     protocol = dict(protocol or {})
-    protocol.update(template=template_text(settings.prompt_mode), prompt_mode=settings.prompt_mode,
+    protocol.update(template=template_text(settings.prompt_mode, tokenizer), prompt_mode=settings.prompt_mode,
                     num_samples=k, temperature=settings.temperature, top_k=settings.top_k,
                     max_tokens=settings.max_tokens, seed=settings.seed)
     pred_path = os.path.join(out_dir, PREDICTIONS_FILE) if out_dir else None

@@ -22,8 +22,13 @@ else
     WANT="$( (cat "$REPO_ROOT/pyproject.toml"; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)"
     if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
         echo "[setup] installing reasoning[$EXTRAS] into $VENV (first run takes a few minutes)"
-        # torch is pinned to the CPU build first so the resolver never pulls multi-GB CUDA wheels by accident
-        "$VENV/bin/pip" install --quiet --disable-pip-version-check torch==2.13.0
+        # torch first, on its own: pinned to 2.13.0 so the resolver cannot pick another version. Which build pip
+        # picks is the index's choice: on Linux, plain PyPI serves the CUDA build (several GB). A CPU-only machine
+        # can ask for the CPU build with TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu (a GPU node wants the
+        # default). Left unset, pip's own configuration decides (here a local wheel folder serves the CPU build).
+        TORCH_INDEX_ARGS=()
+        if [ -n "${TORCH_INDEX_URL:-}" ]; then TORCH_INDEX_ARGS=(--index-url "$TORCH_INDEX_URL"); fi
+        "$VENV/bin/pip" install --quiet --disable-pip-version-check ${TORCH_INDEX_ARGS[@]+"${TORCH_INDEX_ARGS[@]}"} torch==2.13.0
         "$VENV/bin/pip" install --quiet --disable-pip-version-check -e "${REPO_ROOT}[$EXTRAS]"
         echo "$WANT" > "$STAMP"
     fi

@@ -76,16 +76,21 @@ def main(argv: list[str] | None = None):
     except ValueError as e:
         raise UserError(str(e)) from None
     print0(f"model: {source['dir']} step {source['step']} ({stage}) | prompt mode {prompt_mode}: "
-           f"{template_text(prompt_mode)}")
+           f"{template_text(prompt_mode, tokenizer)}")
 
     results = []
     for name in task_names:
         options = {"difficulty": args.synthetic_difficulty} if name.lower() == "synthetic" else {}
-        task = build_task(name, split=args.split, data_path=args.data_path, **options)
+        try:
+            task = build_task(name, split=args.split, data_path=args.data_path, **options)
+        except ValueError as e:
+            raise UserError(f"-a {name} --split {args.split}: {e}") from None
         label = task_label(name)
         out_dir = args.out_dir if args.out_dir and len(task_names) == 1 else \
             os.path.join(args.out_dir or os.path.join(base_dir, "eval"),
                          f"{label}_{stage}" + (f"_k{args.num_samples}" if args.num_samples > 1 else ""))
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise UserError(f"--out-dir {out_dir}: is a file; expected a directory (existing or new)")
         if args.fresh and is_master() and os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         protocol = {"task": label, "split": args.split, "grader": grader_description(task),

@@ -198,6 +198,9 @@ def build_task(name: str, split: str = "train", data_path: str | None = None, se
         from tasks.math import MATH
         task = MATH(split=split, data_path=data_path, **options)
     elif name == "MATH-500":
+        if split != "test":  # a test set only; training on it would also contaminate the headline benchmark
+            raise ValueError("MATH-500 has only a test split (for training use MATH, the train split of the "
+                             f"competition set); got split={split!r}")
         from tasks.math import MATH500
         task = MATH500(data_path=data_path, **options)
     elif name == "SmolTalk":

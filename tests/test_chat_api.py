@@ -322,6 +322,8 @@ def malformed_requests():
         "messages": [None, [], {}, "hi", 5, [None], [[]], ["hi"]],
         "tools": [[{"type": "function", "function": {"name": "f"}}]],
         "logprobs": [True],
+        "response_format": [{"type": "json_object"}, {"type": "json_schema", "json_schema": {}}, "text"],
+        "tool_choice": ["required", {"type": "function", "function": {"name": "f"}}],
         "top_k": [-5, 1.5, "3"],
         "min_p": [-0.1, 1.5, "0.1"],
     }
@@ -391,6 +393,7 @@ def hostile_but_valid_requests():
         {"messages": user("hi"), "max_tokens": 3, "stop": ["<|assistant_end|>", "\n"], "n": 1, "logprobs": False},
         {"messages": [{"role": "developer", "content": "x"}] + user("y"), "max_tokens": 2, "unknown_field": [1]},
         {"messages": user("hi"), "max_completion_tokens": 256, "stream": False, "user": "me", "top_k": -1},
+        {"messages": user("hi"), "max_tokens": 2, "response_format": {"type": "text"}, "tool_choice": "none"},
     ]
 
 

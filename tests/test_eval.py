@@ -13,8 +13,9 @@ import pytest
 
 from helpers_models import save_tiny_checkpoint, train_small_tokenizer
 from reasoning.checkpoint import load_model
-from reasoning.evaluation import (BASE_TEMPLATE, EvalSettings, answer_classes, evaluate_task, grade_completion,
-                                  majority_index, pass_at_k, section_name, summarize)
+from reasoning.evaluation import (BASE_TEMPLATE, TEMPLATE_SLOT, EvalSettings, answer_classes, build_prompt,
+                                  evaluate_task, grade_completion, majority_index, pass_at_k, section_name, summarize,
+                                  template_text)
 from tasks.registry import build_task
 from tasks.synthetic import SyntheticReasoning
 
@@ -175,6 +176,27 @@ def test_sampled_predictions_do_not_depend_on_batch_size(model_and_tokenizer, tm
     # ...while the samples of one problem are different draws (the seeds really are per sample and per problem)
     completions = [r["completion"] for r in outputs[1]]
     assert len(set(completions)) > len(completions) // 2
+
+
+def _hf_qwen_tokenizer(tmp_path):
+    from reasoning.hf_tokenizer import HFTokenizer
+    from test_hf import write_tokenizer
+
+    write_tokenizer(str(tmp_path), "qwen")
+    return HFTokenizer.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("which", ["ours", "qwen"])
+@pytest.mark.parametrize("mode", ["chat", "base"])
+def test_recorded_template_is_the_prompt_actually_sent(model_and_tokenizer, tmp_path, which, mode):
+    tokenizer = model_and_tokenizer[1] if which == "ours" else _hf_qwen_tokenizer(tmp_path)
+    example = SyntheticReasoning("test", size=1, seed=3)[0]
+    template = template_text(mode, tokenizer)
+    filled = template.replace(TEMPLATE_SLOT[mode], example["messages"][0]["content"] if mode == "chat"
+                              else example["problem"], 1)
+    assert filled.startswith(tokenizer.decode(build_prompt(tokenizer, example, mode)) + "   (")
+    if which == "qwen" and mode == "chat":
+        assert template.startswith("<|im_start|>user\n{user message}<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_changed_settings_start_over(model_and_tokenizer, tmp_path):

@@ -243,6 +243,11 @@ def test_offline_without_data_names_the_flag(monkeypatch, tmp_path):
         build_task("GSM8K", data_path=str(tmp_path))
 
 
+def test_math500_is_a_test_set_only(tmp_path):
+    with pytest.raises(ValueError, match="MATH-500 has only a test split"):
+        build_task("MATH-500", "train", data_path=str(tmp_path))
+
+
 def test_data_dir_env_is_searched(monkeypatch, tmp_path):
     write_lines(tmp_path / "gsm8k_test.jsonl", [{"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"}])
     monkeypatch.setenv("REASONING_DATA_DIR", str(tmp_path))
