@@ -5,7 +5,7 @@ it never saw the start of. Documents are tokenized a row group at a time into a 
 repeatedly taking the largest buffered document that fits the space left (best fit); when none fits, the
 shortest one is cropped to fill the row exactly and its remainder is thrown away (continuing it in another
 row would start that row mid-document, without a BOS). This is the packing nanochat uses; the cost is the
-cropped tokens, reported in `loader.stats`.
+cropped tokens, reported in `loader.stats` (`packing_stats` for several loaders).
 
 Resuming: the state yielded with each batch names the next unread row group and, for every buffered document,
 where it came from (epoch, shard, row group, row). Rebuilding the buffer from those references and
@@ -27,6 +27,7 @@ from reasoning.common import UserError
 from reasoning.dataset import open_split, resolve_data_dir
 
 STATE_VERSION = 1
+_COUNT_KEYS = ("docs_taken", "docs_cropped", "tokens_taken", "tokens_emitted", "tokens_whole")
 
 
 class PackedLoader:
@@ -70,7 +71,7 @@ class PackedLoader:
         self._row_groups = None  # iterator over this rank's row groups from _position
         self._exhausted = False
         self.batches = 0
-        self._counts = dict(docs_taken=0, docs_cropped=0, tokens_taken=0, tokens_emitted=0, tokens_whole=0)
+        self._counts = dict.fromkeys(_COUNT_KEYS, 0)
         if resume_state is not None:
             self._restore(resume_state)
 
@@ -168,6 +169,7 @@ class PackedLoader:
             "num_shards": len(self.shards.paths),
             "batches": self.batches,
             "exhausted": self._exhausted,
+            "counts": dict(self._counts),  # packing counters, so `stats` covers the whole run across resumes
             # buffered documents, grouped by source row group: [epoch, shard, row group, [rows]]
             "buffer": [[e, s, g, sorted(rows)] for (e, s, g), rows in sorted(groups.items())],
         }
@@ -185,6 +187,7 @@ class PackedLoader:
         self._position = (state["shard"], state["row_group"])
         self.batches = state["batches"]
         self._exhausted = state["exhausted"]
+        self._counts.update(state.get("counts", {}))  # absent in states written before the counters were saved
         # groups are sorted by (epoch, shard, row group) and rows ascending: exactly the original insertion order
         for epoch, shard, group, rows in state["buffer"]:
             texts = self.shards.read(shard, group)
@@ -192,22 +195,31 @@ class PackedLoader:
 
     # ---- reporting ---------------------------------------------------------------------------------------------
     @property
-    def stats(self) -> dict:
-        """Packing efficiency since this loader was built.
+    def counts(self) -> dict:
+        """Raw packing counters since the start of the run (restored on resume); `packing_stats` derives ratios."""
+        return dict(self._counts)
 
-        token_utilization: fraction of the tokens of documents taken from the buffer that reached a row (the
-            rest were cropped away).
-        whole_doc_fill: fraction of row positions holding tokens of documents placed whole. Every position holds
-            a document token (rows are never padded), so this is the meaningful "filled" measure: the rest are
-            the cropped document heads that close rows.
-        crop_rate: fraction of taken documents that were cropped.
-        """
-        c = dict(self._counts)
-        c["token_utilization"] = c["tokens_emitted"] / c["tokens_taken"] if c["tokens_taken"] else 1.0
-        c["whole_doc_fill"] = c["tokens_whole"] / c["tokens_emitted"] if c["tokens_emitted"] else 1.0
-        c["crop_rate"] = c["docs_cropped"] / c["docs_taken"] if c["docs_taken"] else 0.0
-        c["buffered_docs"] = len(self._keys)
-        return c
+    @property
+    def stats(self) -> dict:
+        """Packing efficiency since the start of the run: `packing_stats` of this loader, plus buffered_docs."""
+        return packing_stats([self._counts]) | {"buffered_docs": len(self._keys)}
+
+
+def packing_stats(counts: list[dict]) -> dict:
+    """Packing efficiency of one or more loaders taken together (their `counts`: e.g. every data rank's).
+
+    token_utilization: fraction of the tokens of documents taken from the buffer that reached a row (the
+        rest were cropped away). The "packing utilisation" training reports.
+    whole_doc_fill: fraction of row positions holding tokens of documents placed whole. Every position holds
+        a document token (rows are never padded), so this is the meaningful "filled" measure: the rest are
+        the cropped document heads that close rows.
+    crop_rate: fraction of taken documents that were cropped.
+    """
+    c = {key: sum(one[key] for one in counts) for key in _COUNT_KEYS}
+    c["token_utilization"] = c["tokens_emitted"] / c["tokens_taken"] if c["tokens_taken"] else 1.0
+    c["whole_doc_fill"] = c["tokens_whole"] / c["tokens_emitted"] if c["tokens_emitted"] else 1.0
+    c["crop_rate"] = c["docs_cropped"] / c["docs_taken"] if c["docs_taken"] else 0.0
+    return c
 
 
 def build_train_loader(tokenizer, batch_size: int, seq_len: int, data_dir: str | None = None, rank: int = 0,

@@ -19,7 +19,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 
@@ -186,12 +186,14 @@ def _retryable_http(code: int) -> bool:
 
 def download_shard(index: int, data_dir: str, base_url: str = DEFAULT_BASE_URL, pattern: str = DEFAULT_PATTERN,
                    retries: int = 5, backoff: float = 1.0, timeout: float = 60.0,
-                   stop: threading.Event | None = None) -> str:
+                   stop: threading.Event | None = None, on_bytes: Callable[[int], None] | None = None) -> str:
     """Fetch one shard into `data_dir` (skipped if present) and return its path.
 
     Streamed into a temp file (common.atomic_write) that replaces `<name>` only after the size and parquet
     checks pass, so an interrupted or corrupt download never leaves a file that looks like a shard. Retries
     with exponential backoff (backoff, 2·backoff, ...); raises UserError after the last attempt.
+    `on_bytes(n)` hears of every chunk written, and of -(bytes of an attempt) when that attempt is thrown away,
+    so a progress bar counts only what ends up on disk.
     """
     url = shard_url(index, base_url, pattern)
     stop = stop or threading.Event()
@@ -199,11 +201,17 @@ def download_shard(index: int, data_dir: str, base_url: str = DEFAULT_BASE_URL, 
     if os.path.exists(path):
         return path
 
+    written = 0  # bytes of the current attempt reported to on_bytes
+
     def fetch_and_check(f):  # raising here makes atomic_write drop the temp file and leave `path` absent
+        nonlocal written
         with urllib.request.urlopen(url, timeout=timeout) as response:
             length = response.headers.get("Content-Length") if response.headers is not None else None
             while chunk := response.read(_CHUNK):
                 f.write(chunk)
+                written += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
         f.flush()
         _check_downloaded(f.name, int(length) if length else None)
 
@@ -212,6 +220,7 @@ def download_shard(index: int, data_dir: str, base_url: str = DEFAULT_BASE_URL, 
     for attempt in range(retries):
         if stop.is_set():
             raise UserError(f"download of {url} cancelled after another shard failed")
+        written = 0
         try:
             atomic_write(path, fetch_and_check)
             return path
@@ -224,6 +233,8 @@ def download_shard(index: int, data_dir: str, base_url: str = DEFAULT_BASE_URL, 
             last_error, unreachable = str(e.reason), True
         except Exception as e:  # timeout, reset, truncated body, size mismatch, unreadable parquet: try again
             last_error, unreachable = f"{type(e).__name__}: {e}", False
+        if written and on_bytes is not None:  # this attempt's bytes were thrown away
+            on_bytes(-written)
         # An unreachable network gets one retry (a DNS blip), not the full backoff ladder: offline machines
         # should hear "pass --data-dir" within a second or two, in one line.
         if attempt + 1 >= (min(retries, 2) if unreachable else retries):
@@ -238,22 +249,52 @@ def download_shard(index: int, data_dir: str, base_url: str = DEFAULT_BASE_URL, 
     raise UserError(f"{url}: download failed after {attempt + 1} attempts ({last_error})")
 
 
-def download_shards(indices: list[int], data_dir: str, workers: int = 4, **kwargs) -> list[str]:
-    """Download several shards in parallel threads (I/O bound); the first failure cancels the rest."""
+def download_shards(indices: list[int], data_dir: str, workers: int = 4, progress: bool = False,
+                    **kwargs) -> list[str]:
+    """Download several shards in parallel threads (I/O bound); the first failure cancels the rest.
+
+    progress=True shows a tqdm bar on stderr when it is a terminal: bytes written, rate, and shards done (a shard
+    is ~100 MB, so a per-shard count alone would sit still for minutes). Otherwise (no progress, or stderr going
+    to a log file, as with speedrun.sh's background download) each finished shard prints one line.
+    """
     os.makedirs(data_dir, exist_ok=True)
     stop = threading.Event()
     paths = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(download_shard, i, data_dir, stop=stop, **kwargs) for i in indices]
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                paths.append(future.result())
-                print(f"ready: {os.path.basename(paths[-1])} ({len(paths)}/{len(indices)})", flush=True)
-        except BaseException:
-            stop.set()
-            for f in futures:
-                f.cancel()
-            raise
+    bar, bar_lock = None, threading.Lock()
+    if progress:
+        from tqdm import tqdm
+
+        # disable=None: off when stderr is not a terminal; delay: a download that fails at once (offline) prints
+        # its one-line error and no empty bar
+        bar = tqdm(desc="download", unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, delay=0.5,
+                   postfix=f"shards=0/{len(indices)}", disable=None)
+        if bar.disable:
+            bar = None
+
+    def on_bytes(n: int):
+        with bar_lock:  # tqdm's counter is not thread-safe
+            bar.update(n)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            report = on_bytes if bar is not None else None
+            futures = [pool.submit(download_shard, i, data_dir, stop=stop, on_bytes=report, **kwargs) for i in indices]
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    paths.append(future.result())
+                    if bar is None:
+                        print(f"ready: {os.path.basename(paths[-1])} ({len(paths)}/{len(indices)})", flush=True)
+                    else:
+                        with bar_lock:
+                            bar.set_postfix_str(f"shards={len(paths)}/{len(indices)}")
+            except BaseException:
+                stop.set()
+                for f in futures:
+                    f.cancel()
+                raise
+    finally:  # after the pool has shut down: no thread reports bytes any more
+        if bar is not None:
+            bar.close()
     return sorted(paths)
 
 
@@ -301,8 +342,8 @@ def main(argv: list[str] | None = None):
         raise UserError(f"--pattern {args.pattern!r}: expected a file name pattern containing {{index}}")
     indices = download_indices(args.num_train_shards, args.max_shard)
     print(f"downloading {len(indices)} shards to {data_dir} with {args.workers} workers", flush=True)
-    download_shards(indices, data_dir, workers=args.workers, base_url=args.base_url, pattern=args.pattern,
-                    retries=max(1, args.retries), backoff=max(0.0, args.backoff))
+    download_shards(indices, data_dir, workers=args.workers, progress=True, base_url=args.base_url,
+                    pattern=args.pattern, retries=max(1, args.retries), backoff=max(0.0, args.backoff))
     print(f"done: {len(list_shards(data_dir))} shards in {data_dir}", flush=True)
     return data_dir
 

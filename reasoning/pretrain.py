@@ -132,6 +132,20 @@ class TrainConfig(TrainerConfig):
             raise UserError(f"--vocab-size {self.vocab_size}: expected a positive size or -1 (the tokenizer's)")
         if self.num_iterations == -1 and self.target_param_data_ratio <= 0:
             raise UserError("--num-iterations -1 needs --target-param-data-ratio > 0")
+        if self.compile:
+            check_compile_backend(self.compile_backend)
+
+
+def check_compile_backend(name: str) -> None:
+    """A torch.compile backend dynamo knows, checked up front: an unknown one would otherwise surface as an
+    InvalidBackend traceback from inside the first training step."""
+    import torch._dynamo  # the import costs a second or two: only runs that compile pay it
+
+    known = torch._dynamo.list_backends(exclude_tags=())  # the default list hides debug backends such as aot_eager
+    if name not in known:
+        debug = [b for b in ("aot_eager", "eager") if b in known]
+        raise UserError(f"--compile-backend {name!r}: not a torch.compile backend; expected one of "
+                        f"{', '.join(torch._dynamo.list_backends())} (or, for debugging, {', '.join(debug)})")
 
 
 add_train_args = TrainConfig.add_args  # one --flag per field (reasoning.training); scripts/base_train.py
@@ -224,7 +238,7 @@ def train(config: TrainConfig) -> dict:
 
     Raises NonFiniteLossError when the loss or gradient norm stops being finite, UserError on bad settings.
     """
-    from reasoning.dataloader import build_train_loader
+    from reasoning.dataloader import build_train_loader, packing_stats
     from reasoning.gpt import GPT, config_from_depth
     from reasoning.tokenizer import Tokenizer, get_tokenizer
 
@@ -390,13 +404,16 @@ def train(config: TrainConfig) -> dict:
             tok_per_s = total_batch / dt
             mfu = model_flops_utilization(flops_per_token, tok_per_s, peak, world_size)
             eta = (num_iterations - step) * statistics.median(step_times[-20:])  # median: ignores the compile step
+            # share of the packed documents' tokens that reached a row (the rest were cropped), this process's
+            # loaders since the start of the run
+            pack = packing_stats([loader.counts for loader in loaders])["token_utilization"]
             log.log({"step": step, "loss": loss_value, "smooth_loss": smooth, "lr_mult": lr_mult,
-                     "grad_norm": norm_value, "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu})
+                     "grad_norm": norm_value, "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu, "pack_util": pack})
             if step % config.log_every == 0 or step == num_iterations:
                 mfu_text = f"{100 * mfu:.2f}%" if mfu is not None else "n/a"
                 print0(f"step {step:05d}/{num_iterations} | loss {loss_value:.4f} (ema {smooth:.4f}) | "
                        f"lr× {lr_mult:.3f} | gnorm {norm_value:.3f} | {dt * 1000:.0f} ms | {tok_per_s:,.0f} tok/s | "
-                       f"mfu {mfu_text} | eta {format_eta(eta)}")
+                       f"mfu {mfu_text} | pack {100 * pack:.1f}% | eta {format_eta(eta)}")
     finally:
         log.close()
 
@@ -404,6 +421,9 @@ def train(config: TrainConfig) -> dict:
     steady = step_times[min(5, len(step_times) // 2):] if step_times else []
     tok_per_s = total_batch * len(steady) / sum(steady) if steady else None
     mfu = model_flops_utilization(flops_per_token, tok_per_s, peak, world_size) if tok_per_s else None
+    all_counts = [counts for rank_counts in gather_objects([loader.counts for loader in loaders])
+                  for counts in rank_counts]  # every data rank's packing counters (a collective: all ranks call it)
+    packing = packing_stats(all_counts)
     val = [v for _, v in history["val_bpb"]]
     train_losses = [v for _, v in history["train_loss"]]
     metrics = {
@@ -413,6 +433,7 @@ def train(config: TrainConfig) -> dict:
         "train_loss": ema_loss / (1 - EMA_BETA ** len(train_losses)) if train_losses else None,
         "tok_per_s": tok_per_s,
         "mfu": mfu,
+        "pack_utilization": packing["token_utilization"] if packing["tokens_taken"] else None,
         "params": num_params,
         "flops_per_token": flops_per_token,
         "tokens": step * total_batch,

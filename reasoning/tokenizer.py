@@ -265,18 +265,39 @@ def _validate_conversation(conversation) -> list[dict]:
 # ---------------------------------------------------------------------- training
 
 
-def train_tokenizer(text_iterator: Iterable[str], vocab_size: int, pattern: str = SPLIT_PATTERN) -> Tokenizer:
+def train_tokenizer(text_iterator: Iterable[str], vocab_size: int, pattern: str = SPLIT_PATTERN,
+                    progress: bool = False, total_chars: int | None = None) -> Tokenizer:
     """Train byte-level BPE with rustbpe. `vocab_size` counts the special tokens too, so the model's embedding
-    table gets exactly that many rows. A corpus too small to supply every merge yields a smaller vocabulary."""
+    table gets exactly that many rows. A corpus too small to supply every merge yields a smaller vocabulary.
+
+    progress=True shows a tqdm bar (stderr) of the characters read, out of `total_chars` when given (the cap
+    the text stream was cut to); reading the corpus is the long part, the merges follow it.
+    """
     import rustbpe  # a training-only dependency; loading a saved tokenizer does not need it
 
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be an int >= {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special "
                          f"tokens), got {vocab_size!r}")
+    texts = _with_progress(text_iterator, total_chars) if progress else iter(text_iterator)
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter(text_iterator), vocab_size - len(SPECIAL_TOKENS), pattern=pattern)
+    trainer.train_from_iterator(texts, vocab_size - len(SPECIAL_TOKENS), pattern=pattern)
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
     return Tokenizer(ranks, pattern=pattern)
+
+
+def _with_progress(texts: Iterable[str], total_chars: int | None) -> Iterator[str]:
+    """`texts`, counting their characters on a tqdm bar that closes when the stream ends."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_chars, desc="tokenizer: reading text", unit="char", unit_scale=True, dynamic_ncols=True)
+    try:
+        for text in texts:
+            bar.update(len(text))
+            yield text
+        if bar.total is not None and bar.n < bar.total:
+            bar.total = bar.n  # the corpus ended before the cap: all of it was read
+    finally:
+        bar.close()
 
 
 def cap_text_stream(texts: Iterable[str], max_chars: int | None = None, doc_cap: int | None = None) -> Iterator[str]:

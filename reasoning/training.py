@@ -194,9 +194,12 @@ def add_run_args(parser, base_dir: bool = True) -> None:
         parser.add_argument("--base-dir", default=None, help=BASE_DIR_HELP)
 
 
+NOT_MEASURED = "na"  # a RESULT value that was not measured (runs/runcpu.sh prints the same); nan means diverged
+
+
 def format_metric(value, spec: str = ".4f") -> str:
-    """A metric for a RESULT line: None (not measured) prints as nan."""
-    return "nan" if value is None else format(value, spec)
+    """A metric for a RESULT line: None (not measured, e.g. no evaluation was run) prints as `na`."""
+    return NOT_MEASURED if value is None else format(value, spec)
 
 
 def _result_text(value) -> str:
@@ -204,7 +207,7 @@ def _result_text(value) -> str:
 
 
 def print_result(values: dict, stopped_at: int | None = None) -> None:
-    """The last line of a pipeline script, on rank 0: `RESULT key=value ...` (floats with 4 decimals, None as nan,
+    """The last line of a pipeline script, on rank 0: `RESULT key=value ...` (floats with 4 decimals, None as na,
     anything else as given), then `stopped_at=STEP` for a run that --stop-at-step cut short."""
     if is_master():
         stopped = "" if stopped_at is None else f" stopped_at={stopped_at}"

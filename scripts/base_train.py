@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None):
         "base_train", summary, {"val_bpb": m["val_bpb"], "steps": summary["step"],
                                 "tok_per_s": format_metric(m["tok_per_s"], ".0f"), "mfu": m["mfu"]},
         config=summary["config"] | {"model": summary["model_config"]},
+        # a metric that was not measured (no eval with --eval-every -1) is left out of the report, not invented
         metrics={k: m[k] for k in ("initial_val_bpb", "val_bpb", "min_val_bpb", "train_loss", "tok_per_s", "mfu",
-                                   "params")},
+                                   "pack_utilization", "params") if m[k] is not None},
         base_dir=config.base_dir, tables={"samples": summary["samples"]} if summary["samples"] else None)
 
 

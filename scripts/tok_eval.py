@@ -7,12 +7,13 @@ Higher is better (more text per token = longer effective context, cheaper traini
 """
 
 import argparse
+import os
 import socket
 
 import tiktoken
 
 from reasoning.common import UserError, run_main
-from reasoning.dataset import iter_documents, resolve_data_dir, split_shards
+from reasoning.dataset import DATA_DIR_ENV, iter_documents, resolve_data_dir, split_shards
 from reasoning.tokenizer import Tokenizer, get_tokenizer
 from reasoning.report import log_stage
 
@@ -65,10 +66,21 @@ SAMPLES = {
 
 
 def validation_text(data_dir: str | None, max_chars: int) -> str | None:
-    """The first `max_chars` characters of the validation split (the last shard), or None when there is none."""
+    """The first `max_chars` characters of the validation split (the last shard), or None when the default corpus
+    folder has none yet. A folder named explicitly (--data-dir, $REASONING_DATA_DIR) must hold a corpus: silently
+    dropping the row the user asked for would hide the mistake."""
+    resolved = resolve_data_dir(data_dir)
     try:
-        split_shards(resolve_data_dir(data_dir))
-    except UserError:
+        split_shards(resolved)
+    except UserError as e:
+        named = f"--data-dir {data_dir}" if data_dir else (
+            f"${DATA_DIR_ENV}={os.environ[DATA_DIR_ENV]}" if os.environ.get(DATA_DIR_ENV) else None)
+        if named is not None:
+            if not os.path.isdir(resolved):
+                raise UserError(f"{named}: no such folder (expected parquet shards, the last of which is the "
+                                "validation split)") from None
+            raise UserError(f"{named}: {e}") from None
+        print(f"val: skipped (no corpus at {resolved}; pass --data-dir DIR)")
         return None  # no corpus yet: the embedded samples still give a useful table
     pieces, total = [], 0
     for doc in iter_documents(data_dir, split="val"):
@@ -107,9 +119,9 @@ def main():
     parser.add_argument("--val-chars", type=int, default=5_000_000, help="characters of validation text to use")
     args = parser.parse_args()
 
+    val = validation_text(args.data_dir, args.val_chars)  # first: a bad --data-dir fails before any work
     tokenizer = Tokenizer.load(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
     texts = dict(SAMPLES)
-    val = validation_text(args.data_dir, args.val_chars)
     if val is not None:
         texts["val"] = val
     refs = reference_encodings()

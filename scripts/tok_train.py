@@ -44,7 +44,7 @@ def main():
 
     docs = cap_text_stream(iter_documents(data_dir, split="train"), max_chars=int(args.max_chars), doc_cap=args.doc_cap)
     start = time.perf_counter()
-    tokenizer = train_tokenizer(counted(docs), args.vocab_size)
+    tokenizer = train_tokenizer(counted(docs), args.vocab_size, progress=True, total_chars=int(args.max_chars))
     train_seconds = time.perf_counter() - start
     if chars_seen == 0:
         raise UserError(f"the training shards in {data_dir} contain no text")

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 
 from reasoning import checkpoint as ckpt
+from reasoning import gpt
+from reasoning import tokenizer as tok
 from reasoning.checkpoint import (checkpoint_dir, find_last_step, load_checkpoint, load_meta, rng_state,
                                   save_checkpoint, set_rng_state)
 from reasoning.common import UserError
@@ -244,9 +246,6 @@ def test_missing_and_corrupt_checkpoints_raise_user_errors_naming_the_path(tmp_p
 @pytest.fixture
 def tiny_run(tmp_path):
     """A base dir with a tiny trained tokenizer and a tiny GPT checkpoint under checkpoints/sft/d1."""
-    gpt = pytest.importorskip("reasoning.gpt")
-    tok = pytest.importorskip("reasoning.tokenizer")
-    pytest.importorskip("rustbpe")
     base = str(tmp_path)
     text = ["Mia has 12 apples. She eats 3 of them. 12 - 3 = 9. The answer is 9."] * 50
     tokenizer = tok.train_tokenizer(iter(text), vocab_size=300)

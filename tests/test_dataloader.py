@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reasoning.common import UserError
-from reasoning.dataloader import PackedLoader, build_train_loader, build_val_loader, evaluate_bpb
+from reasoning.dataloader import PackedLoader, build_train_loader, build_val_loader, evaluate_bpb, packing_stats
 from reasoning.dataset import write_shard
 
 ROW_GROUP = 8
@@ -161,6 +161,34 @@ def test_utilization_is_high_with_a_buffer_and_reported(tmp_path):
     s = stats[64]
     assert s["tokens_emitted"] == 20 * 4 * 129
     assert s["tokens_emitted"] <= s["tokens_taken"] and s["tokens_whole"] <= s["tokens_emitted"]
+
+
+def test_packing_stats_combine_loaders_and_survive_resume(tmp_path):
+    """What training reports: the utilisation of all its data ranks together, counted since the run started."""
+    data_dir, _ = make_corpus(tmp_path, shard_docs=(60, 60, 20), max_len=70)
+    tok = CharTokenizer()
+    ranks = [build_train_loader(tok, 2, 48, data_dir, rank, 2, buffer_size=1 + 7 * rank) for rank in range(2)]
+    for loader, batches in zip(ranks, (5, 9)):  # different buffers and lengths: different utilisations
+        take(loader, batches)
+    a, b = (loader.counts for loader in ranks)
+    together = packing_stats([a, b])
+    assert together["tokens_emitted"] == (5 + 9) * 2 * 49
+    assert together["token_utilization"] == pytest.approx((a["tokens_emitted"] + b["tokens_emitted"])
+                                                          / (a["tokens_taken"] + b["tokens_taken"]))
+    assert ranks[0].stats["token_utilization"] != ranks[1].stats["token_utilization"]
+    assert min(r.stats["token_utilization"] for r in ranks) < together["token_utilization"] \
+        < max(r.stats["token_utilization"] for r in ranks)
+    assert packing_stats([])["token_utilization"] == 1.0  # nothing taken: nothing lost
+
+    # a loader resumed from a state continues the counts, so a resumed run reports the whole run
+    state = json.loads(json.dumps(ranks[1].state_dict()))
+    resumed = build_train_loader(tok, 2, 48, data_dir, 1, 2, buffer_size=8, resume_state=state)
+    assert resumed.counts == ranks[1].counts
+    take(ranks[1], 3)
+    take(resumed, 3)
+    assert resumed.stats == ranks[1].stats
+    del state["counts"]  # a state saved before the counters were: resumes, counting from there
+    assert build_train_loader(tok, 2, 48, data_dir, 1, 2, buffer_size=8, resume_state=state).counts["docs_taken"] == 0
 
 
 def test_ranks_read_disjoint_documents(tmp_path):

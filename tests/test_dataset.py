@@ -3,6 +3,7 @@
 import io
 import os
 import sys
+import time
 import types
 import urllib.error
 
@@ -227,6 +228,57 @@ def test_interrupted_download_is_retried_and_never_left_partial(tmp_path, monkey
     assert os.listdir(target) == ["shard_00003.parquet"]  # no temp file of the failed attempts is left
 
 
+def test_progress_counts_only_the_bytes_that_stay(tmp_path, monkeypatch):
+    """on_bytes (what the download bar shows) takes back the bytes of an attempt that was thrown away."""
+    body = _shard_bytes(tmp_path, "src.parquet", ["a", "b", "c"])
+    attempts = []
+
+    def flaky(url, timeout=None):
+        attempts.append(url)
+        return FakeResponse(body, fail_after=len(body) // 2) if len(attempts) == 1 else FakeResponse(body)
+
+    monkeypatch.setattr(dataset.urllib.request, "urlopen", flaky)
+    reported = []
+    (tmp_path / "dl").mkdir()
+    dataset.download_shard(0, str(tmp_path / "dl"), retries=2, backoff=0, on_bytes=reported.append)
+    assert len(attempts) == 2
+    assert reported[0] > 0 and -sum(n for n in reported if n > 0) < min(reported) < 0  # one roll-back
+    assert sum(reported) == len(body)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_download_shows_a_byte_bar_on_a_terminal_and_lines_otherwise(tmp_path, monkeypatch, capsys):
+    from tqdm import tqdm
+
+    bodies = {i: _shard_bytes(tmp_path, f"src{i}.parquet", [f"doc {i}.{j}" for j in range(40)]) for i in (0, 1, 7)}
+
+    def slow(url, timeout=None):
+        time.sleep(0.3)  # the bar appears only for downloads that last (tqdm delay), as real ones do
+        return FakeResponse(bodies[int(url.rsplit("_", 1)[1].split(".")[0])])
+
+    monkeypatch.setattr(dataset.urllib.request, "urlopen", slow)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    dataset.download_shards([0, 1, 7], str(tmp_path / "tty"), workers=1, progress=True)
+    shown = terminal.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    total = sum(len(b) for b in bodies.values())
+    assert shown.startswith("download: ") and "shards=3/3" in shown
+    assert tqdm.format_sizeof(total, "B", 1024) in shown, (shown, total)
+    assert "ready:" not in capsys.readouterr().out
+
+    monkeypatch.setattr(dataset.urllib.request, "urlopen",
+                        lambda url, timeout=None: FakeResponse(bodies[int(url.rsplit("_", 1)[1].split(".")[0])]))
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file: one line per shard instead of a bar
+    dataset.download_shards([0, 7], str(tmp_path / "log"), workers=1, progress=True)
+    assert sys.stderr.getvalue() == ""
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["ready: shard_00000.parquet (1/2)", "ready: shard_00007.parquet (2/2)"]
+
+
 @pytest.mark.parametrize("response", ["truncated", "garbage", "reset"])
 def test_failed_download_leaves_no_file(tmp_path, monkeypatch, response):
     body = _shard_bytes(tmp_path, "src.parquet", ["a", "b", "c"])
@@ -284,9 +336,6 @@ def test_synthetic_flag_calls_the_corpus_writer(tmp_path, monkeypatch):
 
 
 def test_real_synthetic_corpus_is_readable(tmp_path):
-    synthetic = pytest.importorskip("tasks.synthetic")
-    if not hasattr(synthetic, "write_synthetic_corpus"):
-        pytest.skip("tasks.synthetic.write_synthetic_corpus not written yet")
     target = str(tmp_path / "synth")
     dataset.main(["--synthetic", "--data-dir", target, "--num-shards", "2", "--docs-per-shard", "5"])
     train, val = split_shards(target)

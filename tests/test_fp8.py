@@ -150,6 +150,23 @@ def test_convert_to_float8_rules():
         convert_to_float8(model, min_dim=0)
 
 
+def test_gpt_estimate_flops_is_unchanged_by_float8_conversion():
+    """Issue 10: the FLOP count (and so MFU) of a model with Float8Linear layers equals the count without them."""
+    from reasoning.gpt import GPT, config_from_depth
+
+    torch.manual_seed(0)
+    model = GPT(config_from_depth(2, 256, sequence_len=64, aspect_ratio=32))  # width 64, MLP 256: multiples of 16
+    model.init_weights()
+    flops_before = model.estimate_flops()
+    converted = convert_to_float8(model, min_dim=16)
+    assert converted == 2 * 6  # q, k, v, attention proj, MLP fc and proj of both blocks: the count covers fp8 layers
+    assert sum(isinstance(m, Float8Linear) for m in model.modules()) == converted
+    assert model.estimate_flops() == flops_before
+    # the count is about the converted layers: leaving their weights out would drop most of it
+    fp8_flops = sum(6 * m.weight.numel() for m in model.modules() if isinstance(m, Float8Linear))
+    assert 0 < fp8_flops < flops_before and flops_before - fp8_flops < 0.5 * flops_before
+
+
 def test_fp8_disabled_gives_exact_fp32_and_restores():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))

@@ -331,3 +331,35 @@ def test_tok_train_and_eval_scripts(tmp_path, monkeypatch, capsys):
     result = dict(kv.split("=") for kv in out[-1].split()[1:])
     assert set(result) == {f"bytes_per_token_{k}" for k in ("prose", "math", "code", "val")}
     assert float(result["bytes_per_token_val"]) > 1.5  # in-distribution text compresses well even at vocab 400
+
+
+def test_training_progress_bar_counts_characters_and_changes_nothing(capsys):
+    docs = _corpus(num_docs=60, seed=3)
+    quiet = train_tokenizer(iter(docs), 300)
+    assert capsys.readouterr().err == ""
+    chars = sum(len(d) for d in docs)
+    shown = train_tokenizer(iter(docs), 300, progress=True, total_chars=10 * chars)  # the corpus ends first
+    assert shown.mergeable_ranks == quiet.mergeable_ranks
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("tokenizer: reading text: 100%") and f"{chars / 1000:.1f}k/{chars / 1000:.1f}k" in last, last
+
+
+def test_tok_eval_rejects_a_data_dir_without_a_corpus(tmp_path, monkeypatch, capsys):
+    from reasoning.common import run_main
+    from scripts import tok_eval
+
+    monkeypatch.setenv("REASONING_BASE_DIR", str(tmp_path))  # no tokenizer either: the flag is checked first
+    monkeypatch.delenv("REASONING_DATA_DIR", raising=False)
+    missing, empty = str(tmp_path / "missing"), str(tmp_path / "empty")
+    os.makedirs(empty)
+    for argv, message in ((["--data-dir", missing], f"--data-dir {missing}: no such folder"),
+                          (["--data-dir", empty], f"--data-dir {empty}: data dir {empty} has no .parquet shards")):
+        monkeypatch.setattr(sys, "argv", ["tok_eval", *argv])
+        with pytest.raises(SystemExit) as exc:
+            run_main(tok_eval.main)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    monkeypatch.setenv("REASONING_DATA_DIR", missing)  # naming the folder through the environment counts too
+    monkeypatch.setattr(sys, "argv", ["tok_eval"])
+    with pytest.raises(UserError, match=f"REASONING_DATA_DIR={missing}: no such folder"):
+        tok_eval.main()
