@@ -28,7 +28,7 @@ STAGE_ORDER = ["tok_train", "tok_eval", "base_train", "base_eval", "chat_sft", "
 HEADLINE_KEYS = {
     "tok_train": ["vocab_size", "train_seconds"],
     "tok_eval": ["bytes_per_token"],
-    "base_train": ["val_bpb", "min_val_bpb", "initial_val_bpb", "train_loss", "tok_per_s", "mfu"],
+    "base_train": ["val_bpb", "min_val_bpb", "initial_val_bpb", "train_loss", "tok_per_s", "mfu", "pack_utilization"],
     "base_eval": ["val_bpb"],
     "chat_sft": ["train_loss", "val_loss", "accuracy"],
     "chat_rl": ["mean_reward", "accuracy", "initial_accuracy"],
@@ -99,6 +99,8 @@ def _ordered_names(sections: dict) -> list[str]:
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "not measured"
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
