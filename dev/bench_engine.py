@@ -24,8 +24,13 @@ between 16 and 128 (one at a time), whole-call CPU time with retire on vs off: w
     python -m dev.bench_engine                    # defaults: 3 rounds, torch's thread count
     python -m dev.bench_engine --threads 1 --rounds 3
     python -m dev.bench_engine --skip throughput  # only the retirement cases
+    python -m dev.bench_engine --profile --skip throughput --skip retirement  # where the time goes
+    python -m dev.bench_engine --kv-heads 2       # grouped-query attention (2 kv heads for 4 query heads)
+    python -m dev.bench_engine --baseline HEAD    # adds (a0): the committed engine, interleaved, same weights
 Last line: RESULT vs_hf=<(a)/(c)> vs_sequential=<(a)/(b)> batched_tok_s=<(a)> (wall-clock medians), then the same
-ratios from CPU time (cpu_vs_hf, cpu_vs_sequential) and the retirement ratios.
+ratios from CPU time (cpu_vs_hf, cpu_vs_sequential), with --baseline vs_baseline / cpu_vs_baseline = (a)/(a0) and
+paired_cpu_vs_baseline (median over rounds of the ratio of the two back-to-back runs, which cancels slow drifts of
+the box's load), and the retirement ratios.
 """
 
 from __future__ import annotations
@@ -42,23 +47,24 @@ from reasoning.gpt import GPT, GPTConfig
 DIM, LAYERS, HEADS, MLP_WIDTH, VOCAB = 256, 4, 4, 704, 8192
 
 
-def build_models(sequence_len: int, seed: int = 0):
+def build_models(sequence_len: int, seed: int = 0, kv_heads: int = HEADS):
     """The same random Llama network as (our GPT, HF LlamaForCausalLM)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_config = LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=MLP_WIDTH, num_hidden_layers=LAYERS,
-                            num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=sequence_len,
+                            num_attention_heads=HEADS, num_key_value_heads=kv_heads,
+                            max_position_embeddings=sequence_len,
                             rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=0, bos_token_id=None,
                             eos_token_id=None)
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(hf_config).eval()
-    ours = GPT(llama_shaped_config(sequence_len))
+    ours = GPT(llama_shaped_config(sequence_len, kv_heads))
     ours.load_state_dict(hf_to_ours(hf.state_dict()))
     return ours.eval(), hf
 
 
-def llama_shaped_config(sequence_len: int) -> GPTConfig:
-    return GPTConfig(sequence_len=sequence_len, vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_kv_head=HEADS,
+def llama_shaped_config(sequence_len: int, kv_heads: int = HEADS) -> GPTConfig:
+    return GPTConfig(sequence_len=sequence_len, vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_kv_head=kv_heads,
                      n_embd=DIM, softcap=None, mlp="swiglu", intermediate_size=MLP_WIDTH, norm_weight=True,
                      qk_norm=False)
 
@@ -120,13 +126,58 @@ def step_times(engine: Engine, prompts, max_tokens: int, retire: bool):
     return times, live
 
 
+def engine_at_revision(rev: str, ours: GPT):
+    """An Engine running the reasoning/ package as of git revision `rev`, on the same weights: the package is
+    read with `git archive` and imported under another name next to the current one, so before/after runs
+    interleave in one process (this box's noise swamps comparisons across runs)."""
+    import atexit
+    import dataclasses
+    import importlib
+    import io
+    import re
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        archive = subprocess.run(["git", "archive", rev, "reasoning"], cwd=root, capture_output=True,
+                                 check=True).stdout
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"--baseline {rev}: git archive failed: {e.stderr.decode().strip()}")
+    name = "reasoning_at_baseline"
+    folder = Path(tempfile.mkdtemp(prefix="bench_engine_"))
+    atexit.register(shutil.rmtree, folder, True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.endswith(".py"):
+                text = re.sub(r"\b(from|import) reasoning\b", rf"\1 {name}", tar.extractfile(member).read().decode())
+                target = folder / name / Path(member.name).relative_to("reasoning")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+    sys.path.insert(0, str(folder))
+    gpt_module = importlib.import_module(f"{name}.gpt")
+    engine_module = importlib.import_module(f"{name}.engine")
+    known = {f.name for f in dataclasses.fields(gpt_module.GPTConfig)}
+    model = gpt_module.GPT(gpt_module.GPTConfig(**{k: v for k, v in ours.config.to_dict().items() if k in known}))
+    model.load_state_dict(ours.state_dict())
+    return engine_module.Engine(model.eval())
+
+
 def throughput(args, ours: GPT, hf) -> dict:
     engine = Engine(ours)
+    baseline = engine_at_revision(args.baseline, ours) if args.baseline else None
     prompts = make_prompts(args.prompts, args.min_len, args.max_len, seed=1)
     sequential = prompts[: args.sequential_prompts]
 
     def run_batched():
         return engine.generate(prompts, max_tokens=args.new_tokens, temperature=0.0, stop_tokens=[])
+
+    def run_baseline():
+        return baseline.generate(prompts, max_tokens=args.new_tokens, temperature=0.0, stop_tokens=[])
 
     def run_sequential():
         return [engine.generate([p], max_tokens=args.new_tokens, temperature=0.0, stop_tokens=[])[0] for p in sequential]
@@ -136,19 +187,32 @@ def throughput(args, ours: GPT, hf) -> dict:
 
     hf_generate(hf, prompts[:2], 4)  # warm-ups: first calls pay one-off costs (allocator, lazy init)
     engine.generate(prompts[:2], max_tokens=4, temperature=0.0, stop_tokens=[])
+    keys = ["batched", "sequential", "hf"] + (["baseline"] if baseline else [])
+    if baseline:
+        baseline.generate(prompts[:2], max_tokens=4, temperature=0.0, stop_tokens=[])
 
-    rates = {"batched": [], "sequential": [], "hf": []}
-    cpu_rates = {"batched": [], "sequential": [], "hf": []}
+    rates = {key: [] for key in keys}
+    cpu_rates = {key: [] for key in keys}
+    paired = []  # per round CPU(a0) / CPU(a): the two run back to back, in alternating order
     for r in range(args.rounds):
+        if baseline and r % 2:
+            t_0, c_0, before = timed(run_baseline)
         t_a, c_a, batched = timed(run_batched)
+        runs = [("batched", t_a, c_a, len(prompts))]
+        if baseline:
+            if r % 2 == 0:
+                t_0, c_0, before = timed(run_baseline)
+            runs.append(("baseline", t_0, c_0, len(prompts)))
+            paired.append(c_0 / c_a)
         t_b, c_b, _ = timed(run_sequential)
         t_c, c_c, hf_tokens = timed(run_hf)
-        for key, wall, cpu, n in (("batched", t_a, c_a, len(prompts)), ("sequential", t_b, c_b, len(sequential)),
-                                  ("hf", t_c, c_c, len(prompts))):
+        runs += [("sequential", t_b, c_b, len(sequential)), ("hf", t_c, c_c, len(prompts))]
+        for key, wall, cpu, n in runs:
             rates[key].append(n * args.new_tokens / wall)
             cpu_rates[key].append(n * args.new_tokens / cpu)
-        print(f"round {r}: wall (cpu) seconds: batched {t_a:.2f} ({c_a:.2f})  sequential, {len(sequential)} prompts "
-              f"{t_b:.2f} ({c_b:.2f})  hf {t_c:.2f} ({c_c:.2f})")
+        print(f"round {r}: wall (cpu) seconds: batched {t_a:.2f} ({c_a:.2f})  "
+              + (f"baseline {t_0:.2f} ({c_0:.2f})  " if baseline else "")
+              + f"sequential, {len(sequential)} prompts {t_b:.2f} ({c_b:.2f})  hf {t_c:.2f} ({c_c:.2f})")
     assert all(len(g.tokens) == args.new_tokens for g in batched)
 
     # agreement with HF (same weights, greedy): identical tokens until a float near-tie flips an argmax
@@ -162,15 +226,26 @@ def throughput(args, ours: GPT, hf) -> dict:
     print(f"{'variant':<34}{'tokens/s wall':>14}{'tokens/CPU-s':>14}   wall runs")
     labels = {"batched": "(a) engine, batched", "sequential": "(b) engine, one prompt at a time",
               "hf": "(c) HF generate, batched"}
+    if baseline:
+        labels["baseline"] = f"(a0) engine at {args.baseline}, batched"
     for key, label in labels.items():
         print(f"{label:<34}{med[key]:>14.0f}{cpu_med[key]:>14.0f}   {'  '.join(f'{x:.0f}' for x in rates[key])}")
     print(f"ratios (wall | CPU): (a)/(c) {med['batched'] / med['hf']:.2f} | {cpu_med['batched'] / cpu_med['hf']:.2f}"
           f"   (a)/(b) {med['batched'] / med['sequential']:.2f} | {cpu_med['batched'] / cpu_med['sequential']:.2f}")
     print(f"agreement with HF greedy: {identical_rows}/{len(prompts)} rows identical over all {args.new_tokens} "
           f"tokens; median first-divergence position {statistics.median(prefix_match):.0f}")
-    return dict(vs_hf=med["batched"] / med["hf"], vs_sequential=med["batched"] / med["sequential"],
-                batched_tok_s=med["batched"], cpu_vs_hf=cpu_med["batched"] / cpu_med["hf"],
-                cpu_vs_sequential=cpu_med["batched"] / cpu_med["sequential"])
+    results = dict(vs_hf=med["batched"] / med["hf"], vs_sequential=med["batched"] / med["sequential"],
+                   batched_tok_s=med["batched"], cpu_vs_hf=cpu_med["batched"] / cpu_med["hf"],
+                   cpu_vs_sequential=cpu_med["batched"] / cpu_med["sequential"])
+    if baseline:
+        same = sum(g.tokens == b.tokens for g, b in zip(batched, before))
+        print(f"(a)/(a0) {med['batched'] / med['baseline']:.2f} | {cpu_med['batched'] / cpu_med['baseline']:.2f}; "
+              f"median of the per-round CPU ratios {statistics.median(paired):.2f} "
+              f"({' '.join(f'{x:.2f}' for x in paired)}); {same}/{len(prompts)} rows token-identical to {args.baseline}")
+        results.update(vs_baseline=med["batched"] / med["baseline"],
+                       cpu_vs_baseline=cpu_med["batched"] / cpu_med["baseline"],
+                       paired_cpu_vs_baseline=statistics.median(paired))
+    return results
 
 
 def retirement(args, ours: GPT) -> dict:
@@ -182,7 +257,7 @@ def retirement(args, ours: GPT) -> dict:
           finishing step): shows what the compactions cost against what they save.
     """
     def engine_with_context(context: int) -> Engine:
-        model = GPT(llama_shaped_config(context))
+        model = GPT(llama_shaped_config(context, ours.config.n_kv_head))
         model.load_state_dict(ours.state_dict())
         return Engine(model.eval())
 
@@ -225,6 +300,44 @@ def retirement(args, ours: GPT) -> dict:
                 staggered_ratio=totals[True] / totals[False])
 
 
+# profiler op names -> the categories of the engine's cost model
+PROFILE_CATEGORIES = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+                  "aten::_flash_attention_forward", "aten::_efficient_attention_forward"),
+    "cache writes": ("aten::_index_put_impl_",),
+    "sampling": ("aten::argmax", "aten::_log_softmax", "aten::logsumexp", "aten::gather"),
+}
+
+
+def profile_split(args, ours: GPT) -> None:
+    """Self CPU time of the batched call by category, prefill (a max_tokens=1 call) and decode (the rest)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine(ours)
+    prompts = make_prompts(args.prompts, args.min_len, args.max_len, seed=1)
+    engine.generate(prompts[:2], max_tokens=4, temperature=0.0, stop_tokens=[])
+    split = {}
+    for phase, max_tokens in (("prefill", 1), ("total", args.new_tokens)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.generate(prompts, max_tokens=max_tokens, temperature=0.0, stop_tokens=[])
+        events = prof.key_averages()
+        times = {e.key: e.self_cpu_time_total / 1e6 for e in events}
+        # sampling ops with their children (logsumexp runs as max/sub/exp/sum), the rest by self time
+        times.update({e.key: e.cpu_time_total / 1e6 for e in events if e.key in PROFILE_CATEGORIES["sampling"]})
+        split[phase] = {name: sum(times.get(op, 0.0) for op in ops) for name, ops in PROFILE_CATEGORIES.items()}
+        split[phase]["other"] = sum(e.self_cpu_time_total / 1e6 for e in events) - sum(split[phase].values())
+    split["decode"] = {name: split["total"][name] - split["prefill"][name] for name in split["total"]}
+    print("profile (torch.profiler, self CPU s of aten ops in one batched call; 'other': elementwise, norms, "
+          "rotary, indexing, allocation)")
+    print(f"{'':<10}" + "".join(f"{name:>14}" for name in split["total"]) + f"{'sum':>10}")
+    for phase in ("prefill", "decode", "total"):
+        total = sum(split[phase].values())
+        cells = "".join(f"{t:>8.2f} {100 * t / total:>3.0f}%" for t in split[phase].values())
+        print(f"{phase:<10}{cells}{total:>10.2f}")
+    print()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=64)
@@ -234,17 +347,25 @@ def main():
     parser.add_argument("--sequential-prompts", type=int, default=16, help="prompts timed one at a time in (b)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--kv-heads", type=int, default=HEADS, help=f"key/value heads (GQA below {HEADS})")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also time the engine of git revision REV (e.g. HEAD) in every round: (a0)")
     parser.add_argument("--skip", choices=["throughput", "retirement"], action="append", default=[])
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the batched engine's CPU time goes (torch.profiler, one call)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    ours, hf = build_models(args.max_len + args.new_tokens)
+    ours, hf = build_models(args.max_len + args.new_tokens, kv_heads=args.kv_heads)
     n_params = sum(p.numel() for p in ours.parameters())
-    print(f"model: Llama-shaped dim {DIM}, {LAYERS} layers, {HEADS} heads, vocab {VOCAB}, {n_params / 1e6:.2f}M params; "
+    print(f"model: Llama-shaped dim {DIM}, {LAYERS} layers, {HEADS} heads ({args.kv_heads} kv), vocab {VOCAB}, "
+          f"{n_params / 1e6:.2f}M params; "
           f"{args.prompts} prompts of {args.min_len}-{args.max_len} tokens, {args.new_tokens} new tokens, greedy, "
           f"CPU fp32, {torch.get_num_threads()} threads")
     results = {}
+    if args.profile:
+        profile_split(args, ours)
     if "throughput" not in args.skip:
         results.update(throughput(args, ours, hf))
     if "retirement" not in args.skip:

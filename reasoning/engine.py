@@ -161,7 +161,8 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, temperature
         weights = probs if keep is None else probs * keep
         choice = _inverse_cdf(weights, uniforms)
         tokens = choice if candidate_ids is None else candidate_ids.gather(1, choice[:, None]).squeeze(1)
-    logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
+    # one fused pass (log_softmax) costs half of gather - logsumexp, which runs as separate max/sub/exp/sum ops
+    logprobs = torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     return tokens, logprobs
 
 
@@ -326,7 +327,6 @@ class _Rollout:
         config = self.model.config
         active = sorted({g.prompt_index for g, d in zip(self.generations, self.done) if not d},
                         key=lambda p: -len(self.prompts[p]))
-        longest = len(self.prompts[active[0]])
         # a row feeds back its prompt and every generated token but the last: len + budget - 1 slots, plus one
         # spare where a finished row that still rides in the batch writes its (discarded) input
         max_len = max(len(self.prompts[p]) + self.budgets[p * G] for p in active)
@@ -337,16 +337,15 @@ class _Rollout:
             width = len(group[0])
             idx = torch.tensor([prompt + [0] * (width - len(prompt)) for prompt in group], dtype=torch.long,
                                device=self.device)  # (n, width) right-padded
-            lengths = torch.tensor([len(prompt) for prompt in group], dtype=torch.int32, device=self.device)
-            cache = KVCache.for_model(config, len(group), width, device=self.device, dtype=self.dtype)
+            lengths = [len(prompt) for prompt in group]
+            cache = KVCache.for_model(config, len(group), width, device=self.device, dtype=self.dtype,
+                                      layout=self.cache.layout)
             with self._compute():
                 hidden = self.model.forward_hidden(idx, kv_cache=cache, new_lengths=lengths)  # (n, width, D)
-                last = hidden[torch.arange(len(group), device=self.device), lengths.long() - 1]  # (n, D)
+                last = hidden[torch.arange(len(group), device=self.device),
+                              torch.tensor(lengths, device=self.device) - 1]  # (n, D)
                 logits[start:stop] = self.model.compute_logits(last)
-            self.cache.k[:, start:stop, :width] = cache.k
-            self.cache.v[:, start:stop, :width] = cache.v
-            self.cache.lengths[start:stop] = cache.lengths
-        self.cache.advance(longest, new_lengths=torch.zeros_like(self.cache.lengths))  # bound: longest prompt
+            self.cache.write_rows(start, cache)
         if G > 1:
             self.cache.repeat_rows(G)
             logits = logits.repeat_interleave(G, dim=0)
@@ -361,8 +360,7 @@ class _Rollout:
                            device=self.device)  # (B, 1)
         new_lengths = None
         if any(self.done[row] for row in self.resident):  # retire=False: finished rows must not grow
-            new_lengths = torch.tensor([0 if self.done[row] else 1 for row in self.resident], dtype=torch.int32,
-                                       device=self.device)
+            new_lengths = [0 if self.done[row] else 1 for row in self.resident]
         with self._compute():
             hidden = self.model.forward_hidden(idx, kv_cache=self.cache, new_lengths=new_lengths)
             return self.model.compute_logits(hidden[:, -1])

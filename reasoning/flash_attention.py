@@ -8,7 +8,14 @@ Two entry points, both taking tensors in the (B, T, H, D) layout FlashAttention 
   see slots `j < cache_lengths[b] + i + 1` (bottom-right aligned causality, which is exactly what FA3's
   `flash_attn_with_kvcache` does, so both backends agree slot for slot).
 
-Grouped-query attention (k/v with fewer heads than q, n_head % n_kv_head == 0) is handled by both backends.
+The cache's physical layout belongs to the backend (`cache_layout`): FA3's kvcache kernel takes (B, S, Hkv, D)
+("bshd"); SDPA wants each head's keys contiguous, (B, Hkv, S, D) ("bhsd"): reading a bshd cache through a
+transposed view made each CPU decode attention call ~30% slower (dev/LOG.md). On the SDPA path a decode step can
+also split the batch into runs of rows with similar lengths (`key_spans`), so short rows do not read the keys of
+the longest one.
+
+Grouped-query attention (k/v with fewer heads than q, n_head % n_kv_head == 0) is handled by both backends,
+without copying k/v per query head.
 A sliding `window` W means a query sees itself and the W-1 keys before it.
 
 FA3 comes from the Hugging Face kernel hub (`kernels.get_kernel("kernels-community/flash-attn3")`). It is
@@ -139,18 +146,37 @@ def _check_window(window: int | None) -> None:
         raise ValueError(f"attention window={window}: expected None or a positive number of tokens")
 
 
-def _sdpa(q, k, v, mask=None, is_causal=False):
-    """SDPA on (B, T, H, D) tensors; k/v may have fewer heads (GQA)."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+# devices whose SDPA runs GQA with an explicit mask in a fused kernel (CPU's flash kernel does: fast and exact)
+GQA_MASK_NATIVE_DEVICES = ("cpu",)
+
+
+def _sdpa_heads(q, k, v, mask=None, is_causal=False):
+    """SDPA on heads-first tensors: q (B, H, T, D), k/v (B, Hkv, S, D) with Hkv dividing H -> (B, H, T, D).
+
+    mask: bool, broadcastable to (B, 1, T, S), True = may attend.
+    """
     n_head, n_kv_head = q.size(1), k.size(1)
     gqa = n_head != n_kv_head
-    if gqa and mask is not None:
-        # With an explicit mask the fused GPU kernels that accept one do not take GQA; repeating k/v keeps
-        # us on them instead of the quadratic-memory math fallback.
-        k = k.repeat_interleave(n_head // n_kv_head, dim=1)
-        v = v.repeat_interleave(n_head // n_kv_head, dim=1)
-        gqa = False
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    if gqa and mask is not None and q.device.type not in GQA_MASK_NATIVE_DEVICES:
+        # The fused GPU kernels that take a mask do not take GQA (torch would use the quadratic-memory math
+        # kernel). Fold each kv head's group of query heads into the query axis instead: plain attention over
+        # Hkv heads with the mask repeated per group, and no per-query-head copy of k/v (repeat_interleave of
+        # a long cache made a CPU decode call 13x slower in a microbench, dev/LOG.md).
+        B, _, T, D = q.shape
+        group = n_head // n_kv_head
+        S = k.size(2)
+        folded = q.reshape(B, n_kv_head, group * T, D)  # query head h = kv_head * group + g
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (T, S) -> (1, 1, T, S)
+        rows = mask.size(0)  # 1 for a training mask: it stays shared across the batch
+        mask = mask.expand(rows, 1, T, S)[:, :, None].expand(rows, 1, group, T, S).reshape(rows, 1, group * T, S)
+        y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask)
+        return y.view(B, n_head, T, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+
+
+def _sdpa(q, k, v, mask=None, is_causal=False):
+    """SDPA on (B, T, H, D) tensors; k/v may have fewer heads (GQA)."""
+    y = _sdpa_heads(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, is_causal)
     return y.transpose(1, 2)  # (B, T, H, D)
 
 
@@ -172,40 +198,105 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return _sdpa(q, k, v, mask=(delta >= 0) & (delta < window))
 
 
+CACHE_LAYOUTS = ("bshd", "bhsd")
+
+
+def cache_layout(device: torch.device | str, dtype: torch.dtype) -> str:
+    """Physical layout for KV-cache buffers that attention will read on `device` in `dtype`.
+
+    "bshd" (B, S, Hkv, D) when FA3 will run (its kvcache kernel wants it), else "bhsd" (B, Hkv, S, D) for SDPA.
+    """
+    return "bshd" if _use_fa3(torch.device(device), dtype) else "bhsd"
+
+
+# Each run costs one SDPA call (tens of us of fixed cost on CPU, against ~0.2 us per (row, key) pair at H*D = 256),
+# so runs are not cut finer than this. Measured on the engine bench (dev/LOG.md): ~6 runs for 64 rows whose
+# lengths spread 10x read 1.08x the keys of exact per-row trimming, against 1.53x for one run.
+SPAN_MIN_ROWS = 8      # rows per run at least
+SPAN_SLACK = 0.125     # a row joins the current run if its key bound is within 12.5% of the run's largest
+
+
+def key_spans(key_bounds: list[int]) -> list[tuple[int, int, int]]:
+    """Split rows into contiguous runs [start, stop) of similar key bounds: [(start, stop, max bound), ...].
+
+    key_bounds[b] is an upper bound on the keys row b attends to in this forward (cache length + new tokens).
+    Each run then reads only the keys its longest row needs. Runs are contiguous so that each is a view of the
+    cache; the engine keeps rows sorted by prompt length, so runs follow the length profile closely.
+    """
+    spans, start = [], 0
+    B = len(key_bounds)
+    while start < B:
+        longest, stop = key_bounds[start], start + 1
+        while stop < B:
+            bound = key_bounds[stop]
+            if stop - start >= SPAN_MIN_ROWS and bound < (1 - SPAN_SLACK) * longest and B - stop >= SPAN_MIN_ROWS:
+                break
+            longest = max(longest, bound)
+            stop += 1
+        spans.append((start, stop, longest))
+        start = stop
+    return spans
+
+
 def attention_with_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          cache_lengths: torch.Tensor, k_new: torch.Tensor | None = None,
                          v_new: torch.Tensor | None = None, window: int | None = None,
-                         key_len: int | None = None) -> torch.Tensor:
+                         key_len: int | None = None, layout: str = "bshd",
+                         spans: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
     """Attention of a block of new queries against a per-row KV cache.
 
-    q (B, T, H, D); k_cache/v_cache (B, max_len, Hkv, D); cache_lengths (B,) int32 = valid slots per row
-    before this block. If k_new/v_new (B, T, Hkv, D) are given they are written in place at slots
-    cache_lengths[b] .. cache_lengths[b]+T-1 first. Query i of row b attends to slots j < cache_lengths[b] + i + 1
-    (and j > cache_lengths[b] + i - window). Right-padded rows are fine: padding queries see only their own row's
-    slots and their outputs are ignored by the caller.
+    q (B, T, H, D); k_cache/v_cache (B, max_len, Hkv, D) for layout "bshd" or (B, Hkv, max_len, D) for "bhsd"
+    (see cache_layout); cache_lengths (B,) int32 = valid slots per row before this block. If k_new/v_new
+    (B, T, Hkv, D) are given they are written in place at slots cache_lengths[b] .. cache_lengths[b]+T-1 first.
+    Query i of row b attends to slots j < cache_lengths[b] + i + 1 (and j > cache_lengths[b] + i - window).
+    Right-padded rows are fine: padding queries see only their own row's slots and their outputs are ignored by
+    the caller. Returns (B, T, H, D).
     `key_len` is a known upper bound on max(cache_lengths) + T (the caller tracks it without a device sync);
-    keys beyond it are never looked at, which keeps short caches cheap in a long buffer.
+    keys beyond it are never looked at, which keeps short caches cheap in a long buffer. `spans` (from
+    key_spans) refines it per run of rows; FA3 needs neither (it reads each row's own length).
     """
     _check_window(window)
+    if layout not in CACHE_LAYOUTS:
+        raise ValueError(f"attention_with_cache: layout={layout!r}, expected one of {', '.join(CACHE_LAYOUTS)}")
     B, T, n_head, _ = q.shape
     if (k_new is None) != (v_new is None):
         raise ValueError("attention_with_cache: pass both k_new and v_new, or neither")
-    if _use_fa3(q.device, q.dtype) and k_cache.dtype == q.dtype:
+    if layout == "bshd" and _use_fa3(q.device, q.dtype) and k_cache.dtype == q.dtype:
         y = _fa3_module.flash_attn_with_kvcache(
             q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=cache_lengths.to(torch.int32),
             causal=True, window_size=_fa3_window(window))
         return _first(y)
 
+    # heads-first views (B, Hkv, max_len, D): free for "bhsd", strided for "bshd"
+    k_heads = k_cache if layout == "bhsd" else k_cache.transpose(1, 2)
+    v_heads = v_cache if layout == "bhsd" else v_cache.transpose(1, 2)
     positions = cache_lengths.long()[:, None] + torch.arange(T, device=q.device)  # (B, T) slot of each query
     if k_new is not None:
         rows = torch.arange(B, device=q.device)[:, None]
-        k_cache[rows, positions] = k_new.to(k_cache.dtype)
-        v_cache[rows, positions] = v_new.to(v_cache.dtype)
-    S = k_cache.size(1) if key_len is None else min(key_len, k_cache.size(1))
-    keys = k_cache[:, :S].to(q.dtype)
-    values = v_cache[:, :S].to(q.dtype)
-    slots = torch.arange(S, device=q.device)
-    allowed = slots[None, None, :] <= positions[:, :, None]  # (B, T, S)
-    if window is not None:
-        allowed &= slots[None, None, :] > positions[:, :, None] - window
-    return _sdpa(q, keys, values, mask=allowed[:, None])  # mask (B, 1, T, S) broadcasts over heads
+        k_heads[rows, :, positions] = k_new.to(k_cache.dtype)  # indexed view (B, T, Hkv, D), like k_new
+        v_heads[rows, :, positions] = v_new.to(v_cache.dtype)
+    max_len = k_heads.size(2)
+    if spans is None:
+        spans = [(0, B, max_len if key_len is None else key_len)]
+    elif spans[0][0] != 0 or spans[-1][1] != B or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise ValueError(f"attention_with_cache: spans {spans} do not cover rows 0..{B} in contiguous runs")
+    q_heads = q.transpose(1, 2)  # (B, H, T, D)
+    outputs = []
+    for start, stop, S in spans:
+        S = min(S, max_len)
+        if S == T and (window is None or window >= T):
+            # the run's rows had empty caches (a prefill): their mask is plain causal, which SDPA's kernels
+            # apply by skipping blocks instead of reading a mask
+            keys, values = k_heads[start:stop, :, :T].to(q.dtype), v_heads[start:stop, :, :T].to(q.dtype)
+            outputs.append(_sdpa_heads(q_heads[start:stop], keys, values, is_causal=True))
+            continue
+        slots = torch.arange(S, device=q.device)
+        limit = positions[start:stop, :, None]  # (n, T, 1)
+        allowed = slots <= limit  # (n, T, S)
+        if window is not None:
+            allowed &= slots > limit - window
+        keys = k_heads[start:stop, :, :S].to(q.dtype)
+        values = v_heads[start:stop, :, :S].to(q.dtype)
+        outputs.append(_sdpa_heads(q_heads[start:stop], keys, values, mask=allowed[:, None]))  # mask (n,1,T,S)
+    y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return y.transpose(1, 2)  # (B, T, H, D)

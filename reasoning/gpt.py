@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reasoning.flash_attention import attention, attention_with_cache
+from reasoning.flash_attention import CACHE_LAYOUTS, attention, attention_with_cache, cache_layout, key_spans
 
 _MLP_KINDS = ("relu2", "swiglu")
 _LOSS_REDUCTIONS = ("mean", "sum", "none")
@@ -195,7 +195,7 @@ class CausalSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, kv_cache: "KVCache | None" = None, key_len: int | None = None):
+    def forward(self, x, cos, sin, kv_cache: "KVCache | None" = None, spans=None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -207,7 +207,7 @@ class CausalSelfAttention(nn.Module):
             y = attention(q, k, v, causal=True, window=self.window)
         else:
             y = attention_with_cache(q, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], kv_cache.lengths,
-                                     k_new=k, v_new=v, window=self.window, key_len=key_len)
+                                     k_new=k, v_new=v, window=self.window, layout=kv_cache.layout, spans=spans)
         return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -235,8 +235,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.rms_eps, config.norm_weight)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, key_len=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, key_len)
+    def forward(self, x, cos, sin, kv_cache=None, spans=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, spans)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -246,28 +246,41 @@ class Block(nn.Module):
 class KVCache:
     """Per-layer key/value buffers with a valid length per row.
 
-    k, v: (n_layer, B, max_len, n_kv_head, head_dim); lengths: (B,) int32. A cached forward of T tokens writes
+    k, v: (n_layer, B, n_kv_head, max_len, head_dim) in the "bhsd" layout (SDPA), or (n_layer, B, max_len,
+    n_kv_head, head_dim) in "bshd" (FA3); the layout follows the attention backend for the cache's device and
+    dtype (flash_attention.cache_layout) unless given. lengths: (B,) int32. A cached forward of T tokens writes
     row b at slots lengths[b] .. lengths[b]+T-1 (rotary positions = slot indices), then lengths += new_lengths
     (default T). Ragged prompts are prefilled right-padded with new_lengths = true lengths; the padding slots
     hold junk that is never attended to by real tokens and is overwritten by the next decode steps.
+
+    The host keeps an upper bound on each row's length (`bounds`; exact when new_lengths are given as a list),
+    so a forward can trim the keys it reads per run of rows without a device sync.
     """
 
     def __init__(self, batch_size: int, n_layer: int, n_kv_head: int, head_dim: int, max_len: int,
-                 device=None, dtype: torch.dtype = torch.float32):
+                 device=None, dtype: torch.dtype = torch.float32, layout: str | None = None):
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"KVCache: batch_size={batch_size} and max_len={max_len} must be positive")
-        shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
+        if layout is None:
+            layout = cache_layout(device if device is not None else "cpu", dtype)
+        if layout not in CACHE_LAYOUTS:
+            raise ValueError(f"KVCache: layout={layout!r}, expected one of {', '.join(CACHE_LAYOUTS)}")
+        self.layout = layout
+        if layout == "bhsd":
+            shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        else:
+            shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
         # zeros, not empty: masked-out slots still enter the softmax-weighted sum, and 0 * NaN would poison it
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, device=device, dtype=torch.int32)
-        # An upper bound on lengths.max() kept on the host, so the decode loop trims keys without a device sync.
-        self.max_filled = 0
+        self.bounds = [0] * batch_size  # host-side upper bound on lengths[b]
 
     @classmethod
     def for_model(cls, config: GPTConfig, batch_size: int, max_len: int, device=None,
-                  dtype: torch.dtype = torch.float32) -> "KVCache":
-        return cls(batch_size, config.n_layer, config.n_kv_head, config.get_head_dim(), max_len, device, dtype)
+                  dtype: torch.dtype = torch.float32, layout: str | None = None) -> "KVCache":
+        return cls(batch_size, config.n_layer, config.n_kv_head, config.get_head_dim(), max_len, device, dtype,
+                   layout)
 
     @property
     def batch_size(self) -> int:
@@ -275,36 +288,68 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.size(2)
+        return self.k.size(3 if self.layout == "bhsd" else 2)
 
-    def reserve(self, num_new: int) -> int:
-        """Check that num_new more slots fit in every row; return an upper bound on the keys then in use."""
+    @property
+    def max_filled(self) -> int:
+        """An upper bound on lengths.max(), known on the host."""
+        return max(self.bounds)
+
+    def heads_first(self, buffer: torch.Tensor) -> torch.Tensor:
+        """k or v viewed as (n_layer, B, n_kv_head, max_len, head_dim) whatever the layout (a view, no copy)."""
+        return buffer if self.layout == "bhsd" else buffer.transpose(2, 3)
+
+    def reserve(self, num_new: int) -> list[tuple[int, int, int]]:
+        """Check that num_new more slots fit in every row; return runs of rows (start, stop, key bound) whose
+        keys after writing them lie below the bound (flash_attention.key_spans)."""
         if self.max_filled + num_new > self.max_len:
-            self.max_filled = int(self.lengths.max())  # exact value (a device sync), only when close to full
+            self.bounds = self.lengths.tolist()  # exact values (a device sync), only when close to full
             if self.max_filled + num_new > self.max_len:
                 raise ValueError(f"KVCache full: a row holds {self.max_filled} tokens and {num_new} more would "
                                  f"exceed max_len={self.max_len}")
-        return self.max_filled + num_new
+        return key_spans([bound + num_new for bound in self.bounds])
 
     def advance(self, num_new: int, new_lengths=None) -> None:
-        """Commit a forward of num_new slots per row, of which new_lengths[b] (default all) are real tokens."""
+        """Commit a forward of num_new slots per row, of which new_lengths[b] (default all) are real tokens.
+
+        new_lengths as a list keeps the host bounds exact; as a tensor they grow by num_new (no device sync).
+        """
         if new_lengths is None:
             self.lengths += num_new
+            self.bounds = [bound + num_new for bound in self.bounds]
+            return
+        host = list(new_lengths) if isinstance(new_lengths, (list, tuple)) else None
+        new_lengths = torch.as_tensor(new_lengths, dtype=torch.int32, device=self.lengths.device)
+        if new_lengths.shape != self.lengths.shape:
+            raise ValueError(f"new_lengths has shape {tuple(new_lengths.shape)}; expected ({self.batch_size},)")
+        self.lengths += new_lengths
+        if host is None:
+            self.bounds = [bound + num_new for bound in self.bounds]
         else:
-            new_lengths = torch.as_tensor(new_lengths, dtype=torch.int32, device=self.lengths.device)
-            if new_lengths.shape != self.lengths.shape:
-                raise ValueError(f"new_lengths has shape {tuple(new_lengths.shape)}; expected ({self.batch_size},)")
-            self.lengths += new_lengths
-        self.max_filled += num_new
+            self.bounds = [bound + int(n) for bound, n in zip(self.bounds, host)]
 
-    def select_rows(self, index: torch.Tensor) -> None:
+    def write_rows(self, start: int, other: "KVCache") -> None:
+        """Copy all of `other` (keys, values, lengths) into rows start.. and its first other.max_len slots."""
+        stop = start + other.batch_size
+        if stop > self.batch_size or other.max_len > self.max_len or other.k.shape[0] != self.k.shape[0]:
+            raise ValueError(f"write_rows: a cache of {other.batch_size} rows x {other.max_len} slots does not fit "
+                             f"at row {start} of one with {self.batch_size} rows x {self.max_len} slots")
+        width = other.max_len
+        self.heads_first(self.k)[:, start:stop, :, :width] = other.heads_first(other.k)
+        self.heads_first(self.v)[:, start:stop, :, :width] = other.heads_first(other.v)
+        self.lengths[start:stop] = other.lengths
+        self.bounds[start:stop] = other.bounds
+
+    def select_rows(self, index) -> None:
         """Keep/reorder rows in place (row retirement, compaction): row i becomes old row index[i]."""
-        index = torch.as_tensor(index, dtype=torch.long, device=self.lengths.device)
+        host = index.tolist() if isinstance(index, torch.Tensor) else list(index)
+        index = torch.as_tensor(host, dtype=torch.long, device=self.lengths.device)
         if index.ndim != 1 or index.numel() == 0:
             raise ValueError(f"select_rows: expected a non-empty 1-D index, got shape {tuple(index.shape)}")
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
         self.lengths = self.lengths.index_select(0, index)
+        self.bounds = [self.bounds[i] for i in host]
 
     def repeat_rows(self, n: int) -> None:
         """Repeat every row n times consecutively (one prefill shared by n samples)."""
@@ -314,10 +359,11 @@ class KVCache:
             self.k = self.k.repeat_interleave(n, dim=1)
             self.v = self.v.repeat_interleave(n, dim=1)
             self.lengths = self.lengths.repeat_interleave(n)
+            self.bounds = [bound for bound in self.bounds for _ in range(n)]
 
     def reset(self) -> None:
         self.lengths.zero_()
-        self.max_filled = 0
+        self.bounds = [0] * self.batch_size
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,11 +455,11 @@ class GPT(nn.Module):
                 raise ValueError("new_lengths is only meaningful together with a kv_cache")
             self._ensure_rotary(T, idx.device)
             cos, sin = self.rotary_cos[None, :T, None, :], self.rotary_sin[None, :T, None, :]  # (1, T, 1, D/2)
-            key_len = None
+            spans = None
         else:
             if kv_cache.batch_size != B:
                 raise ValueError(f"idx has {B} rows but the KV cache has {kv_cache.batch_size}")
-            key_len = kv_cache.reserve(T)
+            spans = kv_cache.reserve(T)  # runs of rows and the keys each must read
             self._ensure_rotary(kv_cache.max_len, idx.device)
             positions = kv_cache.lengths.long()[:, None] + torch.arange(T, device=idx.device)  # (B, T) slots
             cos, sin = self.rotary_cos[positions][:, :, None, :], self.rotary_sin[positions][:, :, None, :]
@@ -421,7 +467,7 @@ class GPT(nn.Module):
         cos, sin = cos.to(dtype), sin.to(dtype)
         x = self.wte(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, key_len)
+            x = block(x, cos, sin, kv_cache, spans)
         if kv_cache is not None:
             kv_cache.advance(T, new_lengths)
         return self.norm_f(x)

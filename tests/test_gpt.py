@@ -2,12 +2,14 @@
 init, accounting. Tiny fp32 models on CPU."""
 
 import math
+import types
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reasoning import flash_attention as fa
 from reasoning.gpt import GPT, GPTConfig, KVCache, apply_rotary, config_from_depth, rotary_tables
 
 VOCAB = 61
@@ -192,6 +194,98 @@ def test_repeat_rows_shares_one_prefill():
     for row in range(6):
         seq = prompts[row // 3] + samples[row].tolist()
         torch.testing.assert_close(logits[row], reference_logits(model, seq)[-1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["default_gqa", "window"])
+def test_cache_layouts_agree_through_prefill_decode_and_row_surgery(variant):
+    """The SDPA layout (B, Hkv, S, D) and FA3's (B, S, Hkv, D) hold the same keys and give the same logits."""
+    model = build(**VARIANTS[variant])
+    assert new_cache(model, 1, 4).layout == "bhsd"  # what CPU attention reads fastest
+    prompts = [tokens(5, seed=1).tolist(), tokens(2, seed=2).tolist(), tokens(7, seed=3).tolist()]
+    ids, lengths = ragged_batch(prompts)
+    steps = tokens(3, 4, seed=6)
+    logits = {}
+    caches = {}
+    for layout in ("bshd", "bhsd"):
+        cache = KVCache.for_model(model.config, 3, 16, layout=layout)
+        out = [model(ids, kv_cache=cache, new_lengths=lengths)[:, -1]]
+        out.append(model(steps[:, :1], kv_cache=cache)[:, 0])
+        cache.select_rows(torch.tensor([2, 0]))
+        out.append(model(steps[[2, 0], 1:2], kv_cache=cache)[:, 0])
+        cache.repeat_rows(2)
+        out.append(model(steps[[2, 2, 0, 0], 2:3], kv_cache=cache)[:, 0])
+        logits[layout], caches[layout] = out, cache
+    for a, b in zip(logits["bshd"], logits["bhsd"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    hd = model.config.get_head_dim()
+    assert caches["bshd"].k.shape == (2, 4, 16, 2, hd) and caches["bhsd"].k.shape == (2, 4, 2, 16, hd)
+    filled = int(caches["bhsd"].lengths.max())
+    for name in ("k", "v"):
+        bshd, bhsd = getattr(caches["bshd"], name), getattr(caches["bhsd"], name)
+        torch.testing.assert_close(bshd.transpose(2, 3)[..., :filled, :], bhsd[..., :filled, :], atol=1e-6, rtol=0)
+
+
+def test_fa3_backend_gets_caches_in_its_own_layout(monkeypatch):
+    """When FA3 is the backend, KVCache allocates (B, S, Hkv, D) buffers and hands them to
+    flash_attn_with_kvcache untouched. FA3 needs a Hopper GPU, so a stand-in kernel with FA3's signature runs
+    the SDPA path on those same buffers; the logits must be those of a cache-free forward."""
+    model = build(**VARIANTS["window"])
+    prompts = [tokens(5, seed=1).tolist(), tokens(2, seed=2).tolist()]
+    steps = tokens(2, 3, seed=4)
+    references = [reference_logits(model, p + steps[row].tolist()) for row, p in enumerate(prompts)]
+    use_fa3 = [True]
+    calls = []
+
+    def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=True,
+                                window_size=(-1, -1)):
+        calls.append(tuple(k_cache.shape))
+        assert causal and cache_seqlens.dtype == torch.int32
+        use_fa3[0] = False
+        try:
+            return fa.attention_with_cache(q, k_cache, v_cache, cache_seqlens, k_new=k, v_new=v, layout="bshd",
+                                           window=None if window_size[0] < 0 else window_size[0] + 1)
+        finally:
+            use_fa3[0] = True
+
+    monkeypatch.setattr(fa, "_use_fa3", lambda device, dtype: use_fa3[0])
+    monkeypatch.setattr(fa, "_fa3_module", types.SimpleNamespace(flash_attn_with_kvcache=flash_attn_with_kvcache))
+    cache = new_cache(model, 2, 12)
+    assert cache.layout == "bshd"
+    ids, lengths = ragged_batch(prompts)
+    prefill = model(ids, kv_cache=cache, new_lengths=lengths)
+    decoded = [model(steps[:, t:t + 1], kv_cache=cache)[:, 0] for t in range(3)]
+    hd = model.config.get_head_dim()
+    assert calls and set(calls) == {(2, 12, model.config.n_kv_head, hd)}
+    for row, p in enumerate(prompts):
+        torch.testing.assert_close(prefill[row, :len(p)], references[row][:len(p)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.stack([d[row] for d in decoded]), references[row][len(p):], atol=1e-5,
+                                   rtol=0)
+
+
+def test_group_prefills_written_into_one_cache_decode_like_one_prefill():
+    """The engine's path: prompts prefilled in separate caches, copied with write_rows, then decoded together;
+    host bounds stay exact with list new_lengths and only ever over-estimate with tensor ones."""
+    model = build()
+    prompts = [tokens(9, seed=1).tolist(), tokens(8, seed=2).tolist(), tokens(3, seed=3).tolist()]
+    big = new_cache(model, 3, 16)
+    for start, group in ((0, prompts[:2]), (2, prompts[2:])):
+        ids, lengths = ragged_batch(group)
+        cache = new_cache(model, len(group), ids.size(1))
+        model(ids, kv_cache=cache, new_lengths=lengths.tolist())
+        assert cache.bounds == lengths.tolist()
+        big.write_rows(start, cache)
+    assert big.lengths.tolist() == big.bounds == [9, 8, 3]
+    steps = tokens(3, 3, seed=8)
+    for step in range(3):
+        new_lengths = torch.tensor([1, 0, 1]) if step == 2 else None  # row 1 stops growing
+        logits = model(steps[:, step:step + 1], kv_cache=big, new_lengths=new_lengths)[:, 0]
+        if step < 2:
+            for row in range(3):
+                seq = prompts[row] + steps[row, :step + 1].tolist()
+                torch.testing.assert_close(logits[row], reference_logits(model, seq)[-1], atol=1e-5, rtol=0)
+    assert big.lengths.tolist() == [12, 10, 6] and big.bounds == [12, 11, 6]  # tensor: +1 for every row
+    with pytest.raises(ValueError, match="does not fit"):
+        big.write_rows(2, new_cache(model, 2, 4))
 
 
 def test_cache_reset_and_overflow():
