@@ -1,10 +1,15 @@
-"""RL loop (reasoning.rl, scripts/chat_rl.py): sampler/trainer log-prob parity, end-to-end learning on a tiny SFT'd
-model, the zero-variance / empty-batch update paths (also across two gloo ranks), exact resume, no reference model
-without KL, and the CLI.
+"""RL loop (reasoning.rl, scripts/chat_rl.py): sampler/trainer log-prob parity, learning on the synthetic task, the
+zero-variance / empty-batch update paths (also across two gloo ranks), exact resume, no reference model without KL,
+and the CLI.
 
-The shared fixture is a tiny GPT fine-tuned (a few seconds of plain AdamW SFT) on single-digit additions whose
-reference answer is \\boxed{} in half of the examples and bare in the other half. The correctness reward only
-accepts a boxed answer, so the SFT policy starts in the middle (reward ~0.4) for a reason RL can fix quickly.
+Learning uses tasks/synthetic.py's real task (`synthetic_sft` fixture): a tiny GPT with no pretraining is SFT'd
+with reasoning.sft first on clean worked solutions (the stand-in for a pretrained base), then on the answer-only
+mixture runs/runcpu.sh uses (`answer_only_frac` 0.5), so it samples the shortcut about half the time and scores far
+less with it than with the worked steps; 30 GRPO steps through `train_rl` have to find that out from the reward.
+
+The mechanics tests share a cheaper fixture: a tiny GPT fine-tuned (a few seconds of plain AdamW SFT) on
+single-digit additions whose reference answer is \\boxed{} in half of the examples and bare in the other half, so
+rewards vary within a group (non-zero advantages) from the first step.
 """
 
 import json
@@ -16,6 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from helpers_models import tiny_model, train_small_tokenizer
 from reasoning import checkpoint as ckpt
 from reasoning import rl
 from reasoning import rollout as rollout_module
@@ -24,9 +30,10 @@ from reasoning.engine import Engine
 from reasoning.gpt import GPT, GPTConfig
 from reasoning.rl import RLConfig, build_reward, token_logprobs, train_rl
 from reasoning.rollout import collect_rollout, training_rows
-from reasoning.sft import conversation_targets, pad_rows
+from reasoning.sft import SFTConfig, conversation_targets, pad_rows, train_sft
 from reasoning.tokenizer import train_tokenizer
 from tasks.common import Task
+from tasks.synthetic import SyntheticReasoning
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on a shared box, threads only contend
 
@@ -142,25 +149,62 @@ def test_training_rows_forced_tokens_and_truncation():
 
 # ----------------------------------------------------------------------------------------------- learning
 
-def test_rl_raises_reward_and_accuracy(tiny_sft):
-    base_dir, ckpt_dir = tiny_sft
-    config = small_config(base_dir, ckpt_dir, out_tag="learn", num_steps=20, prompts_per_step=8, num_samples=8,
-                          eval_every=0, eval_problems=64, eval_pass_k=0, eval_batch_size=64, seed=0)
-    summary = train_rl(config, tasks=_tasks())
+SYNTHETIC = "twostep"  # tasks/synthetic.py preset: two operations on operands <= 5 (digits the tiny model can learn)
+
+
+@pytest.fixture(scope="module")
+def synthetic_sft(tmp_path_factory):
+    """(base_dir, checkpoint dir) of a tiny GPT SFT'd on the synthetic task in two reasoning.sft runs (~35 s here).
+
+    1. 400 steps on clean worked solutions: greedy and sampled accuracy ~0.8 (the model can do the arithmetic).
+    2. 100 steps on the answer-only mixture: the first assistant token now opens the think span only about half of
+       the time, and the bare answers are mostly wrong (sampled pass@1 ~0.4 overall: ~0.7 worked, ~0.2 bare)."""
+    root = tmp_path_factory.mktemp("rl_synthetic")
+    tokenizer_dir = str(root / "tokenizer")
+    tokenizer = train_small_tokenizer(tokenizer_dir)           # BPE on synthetic problems (tests/helpers_models)
+    model = tiny_model(tokenizer.vocab_size, depth=2, n_embd=64, sequence_len=256, noise=0.0)
+    source = {"dir": "scratch", "step": 0, "tokenizer_dir": tokenizer_dir}
+    summary = None
+    for answer_only, steps, lr_scale in ((0.0, 400, 2.0), (0.5, 100, 1.0)):
+        train = SyntheticReasoning("train", size=20_000, difficulty=SYNTHETIC, answer_only_frac=answer_only)
+        config = SFTConfig(num_iterations=steps, lr_scale=lr_scale, device_batch_size=16, max_seq_len=256,
+                           eval_every=-1, log_every=1000, seed=int(answer_only > 0), base_dir=str(root),
+                           out_tag=f"synthetic_ao{answer_only}")
+        summary = train_sft(config, model, tokenizer, source, torch.device("cpu"), tasks=(train, None, None))
+    return str(root), summary["checkpoint_dir"]
+
+
+def test_rl_on_the_synthetic_task_raises_reward_and_held_out_accuracy(synthetic_sft):
+    """30 GRPO steps (16 prompts x 8 samples) on the synthetic train split, tasks built by train_rl itself.
+
+    RL seeds 0-4 gained +0.20..+0.33 train reward, +0.17..+0.30 held-out sampled pass@1 and +0.36..+0.55 held-out
+    greedy accuracy; each margin below is at most about 0.6 of the smallest gain. A broken update fails: with
+    lr_scale 0 both held-out numbers stay exactly where they were (train reward drifts +0.02 with the prompt order);
+    with the advantage sign flipped everything falls (the policy learns the shortcut: reward 0.31 -> 0.02)."""
+    base_dir, ckpt_dir = synthetic_sft
+    config = small_config(base_dir, ckpt_dir, out_tag="learn", task="synthetic", synthetic_difficulty=SYNTHETIC,
+                          num_steps=30, prompts_per_step=16, num_samples=8, max_new_tokens=48, lr_scale=0.5,
+                          eval_every=0, eval_problems=64, eval_pass_k=8, eval_batch_size=64, device_batch_size=32,
+                          seed=0)
+    summary = train_rl(config)
     first, last = summary["evals"][0], summary["evals"][-1]
     rewards = [r["reward"] for r in summary["records"]]
     start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert 0.2 < start < 0.7, f"the SFT policy should start in the middle, got mean reward {start:.3f}"
-    assert end > start + 0.1, f"mean reward {start:.3f} -> {end:.3f}"
+    lengths = [round(r["response_len"]) for r in summary["records"]]  # grows as the think span comes back
+    assert 0.2 < start < 0.6, f"the SFT policy should start in the middle, got mean reward {start:.3f}"
+    assert end > start + 0.1, f"mean train reward {start:.3f} -> {end:.3f}; response lengths {lengths}"
+    # held out: the same 64 test problems, seeded per problem. Sampled pass@1 (8 samples at T=1) is the mean
+    # correctness reward there; greedy accuracy is the eval the pipeline reports for SFT vs RL.
+    assert last["pass@1_sampled"] > first["pass@1_sampled"] + 0.1, (first, last)
     assert last["accuracy"] > first["accuracy"] + 0.2, (first, last)
     # the held-out accuracy and reward curves are what the report plots
-    assert [p[0] for p in summary["series"]["accuracy"]] == [0, 20]
+    assert [p[0] for p in summary["series"]["accuracy"]] == [0, 30]
     assert summary["metrics"]["initial_accuracy"] == first["accuracy"]
     log_path = os.path.join(base_dir, "logs", "chat_rl_learn.jsonl")
     with open(log_path) as f:
         logged = [json.loads(line) for line in f]
     steps = [r for r in logged if "reward" in r]
-    assert [r["step"] for r in steps] == list(range(1, 21))
+    assert [r["step"] for r in steps] == list(range(1, 31))
     for key in ("reward/correctness", "reward/format", "zero_variance_frac", "entropy", "clip_frac",
                 "is_ratio_max", "response_len", "tok_per_s", "t_rollout", "t_train"):
         assert key in steps[0], key
