@@ -3,7 +3,7 @@
 A Llama-shaped model (dim 256, 4 layers, 4 heads, SwiGLU 704, vocab 8192, ~7.4M params) with random weights,
 built once as a transformers LlamaForCausalLM and copied name by name into our GPT (interop switches), so both
 implementations run the same network. 64 prompts with lengths uniform in [20, 200], 128 new tokens, greedy, stop
-tokens disabled (every row runs all 128 tokens), CPU fp32:
+tokens disabled (every row runs all 128 tokens), CPU fp32 by default (--device cuda: see "On a GPU" below):
 
   (a) Engine.generate on the whole batch (ragged right-padded prefill, KV cache, one row per prompt);
   (b) Engine.generate one prompt at a time (first --sequential-prompts prompts; tokens/s is per generated token,
@@ -27,28 +27,41 @@ between 16 and 128 (one at a time), whole-call CPU time with retire on vs off: w
     python -m dev.bench_engine --profile --skip throughput --skip retirement  # where the time goes
     python -m dev.bench_engine --kv-heads 2       # grouped-query attention (2 kv heads for 4 query heads)
     python -m dev.bench_engine --baseline HEAD    # adds (a0): the committed engine, interleaved, same weights
+    python -m dev.bench_engine --device cuda      # on a GPU, in reasoning.common's compute dtype (bf16 on sm80+)
+
+On a GPU (--device cuda): both models' weights are cast to --dtype (default: get_compute_dtype, bf16 where
+supported; HF's rotary inv_freq buffers stay fp32, as from_pretrained(dtype=...) leaves them) and the engine
+autocasts to the same dtype ($REASONING_DTYPE is set to it); every timing is wall clock between
+torch.cuda.synchronize() calls. Process CPU time measures only the host there, so the CPU-time columns and the
+cpu_* RESULT keys are left out, and the retirement cases time by wall clock. --profile is CPU-only.
 Last line: RESULT vs_hf=<(a)/(c)> vs_sequential=<(a)/(b)> batched_tok_s=<(a)> (wall-clock medians), then the same
 ratios from CPU time (cpu_vs_hf, cpu_vs_sequential), with --baseline vs_baseline / cpu_vs_baseline = (a)/(a0) and
 paired_cpu_vs_baseline (median over rounds of the ratio of the two back-to-back runs, which cancels slow drifts of
-the box's load), and the retirement ratios.
+the box's load), and the retirement ratios. On a GPU: vs_hf vs_sequential batched_tok_s [vs_baseline
+paired_vs_baseline] and the retirement ratios, all by wall clock.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 
+from reasoning.common import UserError, get_compute_dtype, get_device
 from reasoning.engine import Engine
 from reasoning.gpt import GPT, GPTConfig
 
 DIM, LAYERS, HEADS, MLP_WIDTH, VOCAB = 256, 4, 4, 704, 8192
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_models(sequence_len: int, seed: int = 0, kv_heads: int = HEADS):
-    """The same random Llama network as (our GPT, HF LlamaForCausalLM)."""
+def build_models(sequence_len: int, seed: int = 0, kv_heads: int = HEADS, device=torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32):
+    """The same random Llama network as (our GPT, HF LlamaForCausalLM), on `device` with weights in `dtype`.
+    The weights are drawn on CPU in fp32 whatever the device, so every device runs the same network."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_config = LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=MLP_WIDTH, num_hidden_layers=LAYERS,
@@ -60,7 +73,17 @@ def build_models(sequence_len: int, seed: int = 0, kv_heads: int = HEADS):
     hf = LlamaForCausalLM(hf_config).eval()
     ours = GPT(llama_shaped_config(sequence_len, kv_heads))
     ours.load_state_dict(hf_to_ours(hf.state_dict()))
+    ours.to(device=device, dtype=dtype)  # GPT rebuilds its rotary tables in fp32
+    hf.to(device)
+    for p in hf.parameters():  # parameters only: a whole-module .to(dtype) would round HF's rotary inv_freq too
+        p.data = p.data.to(dtype)
     return ours.eval(), hf
+
+
+def placed_like(model, ours: GPT):
+    """`model` (same weights as ours, built on CPU) moved to ours' device and dtype."""
+    weight = ours.lm_head.weight
+    return model.to(device=weight.device, dtype=weight.dtype)
 
 
 def llama_shaped_config(sequence_len: int, kv_heads: int = HEADS) -> GPTConfig:
@@ -87,12 +110,33 @@ def make_prompts(n: int, low: int, high: int, seed: int) -> list[list[int]]:
     return [torch.randint(1, VOCAB, (L,), generator=g).tolist() for L in lengths]
 
 
-def timed(fn):
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a clock read after it counts that work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device = torch.device("cpu")):
     """(wall seconds, CPU seconds of this process, result). With one thread, CPU time is the work done and is
-    far less disturbed than wall time by other jobs on a shared box."""
+    far less disturbed than wall time by other jobs on a shared box. On a GPU only the wall time means anything:
+    it is read between synchronizes."""
+    synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
+    synchronize(device)
     return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def work_clock(device: torch.device):
+    """(name, clock) the retirement cases time with: this process's CPU time on CPU; on a GPU, where the host
+    mostly waits, wall time read after a synchronize."""
+    if device.type == "cpu":
+        return "CPU", time.process_time
+
+    def wall() -> float:
+        synchronize(device)
+        return time.perf_counter()
+    return "wall", wall
 
 
 def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -103,13 +147,14 @@ def hf_generate(hf, prompts: list[list[int]], new_tokens: int) -> list[list[int]
         ids[i, longest - len(p):] = torch.tensor(p)
         mask[i, longest - len(p):] = 1
     with torch.inference_mode():
-        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          do_sample=False, use_cache=True, pad_token_id=0)
+        out = hf.generate(input_ids=ids.to(hf.device), attention_mask=mask.to(hf.device), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
     return out[:, longest:].tolist()
 
 
-def step_times(engine: Engine, prompts, max_tokens: int, retire: bool):
-    """CPU time of each decode step (between the events of consecutive steps) and the rows live in each step."""
+def step_times(engine: Engine, prompts, max_tokens: int, retire: bool, clock=time.process_time):
+    """Time (by `clock`) of each decode step (between the events of consecutive steps) and the rows live in each
+    step."""
     times, live, last_step, last_time, count = [], [], 0, None, 0
     produced = [0] * len(prompts)
     for row, _, _ in engine.generate_stream(prompts, max_tokens=max_tokens, temperature=0.0, stop_tokens=[],
@@ -117,7 +162,7 @@ def step_times(engine: Engine, prompts, max_tokens: int, retire: bool):
         produced[row] += 1
         step = produced[row] - 1
         if step != last_step:  # first event of a new step: the previous step's events are complete
-            now = time.process_time()
+            now = clock()
             if last_time is not None:
                 times.append(now - last_time)
                 live.append(count)
@@ -164,10 +209,12 @@ def engine_at_revision(rev: str, ours: GPT):
     known = {f.name for f in dataclasses.fields(gpt_module.GPTConfig)}
     model = gpt_module.GPT(gpt_module.GPTConfig(**{k: v for k, v in ours.config.to_dict().items() if k in known}))
     model.load_state_dict(ours.state_dict())
-    return engine_module.Engine(model.eval())
+    return engine_module.Engine(placed_like(model, ours).eval())
 
 
 def throughput(args, ours: GPT, hf) -> dict:
+    device = args.device
+    on_cpu = device.type == "cpu"  # CPU time is reported only there (see the module docstring)
     engine = Engine(ours)
     baseline = engine_at_revision(args.baseline, ours) if args.baseline else None
     prompts = make_prompts(args.prompts, args.min_len, args.max_len, seed=1)
@@ -193,26 +240,30 @@ def throughput(args, ours: GPT, hf) -> dict:
 
     rates = {key: [] for key in keys}
     cpu_rates = {key: [] for key in keys}
-    paired = []  # per round CPU(a0) / CPU(a): the two run back to back, in alternating order
+    paired = []  # per round (CPU on CPU, else wall) time of (a0) / (a): the two run back to back, alternating
+
+    def seconds(wall: float, cpu: float) -> str:
+        return f"{wall:.2f} ({cpu:.2f})" if on_cpu else f"{wall:.2f}"
+
     for r in range(args.rounds):
         if baseline and r % 2:
-            t_0, c_0, before = timed(run_baseline)
-        t_a, c_a, batched = timed(run_batched)
+            t_0, c_0, before = timed(run_baseline, device)
+        t_a, c_a, batched = timed(run_batched, device)
         runs = [("batched", t_a, c_a, len(prompts))]
         if baseline:
             if r % 2 == 0:
-                t_0, c_0, before = timed(run_baseline)
+                t_0, c_0, before = timed(run_baseline, device)
             runs.append(("baseline", t_0, c_0, len(prompts)))
-            paired.append(c_0 / c_a)
-        t_b, c_b, _ = timed(run_sequential)
-        t_c, c_c, hf_tokens = timed(run_hf)
+            paired.append(c_0 / c_a if on_cpu else t_0 / t_a)
+        t_b, c_b, _ = timed(run_sequential, device)
+        t_c, c_c, hf_tokens = timed(run_hf, device)
         runs += [("sequential", t_b, c_b, len(sequential)), ("hf", t_c, c_c, len(prompts))]
         for key, wall, cpu, n in runs:
             rates[key].append(n * args.new_tokens / wall)
-            cpu_rates[key].append(n * args.new_tokens / cpu)
-        print(f"round {r}: wall (cpu) seconds: batched {t_a:.2f} ({c_a:.2f})  "
-              + (f"baseline {t_0:.2f} ({c_0:.2f})  " if baseline else "")
-              + f"sequential, {len(sequential)} prompts {t_b:.2f} ({c_b:.2f})  hf {t_c:.2f} ({c_c:.2f})")
+            cpu_rates[key].append(n * args.new_tokens / cpu)  # reported on CPU only
+        print(f"round {r}: wall{' (cpu)' if on_cpu else ''} seconds: batched {seconds(t_a, c_a)}  "
+              + (f"baseline {seconds(t_0, c_0)}  " if baseline else "")
+              + f"sequential, {len(sequential)} prompts {seconds(t_b, c_b)}  hf {seconds(t_c, c_c)}")
     assert all(len(g.tokens) == args.new_tokens for g in batched)
 
     # agreement with HF (same weights, greedy): identical tokens until a float near-tie flips an argmax
@@ -223,33 +274,45 @@ def throughput(args, ours: GPT, hf) -> dict:
     med = {k: statistics.median(v) for k, v in rates.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu_rates.items()}
     print()
-    print(f"{'variant':<34}{'tokens/s wall':>14}{'tokens/CPU-s':>14}   wall runs")
+    print(f"{'variant':<34}{'tokens/s wall':>14}{'tokens/CPU-s' if on_cpu else '':>14}   wall runs")
     labels = {"batched": "(a) engine, batched", "sequential": "(b) engine, one prompt at a time",
               "hf": "(c) HF generate, batched"}
     if baseline:
         labels["baseline"] = f"(a0) engine at {args.baseline}, batched"
     for key, label in labels.items():
-        print(f"{label:<34}{med[key]:>14.0f}{cpu_med[key]:>14.0f}   {'  '.join(f'{x:.0f}' for x in rates[key])}")
-    print(f"ratios (wall | CPU): (a)/(c) {med['batched'] / med['hf']:.2f} | {cpu_med['batched'] / cpu_med['hf']:.2f}"
-          f"   (a)/(b) {med['batched'] / med['sequential']:.2f} | {cpu_med['batched'] / cpu_med['sequential']:.2f}")
+        cpu_cell = f"{cpu_med[key]:.0f}" if on_cpu else ""
+        print(f"{label:<34}{med[key]:>14.0f}{cpu_cell:>14}   {'  '.join(f'{x:.0f}' for x in rates[key])}")
+    if on_cpu:
+        print(f"ratios (wall | CPU): (a)/(c) {med['batched'] / med['hf']:.2f} | "
+              f"{cpu_med['batched'] / cpu_med['hf']:.2f}   (a)/(b) {med['batched'] / med['sequential']:.2f} | "
+              f"{cpu_med['batched'] / cpu_med['sequential']:.2f}")
+    else:
+        print(f"ratios (wall): (a)/(c) {med['batched'] / med['hf']:.2f}   "
+              f"(a)/(b) {med['batched'] / med['sequential']:.2f}")
     print(f"agreement with HF greedy: {identical_rows}/{len(prompts)} rows identical over all {args.new_tokens} "
           f"tokens; median first-divergence position {statistics.median(prefix_match):.0f}")
     results = dict(vs_hf=med["batched"] / med["hf"], vs_sequential=med["batched"] / med["sequential"],
-                   batched_tok_s=med["batched"], cpu_vs_hf=cpu_med["batched"] / cpu_med["hf"],
-                   cpu_vs_sequential=cpu_med["batched"] / cpu_med["sequential"])
+                   batched_tok_s=med["batched"])
+    if on_cpu:
+        results.update(cpu_vs_hf=cpu_med["batched"] / cpu_med["hf"],
+                       cpu_vs_sequential=cpu_med["batched"] / cpu_med["sequential"])
     if baseline:
         same = sum(g.tokens == b.tokens for g, b in zip(batched, before))
-        print(f"(a)/(a0) {med['batched'] / med['baseline']:.2f} | {cpu_med['batched'] / cpu_med['baseline']:.2f}; "
-              f"median of the per-round CPU ratios {statistics.median(paired):.2f} "
+        cpu_ratio = f" | {cpu_med['batched'] / cpu_med['baseline']:.2f}" if on_cpu else ""
+        print(f"(a)/(a0) {med['batched'] / med['baseline']:.2f}{cpu_ratio}; "
+              f"median of the per-round {'CPU' if on_cpu else 'wall'} ratios {statistics.median(paired):.2f} "
               f"({' '.join(f'{x:.2f}' for x in paired)}); {same}/{len(prompts)} rows token-identical to {args.baseline}")
-        results.update(vs_baseline=med["batched"] / med["baseline"],
-                       cpu_vs_baseline=cpu_med["batched"] / cpu_med["baseline"],
-                       paired_cpu_vs_baseline=statistics.median(paired))
+        results["vs_baseline"] = med["batched"] / med["baseline"]
+        if on_cpu:
+            results.update(cpu_vs_baseline=cpu_med["batched"] / cpu_med["baseline"],
+                           paired_cpu_vs_baseline=statistics.median(paired))
+        else:
+            results["paired_vs_baseline"] = statistics.median(paired)
     return results
 
 
 def retirement(args, ours: GPT) -> dict:
-    """Two cases, each with retire on and off (CPU seconds, medians over rounds).
+    """Two cases, each with retire on and off (CPU seconds on CPU, wall seconds on a GPU; medians over rounds).
 
     half: half the rows have max_len-token prompts and a max_len+16 context, so they stop after 16 tokens; the
           step time after that should follow the live rows.
@@ -259,7 +322,9 @@ def retirement(args, ours: GPT) -> dict:
     def engine_with_context(context: int) -> Engine:
         model = GPT(llama_shaped_config(context, ours.config.n_kv_head))
         model.load_state_dict(ours.state_dict())
-        return Engine(model.eval())
+        return Engine(placed_like(model, ours).eval())
+
+    clock_name, clock = work_clock(args.device)
 
     half = args.prompts // 2
     long_prompts = make_prompts(half, args.max_len, args.max_len, seed=2)
@@ -267,13 +332,14 @@ def retirement(args, ours: GPT) -> dict:
     mixed = [p for pair in zip(long_prompts, short_prompts) for p in pair]
     engine = engine_with_context(args.max_len + 16)
     print()
-    print(f"retirement, half: {len(mixed)} rows, {half} stop after 16 tokens; mean decode step CPU ms (median)")
+    print(f"retirement, half: {len(mixed)} rows, {half} stop after 16 tokens; mean decode step {clock_name} ms "
+          f"(median)")
     print(f"{'':<14}{'steps 1-15':>12}{'steps 17+':>12}{'ratio':>8}")
     ratios = {}
     for retire in (True, False):
         before, after = [], []
         for _ in range(args.rounds):
-            times, live = step_times(engine, mixed, args.new_tokens, retire)
+            times, live = step_times(engine, mixed, args.new_tokens, retire, clock)
             before.append(statistics.mean(times[:15]))  # times[i] is step i+1
             after.append(statistics.mean(times[16:]))
             assert live[0] == len(mixed) and live[-1] == len(mixed) - half
@@ -288,12 +354,12 @@ def retirement(args, ours: GPT) -> dict:
     for retire in (True, False):
         runs = []
         for _ in range(args.rounds):
-            _, cpu, out = timed(lambda: engine.generate(staggered, max_tokens=args.new_tokens, temperature=0.0,
-                                                        stop_tokens=[], retire=retire))
-            runs.append(cpu)
+            wall, cpu, out = timed(lambda: engine.generate(staggered, max_tokens=args.new_tokens, temperature=0.0,
+                                                           stop_tokens=[], retire=retire), args.device)
+            runs.append(cpu if clock_name == "CPU" else wall)
         totals[retire] = statistics.median(runs)
     finish_steps = len({len(g.tokens) for g in out})
-    print(f"retirement, staggered: rows finish at {finish_steps} different steps; generate CPU s: "
+    print(f"retirement, staggered: rows finish at {finish_steps} different steps; generate {clock_name} s: "
           f"retire=True {totals[True]:.2f}, retire=False {totals[False]:.2f} "
           f"(ratio {totals[True] / totals[False]:.2f})")
     return dict(retire_step_ratio=ratios[True], keep_step_ratio=ratios[False],
@@ -352,17 +418,40 @@ def main():
                         help="also time the engine of git revision REV (e.g. HEAD) in every round: (a0)")
     parser.add_argument("--skip", choices=["throughput", "retirement"], action="append", default=[])
     parser.add_argument("--profile", action="store_true",
-                        help="also print where the batched engine's CPU time goes (torch.profiler, one call)")
+                        help="also print where the batched engine's CPU time goes (torch.profiler, one call; "
+                             "--device cpu only)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="weights and compute dtype of both models (default: fp32 on CPU, on a GPU "
+                             "reasoning.common's compute dtype: bf16 where supported)")
     args = parser.parse_args()
+    try:
+        args.device = get_device(args.device)
+    except UserError as e:
+        parser.error(str(e))
+    if args.device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if args.profile and args.device.type != "cpu":
+        parser.error("--profile times CPU ops: run it with --device cpu")
+    if args.dtype == "auto":
+        dtype = get_compute_dtype(args.device) if args.device.type == "cuda" else torch.float32
+    else:
+        dtype = DTYPES[args.dtype]
+    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+    if args.device.type == "cuda":
+        os.environ["REASONING_DTYPE"] = dtype_name  # the engine's autocast then computes in the weights' dtype
+        if args.device.index is not None:  # library code that allocates on "cuda" then lands on this one
+            torch.cuda.set_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    ours, hf = build_models(args.max_len + args.new_tokens, kv_heads=args.kv_heads)
+    ours, hf = build_models(args.max_len + args.new_tokens, kv_heads=args.kv_heads, device=args.device, dtype=dtype)
     n_params = sum(p.numel() for p in ours.parameters())
+    where = "CPU" if args.device.type == "cpu" else f"{torch.cuda.get_device_name(args.device)} ({args.device})"
     print(f"model: Llama-shaped dim {DIM}, {LAYERS} layers, {HEADS} heads ({args.kv_heads} kv), vocab {VOCAB}, "
           f"{n_params / 1e6:.2f}M params; "
           f"{args.prompts} prompts of {args.min_len}-{args.max_len} tokens, {args.new_tokens} new tokens, greedy, "
-          f"CPU fp32, {torch.get_num_threads()} threads")
+          f"{where} {dtype_name}, {torch.get_num_threads()} threads")
     results = {}
     if args.profile:
         profile_split(args, ours)

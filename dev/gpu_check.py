@@ -8,7 +8,8 @@ Run on a CUDA machine (through dev/gpu_check.sh) after any change to the GPU pat
      mean loss of the last steps, relative difference.
   3. Throughput: tok/s and MFU (bf16 peak, reasoning.mfu) of depth 12 and 20, bf16 and fp8, compiled, median-free
      steady-state mean over the steps after compilation (what `train` reports).
-  4. `dev/bench_engine.py` in a subprocess: its RESULT line.
+  4. `dev/bench_engine.py --device cuda` (on CPU in a dry run: --device cpu) in a subprocess, in the compute
+     dtype reasoning.common picks (bf16 on sm80+); the command is printed, the table shows its RESULT line.
 
 Data: the offline synthetic corpus and a tokenizer trained on it, written to a temp dir (or --data-dir and
 --tokenizer-dir); the model vocabulary is padded to --vocab-size (default 65536) so lm_head costs what it costs in
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -99,10 +101,11 @@ def pretrain_run(depth: int, fp8: bool, steps: int, args, data_dir: str, tokeniz
             "mfu": m["mfu"], "loss": sum(tail) / len(tail)}
 
 
-def engine_benchmark(dry_run: bool) -> str:
-    cmd = [sys.executable, "-m", "dev.bench_engine"]
+def engine_benchmark(dry_run: bool, device: str) -> str:
+    cmd = [sys.executable, "-m", "dev.bench_engine", "--device", device]
     cmd += ["--prompts", "4", "--new-tokens", "8", "--rounds", "1", "--sequential-prompts", "2",
             "--skip", "retirement"] if dry_run else ["--rounds", "3"]
+    print(f"engine benchmark: {shlex.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
     if proc.returncode != 0 or not lines:
@@ -179,7 +182,8 @@ def main():
                              f"{r['fp8_layers']} fp8 layers" if use_fp8 else ""))
 
     if not args.skip_engine:
-        rows.append(("dev/bench_engine.py", engine_benchmark(micro), ""))
+        engine_device = "cuda" if torch.cuda.is_available() else "cpu"
+        rows.append((f"dev/bench_engine.py --device {engine_device}", engine_benchmark(micro, engine_device), ""))
 
     width = max(len(r[0]) for r in rows)
     print(f"\n{'check':<{width}}  {'value':<36}  status")

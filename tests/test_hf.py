@@ -181,16 +181,22 @@ def test_llama3_rope_scaling_changes_the_model(hf_root):
         assert (plain(idx) - reference(idx).logits).abs().max() > 1e-2
 
 
-def test_engine_greedy_matches_transformers_generate(hf_root):
-    path, reference = hf_case(hf_root, "qwen3-tied-headdim")
+@pytest.mark.parametrize("case", list(CASES))
+def test_engine_greedy_matches_transformers_generate(hf_root, case):
+    """Greedy decoding through our KV cache equals transformers' `generate` for every family (for llama3 this is
+    where rope scaling meets cached decoding: positions up to 35 run past original_max_position_embeddings=16)."""
+    path, reference = hf_case(hf_root, case)
     model, tokenizer, _ = load_hf_model(path)
-    prompts = [[5, 17, 99, 3, 250], [42, 7], [300, 1, 2, 3, 4, 5, 6, 7, 8]]  # ragged: one batched prefill
-    generations = Engine(model, tokenizer).generate(prompts, max_tokens=10, temperature=0.0, stop_tokens=[])
+    gen = torch.Generator().manual_seed(3)
+    lengths = (5, 2, 9, 24)  # ragged: one right-padded batched prefill, then rows decode at different positions
+    prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+    generations = Engine(model, tokenizer).generate(prompts, max_tokens=12, temperature=0.0, stop_tokens=[])
     for prompt, generation in zip(prompts, generations):
-        with torch.no_grad():
-            out = reference.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
-                                     eos_token_id=None, pad_token_id=0)
-        assert generation.tokens == out[0, len(prompt):].tolist()
+        ids = torch.tensor([prompt])
+        with torch.no_grad():  # one prompt at a time, no padding; an explicit mask (else HF masks pad_token_id)
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
+                                     do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert generation.tokens == out[0, len(prompt):].tolist(), (case, len(prompt))
 
 
 def test_load_model_from_args_hf_prefix(hf_root):
