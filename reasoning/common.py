@@ -30,9 +30,17 @@ def die(message: str, code: int = 2):
 
 
 def run_main(main_fn):
-    """Call a script's main() and turn UserError into a one-line message with exit code 2."""
+    """Call a script's main() and turn UserError into a one-line message with exit code 2.
+
+    After a normal return, every rank meets at a barrier before the process group goes: a rank that left right
+    after its last collective could otherwise tear down gloo's connections while a peer's side of that collective
+    was still in flight (seen as 'terminate called without an active exception', SIGABRT, on a loaded box). On an
+    error no barrier: the other ranks may never get there."""
     try:
-        return main_fn()
+        result = main_fn()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        return result
     except UserError as e:
         die(str(e))
     finally:
