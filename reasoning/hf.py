@@ -31,7 +31,7 @@ import torch
 from reasoning.common import UserError
 from reasoning.gpt import GPT, GPTConfig
 from reasoning.hf_tokenizer import (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, HFTokenizer,
-                                    hf_tokenizer_json_from_ranks, native_chat_template)
+                                    hf_tokenizer_json_from_ranks, native_chat_template, read_json_object)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 CONFIG_FILE = "config.json"
@@ -67,19 +67,6 @@ def hf_key(our_key: str) -> str:
     if match and match.group(2) in _BLOCK_KEYS:
         return f"model.layers.{match.group(1)}.{_BLOCK_KEYS[match.group(2)]}"
     raise ValueError(f"parameter {our_key!r} has no Hugging Face name")
-
-
-def _read_json(path: str, what: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is missing ({what})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is unreadable or not JSON ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -190,7 +177,7 @@ class SafetensorsFolder:
         index_path = os.path.join(directory, WEIGHTS_INDEX_FILE)
         single_path = os.path.join(directory, WEIGHTS_FILE)
         if os.path.isfile(index_path):
-            weight_map = _read_json(index_path, "shard index").get("weight_map")
+            weight_map = read_json_object(index_path, "shard index").get("weight_map")
             if not isinstance(weight_map, dict):
                 raise UserError(f"{index_path}: expected a 'weight_map' object")
             self.file_of = {key: os.path.join(directory, name) for key, name in weight_map.items()}
@@ -260,7 +247,7 @@ def load_hf_model(path: str, device="cpu", phase: str = "eval", dtype: torch.dty
         raise ValueError(f"phase={phase!r}: expected 'eval' or 'train'")
     path = hf_folder(path)
     config_path = os.path.join(path, CONFIG_FILE)
-    hf_config = _read_json(config_path, "the model's config")
+    hf_config = read_json_object(config_path, "the model's config")
     config = gpt_config_from_hf(hf_config, config_path, sequence_len)
     tokenizer = HFTokenizer.load(path)  # before the weights: a bad tokenizer should not cost a model load
     if tokenizer.vocab_size > config.vocab_size:

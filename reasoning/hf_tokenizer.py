@@ -73,7 +73,11 @@ CHAT_FORMATS = (
 )
 
 
-def _read_json(path: str) -> dict:
+def read_json_object(path: str, what: str | None = None) -> dict:
+    """A JSON object file of a Hugging Face folder; a missing (when `what` names it), unreadable or non-object file
+    is a one-line UserError naming the path."""
+    if what is not None and not os.path.isfile(path):
+        raise UserError(f"{path} is missing ({what})")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -155,7 +159,7 @@ class HFTokenizer:
         with open(path, encoding="utf-8") as f:
             tokenizer_json = f.read()
         config_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
-        config = _read_json(config_path) if os.path.isfile(config_path) else {}
+        config = read_json_object(config_path) if os.path.isfile(config_path) else {}
         template_path = os.path.join(directory, CHAT_TEMPLATE_FILE)
         if "chat_template" not in config and os.path.isfile(template_path):
             with open(template_path, encoding="utf-8") as f:
