@@ -177,14 +177,18 @@ def synthetic_sft(tmp_path_factory):
 def test_rl_on_the_synthetic_task_raises_reward_and_held_out_accuracy(synthetic_sft):
     """30 GRPO steps (16 prompts x 8 samples) on the synthetic train split, tasks built by train_rl itself.
 
-    RL seeds 0-4 gained +0.20..+0.33 train reward, +0.17..+0.30 held-out sampled pass@1 and +0.36..+0.55 held-out
-    greedy accuracy; each margin below is at most about 0.6 of the smallest gain. A broken update fails: with
+    The trajectory depends on the CPU's float kernels. On the machine that set the first bars (64 held-out problems),
+    seeds 0-4 gained +0.20..+0.33 train reward, +0.17..+0.30 sampled pass@1 and +0.36..+0.55 greedy accuracy; on
+    another Xeon (2026-12, 256 problems) seeds 0-2 gained +0.18..+0.33 reward, +0.22..+0.25 sampled pass@1 and
+    +0.16..+0.24 greedy accuracy, and 64 problems measured seed 0's greedy gain as +0.14. So the held-out set is
+    256 problems (standard error of a gain ~0.04) and each margin is at most about 0.6 of the smallest gain seen
+    anywhere. A broken update fails: with
     lr_scale 0 both held-out numbers stay exactly where they were (train reward drifts +0.02 with the prompt order);
     with the advantage sign flipped everything falls (the policy learns the shortcut: reward 0.31 -> 0.02)."""
     base_dir, ckpt_dir = synthetic_sft
     config = small_config(base_dir, ckpt_dir, out_tag="learn", task="synthetic", synthetic_difficulty=SYNTHETIC,
                           num_steps=30, prompts_per_step=16, num_samples=8, max_new_tokens=48, lr_scale=0.5,
-                          eval_every=0, eval_problems=64, eval_pass_k=8, eval_batch_size=64, device_batch_size=32,
+                          eval_every=0, eval_problems=256, eval_pass_k=8, eval_batch_size=64, device_batch_size=32,
                           seed=0)
     summary = train_rl(config)
     first, last = summary["evals"][0], summary["evals"][-1]
@@ -193,10 +197,10 @@ def test_rl_on_the_synthetic_task_raises_reward_and_held_out_accuracy(synthetic_
     lengths = [round(r["response_len"]) for r in summary["records"]]  # grows as the think span comes back
     assert 0.2 < start < 0.6, f"the SFT policy should start in the middle, got mean reward {start:.3f}"
     assert end > start + 0.1, f"mean train reward {start:.3f} -> {end:.3f}; response lengths {lengths}"
-    # held out: the same 64 test problems, seeded per problem. Sampled pass@1 (8 samples at T=1) is the mean
+    # held out: the same 256 test problems, seeded per problem. Sampled pass@1 (8 samples at T=1) is the mean
     # correctness reward there; greedy accuracy is the eval the pipeline reports for SFT vs RL.
     assert last["pass@1_sampled"] > first["pass@1_sampled"] + 0.1, (first, last)
-    assert last["accuracy"] > first["accuracy"] + 0.2, (first, last)
+    assert last["accuracy"] > first["accuracy"] + 0.09, (first, last)
     # the held-out accuracy and reward curves are what the report plots
     assert [p[0] for p in summary["series"]["accuracy"]] == [0, 30]
     assert summary["metrics"]["initial_accuracy"] == first["accuracy"]
