@@ -234,9 +234,10 @@ def test_runcpu_dry_run_and_bad_stage(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- runcpu.sh
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runcpu(tmp_path_factory):
-    """One full micro run of runs/runcpu.sh: (base_dir, env, stdout)."""
+    """One full micro run of runs/runcpu.sh: (base_dir, env, stdout). Session-wide: test_newcomer chats with the
+    models of the same run (reading only), so the suite pays for the chain once."""
     tmp = tmp_path_factory.mktemp("runcpu")
     base = tmp / "run"
     env = script_env(
