@@ -3,9 +3,9 @@
 pseudo-terminal, the web page in a real headless browser, and the `openai` client snippet.
 
 Micro runcpu models have a 192-token context, shorter than the default reply length (512), so the reply-length
-defaults are exercised as they are on a real runcpu model (256 tokens). The runcpu run is test_pipeline's fixture
-(one per session, shared with test_pipeline). The commands are read out of README.md, so a README edit that breaks
-them fails here. Replies of a model trained for a few steps are gibberish: what is checked is that an answer
+defaults are exercised as they are on a real runcpu model (256 tokens). The runcpu run is the session's `runcpu`
+fixture (conftest.py), shared with test_pipeline. The commands are read out of README.md, so a README edit that
+breaks them fails here. Replies of a model trained for a few steps are gibberish: what is checked is that an answer
 arrives and no error does.
 """
 
@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from test_chat_browser import CHROMEDRIVER, CHROMIUM, browser, reply_text, stop_visible, wait_for  # noqa: F401
-from test_pipeline import REPO, SEQ_LEN, runcpu  # noqa: F401 (fixture)
+from test_pipeline import REPO, SEQ_LEN
 
 pytestmark = pytest.mark.slow
 
