@@ -16,7 +16,6 @@ import select
 import shlex
 import socket
 import subprocess
-import sys
 import time
 
 import httpx
@@ -146,6 +145,8 @@ def test_cli_repl_on_a_terminal_answers_and_quits(launched):
     assert processes["repl"].wait(timeout=30) == 0
 
 
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                    reason=f"needs {CHROMIUM} and {CHROMEDRIVER}: run `bash runs/install_chromium.sh`")
 def test_web_page_with_all_defaults_answers(web, browser):
     driver = browser
     driver.get(web + "/")
