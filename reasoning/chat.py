@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from reasoning.engine import Engine
 
 MAX_STOP_STRINGS = 4
+# A reply's length when the request sets none, capped by the room the context leaves after the prompt (the CLI's
+# --max-tokens default, the server's default_max_tokens); an explicit max_tokens that does not fit is refused.
+DEFAULT_MAX_TOKENS = 512
 REASONING, CONTENT = "reasoning", "content"
 _TEXT_ROLES = ("system", "developer", "user", "assistant")  # "developer" is OpenAI's newer name for "system"
 
@@ -246,8 +249,13 @@ def parse_chat_request(body: dict, tokenizer, context_len: int, default_max_toke
         raise RequestError(f"messages: {e}", "messages") from None
     if len(prompt_ids) >= context_len:
         raise _context_error(str(len(prompt_ids)), context_len)
-    if max_tokens is None:
-        max_tokens = min(default_max_tokens, context_len - len(prompt_ids))
+    room = context_len - len(prompt_ids)  # what the context leaves for the reply
+    if max_tokens is None:  # as vLLM: an unset length gets the room left (up to the default)
+        max_tokens = min(default_max_tokens, room)
+    elif max_tokens > room:  # as vLLM and OpenAI: refused (400), never silently shortened
+        raise RequestError(f"{name}: {max_tokens} does not fit: the conversation takes {len(prompt_ids)} of this "
+                           f"model's {context_len} context tokens and leaves {room} for the reply; ask for at most "
+                           f"{room}, or leave {name} unset to get what is left", name, "context_length_exceeded")
     return ChatRequest(prompt_ids=prompt_ids, max_tokens=max_tokens,
                        temperature=1.0 if temperature is None else temperature, top_p=top_p, top_k=top_k,
                        min_p=min_p, seed=seed, stop=stops, stream=bool(stream),

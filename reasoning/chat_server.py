@@ -32,9 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from reasoning.chat import (CONTENT, MAX_STOP_STRINGS, REASONING, ChatRequest, ReplyDecoder,  # noqa: F401 (re-exports)
-                            RequestError, assistant_parts, conversation_from_messages, is_int, model_label,
-                            parse_chat_request, stream_reply)
+from reasoning.chat import (CONTENT, DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, REASONING,  # noqa: F401 (re-exports)
+                            ChatRequest, ReplyDecoder, RequestError, assistant_parts, conversation_from_messages,
+                            is_int, model_label, parse_chat_request, stream_reply)
 from reasoning.engine import Engine
 
 UI_PATH = Path(__file__).with_name("ui.html")
@@ -389,13 +389,14 @@ _UI_HEADERS = {  # the page loads nothing from elsewhere, and the browser is tol
 
 
 def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = 512,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                model_name: str = "reasoning"):
     """The FastAPI app serving `model` (a GPT, or a list of them, one per device) with `tokenizer`.
 
     `workers` engines are spread round-robin over the models (on CPU several share one model's weights);
     at most `max_queue` requests wait for a free worker, more get 429. `api_key` (if set) is required as a
-    bearer token on /v1/* and /stats. `default_max_tokens` caps replies whose request sets no max_tokens.
+    bearer token on /v1/* and /stats. A request that sets no max_tokens gets `default_max_tokens` or what the
+    context leaves after its prompt, whichever is smaller; one whose max_tokens does not fit is refused (as vLLM).
     """
     # Imported here so that importing this module (for ServerThread, serve) costs nothing until an app is built.
     # (Also why this module has no `from __future__ import annotations`: FastAPI must see these classes in the
@@ -467,8 +468,10 @@ def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_k
     @app.get("/v1/models")
     async def list_models(request: Request):
         service.check_auth(request)
+        # max_model_len as vLLM names it; default_max_tokens is ours (the UI shows what an unset length gets)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": service.created,
-                                            "owned_by": "reasoning", "max_model_len": service.context_len}]}
+                                            "owned_by": "reasoning", "max_model_len": service.context_len,
+                                            "default_max_tokens": service.default_max_tokens}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

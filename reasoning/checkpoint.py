@@ -215,7 +215,8 @@ def _latest_tag(stage_dir: str) -> str:
         if step >= 0:
             candidates.append((os.path.getmtime(_meta_path(os.path.join(stage_dir, tag), step)), tag))
     if not candidates:
-        raise UserError(f"no checkpoints found under {stage_dir} (train that stage first or pass a path)")
+        raise UserError(f"no checkpoints found under {stage_dir} (train that stage first, set REASONING_BASE_DIR to "
+                        "the run's folder, e.g. ~/.cache/reasoning/runcpu after runs/runcpu.sh, or pass a path)")
     return max(candidates)[1]
 
 

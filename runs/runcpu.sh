@@ -151,6 +151,8 @@ def metric(stage, key):
     except (OSError, ValueError, KeyError):
         return "na"
 print(f"[runcpu] report: {os.path.join(base, 'report', 'report.md')}")
+print(f"[runcpu] chat with the model (README, Chatting): source .venv/bin/activate && "
+      f"REASONING_BASE_DIR={base} python -m scripts.chat_cli --stage rl")
 print(f"RESULT val_bpb={metric('base_train', 'val_bpb')} sft_acc={metric('chat_eval_sft', 'accuracy')} "
       f"rl_acc={metric('chat_eval_rl', 'accuracy')} math500_acc={metric('math500_rl', 'accuracy')} minutes={minutes}")
 EOF

@@ -13,7 +13,8 @@ import argparse
 import math
 import sys
 
-from reasoning.chat import REASONING, ReplyDecoder, RequestError, model_label, parse_chat_request, stream_reply
+from reasoning.chat import (DEFAULT_MAX_TOKENS, REASONING, ReplyDecoder, RequestError, model_label,
+                            parse_chat_request, stream_reply)
 from reasoning.checkpoint import add_model_args, load_model_from_args
 from reasoning.common import UserError, get_device, run_main
 from reasoning.engine import Engine
@@ -69,7 +70,7 @@ class ChatSession:
         messages.append({"role": "user", "content": user_text})
         body = {"messages": messages, "temperature": self.temperature, "top_p": self.top_p,
                 "max_tokens": self.max_tokens, "seed": self.seed}
-        chat = parse_chat_request(body, self.tokenizer, self.context_len, default_max_tokens=self.max_tokens or 512)
+        chat = parse_chat_request(body, self.tokenizer, self.context_len, default_max_tokens=DEFAULT_MAX_TOKENS)
         decoder = ReplyDecoder(self.tokenizer, chat.stop)
         printer = ReplyPrinter(out, color, self.show_think)
         deltas = stream_reply(self.engine, chat.prompt_ids, decoder, **chat.sampling())
@@ -90,6 +91,14 @@ class ChatSession:
         elif not interrupted:
             out.write("[empty reply: not kept in the conversation]\n")
         out.flush()
+
+
+def flag_message(error: RequestError, source: str | None = None) -> str:
+    """The request checker's message in this script's terms: a max_tokens refusal names --max-tokens, anything
+    else is about the text typed (named `source` when given)."""
+    if error.param == "max_tokens":
+        return "--max-tokens" + error.message.removeprefix("max_tokens")
+    return f"{source}: {error.message}" if source else error.message
 
 
 def handle_command(session: ChatSession, line: str, out) -> bool:
@@ -143,7 +152,8 @@ def repl(session: ChatSession, out, interactive: bool):
         try:
             session.reply(line, out, color=interactive)
         except RequestError as e:
-            out.write(f"error: {e.message}" + (" (try /clear)\n" if e.code == "context_length_exceeded" else "\n"))
+            hint = " (try /clear)" if e.code == "context_length_exceeded" else ""
+            out.write(f"error: {flag_message(e)}{hint}\n")
 
 
 def main():
@@ -152,7 +162,9 @@ def main():
     parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (0.6)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default off)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (512)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help=f"longest reply in tokens (default: {DEFAULT_MAX_TOKENS}, or what the model's context "
+                             "leaves after the conversation if less)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh each reply)")
     parser.add_argument("--system", default=None, help="a system message to start the conversation with")
     parser.add_argument("--hide-think", action="store_true", help="do not show the think span (REPL: /think on)")
@@ -164,10 +176,10 @@ def main():
         raise UserError(f"--temperature {args.temperature}: expected a number in [0, 2] (0 = greedy)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: expected a number in (0, 1]")
-    if args.max_tokens < 1:
+    if args.max_tokens is not None and args.max_tokens < 1:
         raise UserError(f"--max-tokens {args.max_tokens}: expected an integer >= 1")
     model, tokenizer, meta = load_model_from_args(args, get_device(args.device))
-    if args.max_tokens > model.config.sequence_len:
+    if args.max_tokens is not None and args.max_tokens > model.config.sequence_len:
         raise UserError(f"--max-tokens {args.max_tokens}: longer than the model's context "
                         f"({model.config.sequence_len} tokens)")
     session = ChatSession(Engine(model, tokenizer), tokenizer, args)
@@ -175,7 +187,7 @@ def main():
         try:
             session.reply(args.prompt, sys.stdout, color=False)
         except RequestError as e:
-            raise UserError(f"-p/--prompt: {e.message}") from None
+            raise UserError(flag_message(e, "-p/--prompt")) from None
         return
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:

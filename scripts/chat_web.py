@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from reasoning.chat import model_label
+from reasoning.chat import DEFAULT_MAX_TOKENS, model_label
 from reasoning.chat_server import DEFAULT_MAX_BODY_BYTES, create_app, serve
 from reasoning.checkpoint import add_model_args, load_model_from_args
 from reasoning.common import UserError, get_device, print0, run_main
@@ -30,7 +30,9 @@ def main():
                         help="concurrent generations (default: one per GPU, or 2 on CPU)")
     parser.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a worker (16)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
-    parser.add_argument("--max-tokens", type=int, default=512, help="reply length when a request sets none (512)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"reply length when a request sets none ({DEFAULT_MAX_TOKENS}; less when the model's "
+                             "context leaves less after the conversation)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: autodetect; cuda = every GPU)")
     args = parser.parse_args()
     if not 0 <= args.port <= 65535:

@@ -47,6 +47,15 @@ def tiny_corpus(tmp_path_factory) -> TinyCorpus:
 
 
 @pytest.fixture(scope="session")
+def runcpu(tmp_path_factory):
+    """One micro run of runs/runcpu.sh per session (test_pipeline's knobs): (base_dir, env, stdout). Defined here, not
+    in a test module, so that test_pipeline and test_newcomer share it (neither writes into the run)."""
+    from test_pipeline import run_runcpu_micro
+
+    return run_runcpu_micro(tmp_path_factory.mktemp("runcpu"))
+
+
+@pytest.fixture(scope="session")
 def core_bundle(tmp_path_factory):
     """A tiny CORE eval bundle (one task of each type, 6 examples each): (bundle dir, {file: examples})."""
     root = str(tmp_path_factory.mktemp("eval_bundle"))

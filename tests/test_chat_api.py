@@ -275,6 +275,40 @@ def test_models_health_stats(http):
     assert "http://" not in page.text and "https://" not in page.text  # nothing loaded from elsewhere
 
 
+def test_reply_length_fits_the_room_the_context_leaves(tokenizer):
+    """Unset max_tokens: the smaller of the server's default and what the context leaves after the prompt (vLLM's
+    rule); an explicit one that does not fit is refused with 400 naming the field (as vLLM and OpenAI do)."""
+    context = 64
+    app = create_app(chat_model(tokenizer, sequence_len=context, endless=True), tokenizer, default_max_tokens=512)
+    messages = user("what is 3 plus 4?")
+    room = context - len(tokenizer.render_for_completion({"messages": messages}))
+    with ServerThread(app) as running, httpx.Client(base_url=running.url, timeout=60) as http:
+        card = http.get("/v1/models").json()["data"][0]
+        assert (card["max_model_len"], card["default_max_tokens"]) == (context, 512)
+        for stream in (False, True):
+            body = {"messages": messages, "stream": stream, "stream_options": {"include_usage": True}} if stream \
+                else {"messages": messages}
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text[:300]
+            if stream:
+                events = [json.loads(line[6:]) for line in response.text.splitlines()
+                          if line.startswith("data: {")]
+                usage, finish = events[-1]["usage"], events[-2]["choices"][0]["finish_reason"]
+            else:
+                usage, finish = response.json()["usage"], response.json()["choices"][0]["finish_reason"]
+            assert usage["completion_tokens"] == room and usage["total_tokens"] == context and finish == "length"
+            exact = http.post("/v1/chat/completions", json={**body, "max_tokens": room})
+            assert exact.status_code == 200, exact.text[:300]
+            for name in ("max_tokens", "max_completion_tokens"):
+                error = assert_openai_error(http.post("/v1/chat/completions", json={**body, name: room + 1}), 400)
+                assert (error["param"], error["code"]) == (name, "context_length_exceeded"), error
+                assert f"at most {room}" in error["message"] and error["message"].startswith(f"{name}: "), error
+            beyond_context = assert_openai_error(http.post("/v1/chat/completions",
+                                                           json={**body, "max_tokens": context + 1}), 400)
+            assert beyond_context["message"].startswith(f"max_tokens: expected an integer in [1, {context}]")
+        assert http.get("/stats").json()["requests_served"] == 4
+
+
 def test_api_key_is_required_when_set(model, tokenizer):
     app = create_app(model, tokenizer, api_key="s3cret", default_max_tokens=2)
     with ServerThread(app) as running, httpx.Client(base_url=running.url, timeout=30) as http:
@@ -392,7 +426,7 @@ def hostile_but_valid_requests():
         {"messages": user("hi"), "max_tokens": 3, "temperature": 2, "top_p": 1e-9, "seed": -(2 ** 63)},
         {"messages": user("hi"), "max_tokens": 3, "stop": ["<|assistant_end|>", "\n"], "n": 1, "logprobs": False},
         {"messages": [{"role": "developer", "content": "x"}] + user("y"), "max_tokens": 2, "unknown_field": [1]},
-        {"messages": user("hi"), "max_completion_tokens": 256, "stream": False, "user": "me", "top_k": -1},
+        {"messages": user("hi"), "max_completion_tokens": 200, "stream": False, "user": "me", "top_k": -1},
         {"messages": user("hi"), "max_tokens": 2, "response_format": {"type": "text"}, "tool_choice": "none"},
     ]
 

@@ -32,7 +32,7 @@ def server():
     tokenizer = small_tokenizer()
     # never stops by itself: every reply streams until max_tokens, long enough to watch it arrive and to stop it
     model = chat_model(tokenizer, sequence_len=4096, endless=True)
-    app = create_app(model, tokenizer, workers=1, max_queue=4, model_name="tiny-ui")
+    app = create_app(model, tokenizer, workers=1, max_queue=4, default_max_tokens=2000, model_name="tiny-ui")
     with ServerThread(app) as running:
         yield running
 
@@ -88,6 +88,9 @@ def test_ui_streams_a_reply_stops_and_regenerates(server, browser, tmp_path):
     driver = browser
     driver.get(server.url + "/")
     wait_for(lambda: "tiny-ui" in driver.find_element("id", "model").text, what="the model name from /v1/models")
+    max_tokens = driver.find_element("id", "max-tokens")  # empty = the server's choice, shown from /v1/models
+    assert max_tokens.get_attribute("value") == "" and max_tokens.get_attribute("placeholder") == "auto (≤ 2000)"
+    assert max_tokens.get_attribute("max") == "4096"
     set_field(driver, "max-tokens", "1000")
 
     # 1. send: text appears while the reply is still streaming, and keeps growing until it ends
@@ -108,8 +111,9 @@ def test_ui_streams_a_reply_stops_and_regenerates(server, browser, tmp_path):
         os.makedirs(os.environ["REASONING_ARTIFACTS"], exist_ok=True)
         shutil.copy(screenshot, os.path.join(os.environ["REASONING_ARTIFACTS"], "chat_ui.png"))
 
-    # 2. a second turn (multi-turn history), stopped mid-stream: the worker is freed on the server
-    set_field(driver, "max-tokens", "2000")
+    # 2. a second turn (multi-turn history) with the reply length left to the server (the default 2000, or what
+    # the context leaves after the history if less), stopped mid-stream: the worker is freed on the server
+    set_field(driver, "max-tokens", "")
     driver.find_element("id", "input").send_keys("Tell me more.\n")  # Enter sends
     wait_for(lambda: len(driver.find_elements("css selector", ".msg.assistant")) == 2 and reply_text(driver),
              what="the second reply to start")

@@ -186,3 +186,51 @@ def test_ctrl_c_on_a_terminal_interrupts_the_reply_not_the_session(launched):
     assert b"chatting with tiny@7" in output  # the terminal greeting names the checkpoint
     # cut short: the full reply is 2000 tokens (several KB); the interrupted one stopped long before
     assert reply_end - reply_start < 2000, reply_end - reply_start
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """A checkpoint whose context (48 tokens) is shorter than the default reply length (512), as runcpu's are."""
+    base = str(tmp_path_factory.mktemp("chat_cli_short"))
+    tokenizer = small_tokenizer()
+    tokenizer.save(os.path.join(base, "tokenizer"))
+    model = chat_model(tokenizer, sequence_len=48)
+    with torch.no_grad():  # greedy replies never end by themselves: each runs to its length limit
+        model.lm_head.weight[[tokenizer.encode_special(n) for n in STOP_NAMES]] = 0.0
+    ckpt = checkpoint_dir("sft", "short", base)
+    save_checkpoint(ckpt, 1, model.state_dict(), meta={"model_config": model.config.to_dict(),
+                                                       "tokenizer_dir": os.path.join(base, "tokenizer")})
+    model, tokenizer, _ = load_model(ckpt, device="cpu")
+    return ckpt, model, tokenizer
+
+
+def run_cli(monkeypatch, capsys, *argv) -> tuple[int, str, str]:
+    """scripts.chat_cli in this process: (exit code, stdout, stderr)."""
+    from scripts import chat_cli
+
+    monkeypatch.setattr(sys, "argv", ["chat_cli", *argv])
+    try:
+        run_main(chat_cli.main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_default_reply_length_fits_the_context_explicit_one_is_checked(short_context, monkeypatch, capsys):
+    ckpt, model, tokenizer = short_context
+    messages = [{"role": "user", "content": "hello there"}]
+    room = 48 - len(tokenizer.render_for_completion(conversation_from_messages(messages)))
+    code, out, err = run_cli(monkeypatch, capsys, "--init-from", ckpt, "-p", "hello there", "--temperature", "0")
+    assert code == 0, err
+    expected = greedy(model, tokenizer, messages, max_tokens=room)
+    assert out == printed(expected)  # the reply used all the room the context left, no error
+    assert greedy(model, tokenizer, messages, max_tokens=room - 1) != expected  # ...and that room, not less
+
+    code, out, err = run_cli(monkeypatch, capsys, "--init-from", ckpt, "-p", "hello there", "--max-tokens",
+                             str(room + 1))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: --max-tokens: {room + 1} does not fit") and f"at most {room}" in err, err
+    code, _, err = run_cli(monkeypatch, capsys, "--init-from", ckpt, "-p", "hi", "--max-tokens", "49")
+    assert code == 2 and "--max-tokens 49: longer than the model's context (48 tokens)" in err, err

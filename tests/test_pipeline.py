@@ -234,10 +234,9 @@ def test_runcpu_dry_run_and_bad_stage(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- runcpu.sh
 
-@pytest.fixture(scope="module")
-def runcpu(tmp_path_factory):
-    """One full micro run of runs/runcpu.sh: (base_dir, env, stdout)."""
-    tmp = tmp_path_factory.mktemp("runcpu")
+def run_runcpu_micro(tmp) -> tuple:
+    """One full micro run of runs/runcpu.sh in folder `tmp`: (base_dir, env, stdout). Run once per session by the
+    `runcpu` fixture (conftest.py), which test_newcomer shares."""
     base = tmp / "run"
     env = script_env(
         tmp, REASONING_BASE_DIR=base, NUM_SHARDS=2, DOCS_PER_SHARD=200, VOCAB_SIZE=400, DEPTH=1, SEQ_LEN=SEQ_LEN,
