@@ -44,6 +44,8 @@ REPO = HARNESS  # the checkout whose scripts are attacked (--repo: e.g. an older
 PY = sys.executable
 TINY = ["--depth", "1", "--aspect-ratio", "32", "--max-seq-len", "32", "--device-batch-size", "2",
         "--total-batch-size", "64", "--eval-every", "-1", "--sample-every", "-1", "--device", "cpu"]
+# A resumed run keeps every checkpoint, so that any earlier file gone afterwards is a loss, not keep_last pruning
+KEEP_ALL = ("--keep-last", "0")
 OUTCOMES = ("ok", "clean_error", "traceback", "lost_checkpoint", "poisoned_checkpoint", "wrong", "hang", "skipped")
 
 
@@ -275,7 +277,7 @@ class Matrix:
             f.write(damage)
         directory = ckpt_dir(self.base, "base", tag)
         before = snapshot(directory)
-        proc = self.base_train(tag, "--num-iterations", "6", "--save-every", "2", "--resume")
+        proc = self.base_train(tag, "--num-iterations", "6", "--save-every", "2", "--resume", *KEEP_ALL)
         got, note = classify(proc)
         return checkpoint_verdict(before, directory) or got, note
 
@@ -330,7 +332,8 @@ class Matrix:
             return "poisoned_checkpoint", left.strip().replace("\n", " ")[:110]
         if not re.search(r"meta_\d+\.json", left) and proc.rc != 0:
             return "lost_checkpoint", "no complete checkpoint left after the disk filled"
-        if got == "clean_error" and "space" not in note.lower():
+        error_line = next((line for line in reversed(err.splitlines()) if line.startswith("error:")), "")
+        if got == "clean_error" and "space" not in error_line.lower():  # the whole line, not the table's excerpt
             return "wrong", "one line, but it does not say the disk is full: " + note
         return got, note
 
@@ -351,7 +354,7 @@ class Matrix:
         with open(path, "w") as f:
             json.dump(meta, f)
         if resume:
-            proc = self.base_train("meta", "--num-iterations", "6", "--save-every", "2", "--resume")
+            proc = self.base_train("meta", "--num-iterations", "6", "--save-every", "2", "--resume", *KEEP_ALL)
         else:
             proc = run(script("chat_cli", "--stage", "base", "--tag", "meta", "-p", "hi", "--max-tokens", "4",
                               "--temperature", "0", "--device", "cpu"), self.env)
@@ -391,7 +394,7 @@ class Matrix:
             f.seek(0)
             f.write(data)
         if resume:
-            proc = self.base_train(tag, "--num-iterations", "6", "--save-every", "2", "--resume")
+            proc = self.base_train(tag, "--num-iterations", "6", "--save-every", "2", "--resume", *KEEP_ALL)
         else:
             proc = run(script("chat_cli", "--stage", "base", "--tag", tag, "-p", "hi", "--max-tokens", "4",
                               "--temperature", "0", "--device", "cpu"), self.env)
