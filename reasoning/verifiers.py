@@ -185,42 +185,59 @@ _SPACING_CMD_RE = re.compile(r"\\(?:q?quad|enspace|thinspace|medspace|thickspace
 _MIXED_RE = re.compile(r"([+-]?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}")
 
 
-def _brace_arg(s: str, pos: int) -> tuple[str, int] | None:
-    """A LaTeX macro argument at pos (after spaces): `{...}`, `\\cmd` or a single char → (text, end)."""
-    while pos < len(s) and s[pos] == " ":
-        pos += 1
-    if pos >= len(s) or s[pos] == "}":
-        return None
-    if s[pos] == "{":
-        close = _match_brace(s, pos)
-        return None if close < 0 else (s[pos + 1:close], close + 1)
-    if s[pos] == "\\":
-        cmd = re.match(r"\\[a-zA-Z]+|\\.", s[pos:]).group(0)
-        return cmd, pos + len(cmd)
-    return s[pos], pos + 1
+_CONTROL_RE = re.compile(r"\\[a-zA-Z]+|\\.")
 
 
 def _brace_macro_args(s: str, macro: str, nargs: int) -> str:
-    """Rewrite shorthand `\\frac12`, `\\frac 59`, `\\sqrt2` into the braced form `\\frac{1}{2}`, `\\sqrt{2}`."""
-    out, pos = [], 0
+    """Rewrite shorthand `\\frac12`, `\\frac 59`, `\\sqrt2` into the braced form `\\frac{1}{2}`, `\\sqrt{2}`, inside
+    arguments too. An argument (after spaces) is `{...}`, `\\cmd` or one character, and is rewritten in turn: a stack
+    of (start, end) spans of `s` instead of recursion, braces matched in one pass, so any nesting costs linear time."""
     pattern = re.compile(re.escape(macro) + r"(?![a-zA-Z])")
-    while (match := pattern.search(s, pos)) is not None:
-        out.append(s[pos:match.end()])
-        pos = match.end()
-        if macro == "\\sqrt" and s[pos:pos + 1] == "[":  # \sqrt[3]{x}: keep the index
-            close = s.find("]", pos)
-            if close < 0:
-                break
-            out.append(s[pos:close + 1])
-            pos = close + 1
-        for _ in range(nargs):
-            arg = _brace_arg(s, pos)
-            if arg is None:
-                break
-            out.append("{" + _brace_macro_args(arg[0], macro, nargs) + "}")
-            pos = arg[1]
-    out.append(s[pos:])
-    return "".join(out)
+    closing = None  # _closing_braces(s), computed at the first braced argument
+    stack = [[len(s), 0, [], 0]]  # frames: [end of the span, position, output pieces, arguments left to read]
+    while True:
+        frame = stack[-1]
+        end, pos, out, args_left = frame
+        if args_left == 0:  # look for the next macro in this span
+            match = pattern.search(s, pos, end)
+            if match is not None:
+                out.append(s[pos:match.end()])
+                pos, args_left = match.end(), nargs
+                if macro == "\\sqrt" and s.startswith("[", pos, end):  # \sqrt[3]{x}: keep the index
+                    close = s.find("]", pos, end)
+                    if close < 0:
+                        match = None  # no closing bracket: the rest of the span stays as it is
+                    else:
+                        out.append(s[pos:close + 1])
+                        pos = close + 1
+            if match is None:  # the span is done: hand it to the frame whose argument it is
+                out.append(s[pos:end])
+                stack.pop()
+                text = "".join(out)
+                if not stack:
+                    return text
+                stack[-1][2].append("{" + text + "}")
+                continue
+        start = pos
+        while start < end and s[start] == " ":
+            start += 1
+        if start >= end or s[start] == "}":  # no argument: look for the next macro from here
+            frame[1], frame[3] = pos, 0
+            continue
+        if s[start] == "{":
+            if closing is None:
+                closing = _closing_braces(s)
+            close = closing.get(start, end)
+            if close >= end:  # unclosed
+                frame[1], frame[3] = pos, 0
+                continue
+            frame[1], frame[3] = close + 1, args_left - 1
+            stack.append([close, start + 1, [], 0])
+            continue
+        control = _CONTROL_RE.match(s, start, end) if s[start] == "\\" else None
+        arg_end = control.end() if control else start + 1
+        frame[1], frame[3] = arg_end, args_left - 1
+        stack.append([arg_end, start, [], 0])
 
 
 def _strip_text_groups(s: str) -> str:

@@ -121,3 +121,80 @@ def test_deeply_boxed_answer_is_unwrapped():
     assert extract_answer(_nested("\\boxed{", "}", 5000, "42")) == "42"
     assert extract_answer(_nested("\\boxed{", "}", 5000, "42") + " then \\boxed{7}") == "7"
     assert extract_answer("\\boxed{" * 5000 + "42") is None  # truncated: unclosed
+
+
+# -------------------------------------------------------------------- normalisation without recursion: parity
+
+def _reference_brace_macro_args(s: str, macro: str, nargs: int) -> str:
+    """The recursive rewrite that verifiers._brace_macro_args replaced (RecursionError ~1000 arguments deep)."""
+    import re
+
+    from reasoning.verifiers import _match_brace
+
+    def brace_arg(s, pos):
+        while pos < len(s) and s[pos] == " ":
+            pos += 1
+        if pos >= len(s) or s[pos] == "}":
+            return None
+        if s[pos] == "{":
+            close = _match_brace(s, pos)
+            return None if close < 0 else (s[pos + 1:close], close + 1)
+        if s[pos] == "\\":
+            cmd = re.match(r"\\[a-zA-Z]+|\\.", s[pos:]).group(0)
+            return cmd, pos + len(cmd)
+        return s[pos], pos + 1
+
+    out, pos = [], 0
+    pattern = re.compile(re.escape(macro) + r"(?![a-zA-Z])")
+    while (match := pattern.search(s, pos)) is not None:
+        out.append(s[pos:match.end()])
+        pos = match.end()
+        if macro == "\\sqrt" and s[pos:pos + 1] == "[":
+            close = s.find("]", pos)
+            if close < 0:
+                break
+            out.append(s[pos:close + 1])
+            pos = close + 1
+        for _ in range(nargs):
+            arg = brace_arg(s, pos)
+            if arg is None:
+                break
+            out.append("{" + _reference_brace_macro_args(arg[0], macro, nargs) + "}")
+            pos = arg[1]
+    out.append(s[pos:])
+    return "".join(out)
+
+
+def test_macro_argument_rewrite_matches_the_recursive_reference():
+    import random
+
+    from reasoning.verifiers import _brace_macro_args
+
+    pieces = ["\\frac", "\\sqrt", "\\dfrac", "{", "}", "{", "}", "1", "2", "x", " ", "[", "]", "\\pi", "\\{", "\\}",
+              "^", "_", "(", ","]
+    rng = random.Random(0)
+    compared = 0
+    for _ in range(4000):
+        s = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+        for macro, nargs in (("\\frac", 2), ("\\sqrt", 1)):
+            try:
+                want = _reference_brace_macro_args(s, macro, nargs)
+            except AttributeError:  # the reference's crash on a lone trailing backslash
+                continue
+            assert _brace_macro_args(s, macro, nargs) == want, (s, macro)
+            compared += 1
+    assert compared > 7000
+
+
+def test_macro_argument_rewrite_is_linear_at_any_depth():
+    from reasoning.verifiers import _brace_macro_args, normalize_answer
+
+    deep = "\\frac{" * 5000 + "1" + "}{2}" * 5000
+    _, elapsed = _timed(_brace_macro_args, deep, "\\frac", 2)
+    assert elapsed < BOUND_S
+    roots = "\\sqrt{" * 3000 + "\\sqrt2" + "}" * 3000
+    rewritten, elapsed = _timed(_brace_macro_args, roots, "\\sqrt", 1)
+    assert elapsed < BOUND_S and rewritten == "\\sqrt{" * 3000 + "\\sqrt{2}" + "}" * 3000
+    for text in PATHOLOGICAL.values():  # the public normaliser is total too
+        _, elapsed = _timed(normalize_answer, text)
+        assert elapsed < BOUND_S
