@@ -211,7 +211,7 @@ def parse_chat_request(body: dict, tokenizer, context_len: int, default_max_toke
     if body.get("tool_choice") not in (None, "none", "auto"):  # with no tools, "auto" means no tool call: honoured
         raise RequestError("tool_choice: not supported by this server (leave it unset, or \"none\")", "tool_choice",
                            "unsupported_parameter")
-    if body.get("n") not in (None, 1):
+    if body.get("n") is not None and not (is_int(body["n"]) and body["n"] == 1):  # `true == 1` in Python: not n
         raise RequestError(f"n: only n=1 is supported, got {json.dumps(body.get('n'))[:40]}", "n", "invalid_value")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):

@@ -39,6 +39,9 @@ from reasoning.engine import Engine
 
 UI_PATH = Path(__file__).with_name("ui.html")
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# A request body must arrive within this many seconds of the headers: a client that sends half a body and stalls
+# would otherwise hold its connection (and a slot of the server's) forever. 1 MB in 30 s is a 35 KB/s line.
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,8 +176,10 @@ class ChatService:
     """What the endpoints share: tokenizer, worker pool, limits, statistics."""
 
     def __init__(self, models: list, tokenizer, workers: int, max_queue: int, api_key: str | None,
-                 max_body_bytes: int, default_max_tokens: int, model_name: str):
+                 max_body_bytes: int, default_max_tokens: int, model_name: str,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S):
         self.tokenizer = tokenizer
+        self.body_timeout = body_timeout
         self.context_len = models[0].config.sequence_len
         self.pool = WorkerPool([Engine(models[i % len(models)], tokenizer) for i in range(workers)], max_queue)
         self.api_key = api_key
@@ -213,16 +218,24 @@ class ChatService:
             raise too_large  # not worth reading: answer now, the connection is closed after
         body = bytearray()
         size = 0
-        try:
+
+        async def receive_body():
+            nonlocal size
             async for chunk in request.stream():
                 size += len(chunk)
                 if size <= limit:
                     body.extend(chunk)
                 elif size > 16 * limit:
                     raise too_large
+
+        try:
+            await asyncio.wait_for(receive_body(), self.body_timeout)
         except ClientDisconnect:  # hung up halfway through the body: nobody will read the answer
             raise RequestError("client disconnected while sending the request body", code="client_disconnected",
                                status=400) from None
+        except asyncio.TimeoutError:  # a stalled client: answer and close, its connection is not reusable
+            raise RequestError(f"request body not received within {self.body_timeout:g} s", code="request_timeout",
+                               status=408, headers={"Connection": "close"}) from None
         if size > limit:  # read to the end (discarding) so the client gets to see the 413
             raise too_large
         try:
@@ -390,13 +403,14 @@ _UI_HEADERS = {  # the page loads nothing from elsewhere, and the browser is tol
 
 def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               model_name: str = "reasoning"):
+               model_name: str = "reasoning", body_timeout: float = DEFAULT_BODY_TIMEOUT_S):
     """The FastAPI app serving `model` (a GPT, or a list of them, one per device) with `tokenizer`.
 
     `workers` engines are spread round-robin over the models (on CPU several share one model's weights);
     at most `max_queue` requests wait for a free worker, more get 429. `api_key` (if set) is required as a
     bearer token on /v1/* and /stats. A request that sets no max_tokens gets `default_max_tokens` or what the
     context leaves after its prompt, whichever is smaller; one whose max_tokens does not fit is refused (as vLLM).
+    A request body that has not fully arrived `body_timeout` seconds after its headers is answered with 408.
     """
     # Imported here so that importing this module (for ServerThread, serve) costs nothing until an app is built.
     # (Also why this module has no `from __future__ import annotations`: FastAPI must see these classes in the
@@ -416,8 +430,11 @@ def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_k
             raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key: expected a non-empty string or None")
+    if not (isinstance(body_timeout, (int, float)) and not isinstance(body_timeout, bool) and body_timeout > 0
+            and math.isfinite(body_timeout)):
+        raise ValueError(f"body_timeout={body_timeout!r}: expected a positive number of seconds")
     service = ChatService(models, tokenizer, max(workers, len(models)), max_queue, api_key, max_body_bytes,
-                          default_max_tokens, model_name)
+                          default_max_tokens, model_name, body_timeout)
     ui_html = UI_PATH.read_text(encoding="utf-8") if UI_PATH.exists() else "<p>reasoning/ui.html is missing</p>"
 
     @asynccontextmanager
@@ -502,10 +519,28 @@ def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_k
 # ---------------------------------------------------------------------------------------------------------------
 # running it
 
-def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A TCP socket bound to (host, port), for `serve` / ServerThread; port 0 takes a free port, which
+    `sock.getsockname()[1]` then tells (so a banner can print the real address). Raises OSError (port in use...)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto given explicitly: asyncio only sets TCP_NODELAY on sockets whose proto is IPPROTO_TCP, and
+    # without it every response waits ~40 ms for a delayed ACK (Nagle)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(app, sock: socket.socket, log_level: str = "info"):
+    """Serve `app` on a socket from bind_socket until interrupted."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 class ServerThread:
@@ -526,11 +561,7 @@ class ServerThread:
     def start(self, timeout: float = 30.0) -> "ServerThread":
         import uvicorn
 
-        # proto given explicitly: asyncio only sets TCP_NODELAY on sockets whose proto is IPPROTO_TCP, and
-        # without it every response waits ~40 ms for a delayed ACK (Nagle)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
+        sock = bind_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_level=self.log_level, timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)

@@ -230,3 +230,44 @@ def atomic_write_json(path: str, obj, **json_kw) -> None:
     """json.dumps(obj, **json_kw) into `path`, atomically. Serialised first: an object that is not JSON raises
     before any file is touched."""
     atomic_write_text(path, json.dumps(obj, **json_kw))
+
+
+# ----------------------------------------------------------------------------------------------- user data files
+
+def parse_json(text: str | bytes, where: str, expected: str | None = None):
+    """json.loads for data a user supplied: malformed JSON, or JSON nested past what the decoder can recurse into
+    (`[[[[...` 100k deep raises RecursionError), is a one-line UserError naming `where` (and `expected`, what the
+    file should hold, when given)."""
+    suffix = f"; expected {expected}" if expected else ""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}){suffix}") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply{suffix}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not valid UTF-8 (byte {e.start + 1}){suffix}") from None
+
+
+def iter_jsonl(path: str):
+    """(line number, object) for each non-blank line of a JSONL file. A line that is not UTF-8, not JSON, nested
+    too deeply or not an object is a one-line UserError naming `path:line`. Read as bytes and decoded line by line:
+    a bad byte names its line (a text-mode read fails somewhere in a buffer, naming no line)."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+            if not line.strip():
+                continue
+            row = parse_json(line, where)
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield line_number, row
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The objects of a JSONL file (blank lines skipped); errors as in iter_jsonl."""
+    return [row for _, row in iter_jsonl(path)]

@@ -17,7 +17,6 @@ the mean centred accuracy over tasks. Examples are sharded over ranks (i mod wor
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from reasoning.common import UserError, autocast_context
+from reasoning.common import UserError, autocast_context, read_jsonl
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
@@ -125,8 +124,7 @@ def is_correct(task_type: str, example: dict, scores: list[tuple[float, bool]]) 
 def _read_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise UserError(f"eval bundle data file {path} is missing")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)
 
 
 def evaluate_core(model, tokenizer, bundle_dir: str, device="cpu", dtype=torch.float32,

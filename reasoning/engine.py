@@ -17,6 +17,9 @@ One `generate` call runs every (prompt, sample) row of a batch together:
   vectorised op; the token is the inverse-CDF pick.
 - **Sampling.** temperature 0 = greedy; otherwise softmax(logits / temperature) filtered by top-k, then top-p
   (smallest prefix of the sorted renormalised distribution whose mass reaches p), then min-p (keep p ≥ min_p·p_max).
+  A temperature below GREEDY_BELOW_TEMPERATURE is greedy too: dividing by ~1e-38 overflows the logits to inf, and
+  far above that the distribution is already one-hot. The most likely candidate always survives top-p, however
+  small p is (a p that rounds to 0 in float32 would otherwise keep nothing).
 - **Log-probs for RL.** `Generation.logprobs[t]` = log_softmax(logits / temperature)[token] over the FULL vocabulary,
   i.e. before top-k/top-p/min-p: exactly what the trainer recomputes (reasoning.grpo.chunked_token_logprobs), so
   the sampler/trainer ratio only measures numerical mismatch. At temperature 0 it is log_softmax(logits)[token].
@@ -105,6 +108,9 @@ def counter_uniforms(keys: torch.Tensor, counter: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # sampling
 
+GREEDY_BELOW_TEMPERATURE = 1e-4  # and 0: greedy (log-probs as at temperature 1, see the module docstring)
+
+
 def check_sampling_args(temperature, top_k, top_p, min_p):
     if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature!r}: expected a finite number >= 0 (0 = greedy)")
@@ -133,7 +139,7 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, temperature
     greedy), whatever the filters; see the module docstring.
     """
     logits = logits.float()
-    if temperature == 0:
+    if temperature < GREEDY_BELOW_TEMPERATURE:
         tokens = logits.argmax(dim=-1)
         scaled = logits
     else:
@@ -153,7 +159,8 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, temperature
         keep = None
         if top_p is not None and top_p < 1:
             mass_before = probs.cumsum(dim=-1) - probs
-            keep = mass_before < top_p  # the first (most likely) token always has mass_before = 0
+            keep = mass_before < top_p
+            keep[:, 0] = True  # the most likely token, also when p rounds to 0 in float32
         if min_p is not None and min_p > 0:
             p_max = probs[:, :1] if is_sorted else probs.amax(dim=-1, keepdim=True)
             above = probs >= min_p * p_max

@@ -276,17 +276,18 @@ def generate_records(engine, tokenizer, task, indices: list[int], settings: Eval
 # ----------------------------------------------------------------------------------------------- files
 
 def _read_predictions(path: str) -> list[dict]:
-    """Records of a predictions file; a torn (unterminated or unparsable) line ends the readable part."""
+    """Records of a predictions file; a torn (unterminated, undecodable, unparsable or absurdly nested) line ends
+    the readable part: the problems from there on are generated again."""
     records = []
     if not os.path.exists(path):
         return records
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line in f:
-            if not line.endswith("\n"):
+            if not line.endswith(b"\n"):
                 break
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                records.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 break
     return records
 

@@ -83,6 +83,8 @@ def read_json_object(path: str, what: str | None = None) -> dict:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is unreadable or not JSON ({type(e).__name__})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
     return data
@@ -156,8 +158,13 @@ class HFTokenizer:
         path = os.path.join(directory, TOKENIZER_FILE)
         if not os.path.isfile(path):
             raise UserError(f"{path} is missing (a Hugging Face model folder needs its tokenizer.json)")
-        with open(path, encoding="utf-8") as f:
-            tokenizer_json = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            tokenizer_json = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not a Hugging Face tokenizer.json (not valid UTF-8 at byte {e.start + 1})") \
+                from None
         config_path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
         config = read_json_object(config_path) if os.path.isfile(config_path) else {}
         template_path = os.path.join(directory, CHAT_TEMPLATE_FILE)

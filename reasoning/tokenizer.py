@@ -12,14 +12,14 @@ See dev/INTERFACES.md for the spec. References: nanochat (karpathy) tokenizer; t
 from __future__ import annotations
 
 import base64
-import json
+import binascii
 import os
 from collections.abc import Iterable, Iterator
 
 import tiktoken
 import torch
 
-from reasoning.common import UserError, atomic_write, atomic_write_json, atomic_write_text, get_base_dir
+from reasoning.common import UserError, atomic_write, atomic_write_json, atomic_write_text, get_base_dir, parse_json
 
 # GPT-4's (cl100k) split pattern with one change: numbers are split into chunks of at most 2 digits instead of 3.
 # A 3-digit chunking spends ~1100 vocab slots on numbers and makes place value depend on where the chunk boundaries
@@ -48,6 +48,48 @@ _FORMAT = "reasoning-tokenizer-v1"
 _RANKS_FILE = "tokenizer.tiktoken"  # tiktoken's format: one "base64(token_bytes) rank" line per token
 _META_FILE = "tokenizer.json"  # written last: its presence means the directory is complete
 TOKEN_BYTES_FILE = "token_bytes.pt"
+
+
+def _read_meta(meta_path: str) -> dict:
+    """tokenizer.json (our metadata) checked field by field: a damaged or hand-edited file is a one-line UserError."""
+    expected = f"a JSON object with format {_FORMAT!r}, pattern, bpe_vocab_size and special_tokens"
+    with open(meta_path, "rb") as f:
+        meta = parse_json(f.read(), meta_path, expected=f"our tokenizer metadata, {expected}")
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UserError(f"{meta_path}: unknown tokenizer format {found!r}; expected {expected}")
+    size, specials = meta.get("bpe_vocab_size"), meta.get("special_tokens")
+    if not isinstance(meta.get("pattern"), str) or not isinstance(size, int) or isinstance(size, bool) or size < 1 \
+            or not isinstance(specials, list) or not all(isinstance(t, str) for t in specials):
+        raise UserError(f"{meta_path}: damaged tokenizer metadata; expected {expected} (a string, a positive integer, "
+                        "a list of strings)")
+    return meta
+
+
+def _read_ranks(ranks_path: str, expected_size: int, meta_path: str) -> dict[bytes, int]:
+    """tokenizer.tiktoken: one `<base64 token> <rank>` per line, ranks 0..n-1; anything else is a UserError
+    naming the file and line."""
+    ranks = {}
+    with open(ranks_path, "rb") as f:
+        for line_number, line in enumerate(f.read().splitlines(), start=1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            try:
+                if len(fields) != 2:
+                    raise ValueError
+                token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+            except (ValueError, binascii.Error):
+                raise UserError(f"{ranks_path}:{line_number}: expected '<base64 token> <rank>' "
+                                "(a tiktoken ranks file)") from None
+            if token in ranks:
+                raise UserError(f"{ranks_path}:{line_number}: token listed twice (a tiktoken ranks file)")
+            ranks[token] = rank
+    if len(ranks) != expected_size:
+        raise UserError(f"{ranks_path}: {len(ranks)} tokens but {meta_path} says {expected_size}")
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise UserError(f"{ranks_path}: ranks must be the contiguous ids 0..{len(ranks) - 1}")
+    return ranks
 
 
 class Tokenizer:
@@ -135,19 +177,13 @@ class Tokenizer:
         ranks_path = os.path.join(directory, _RANKS_FILE)
         if not (os.path.isfile(meta_path) and os.path.isfile(ranks_path)):
             raise UserError(f"no tokenizer in {directory} (expected {_META_FILE} and {_RANKS_FILE})")
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") != _FORMAT:
-            raise UserError(f"{meta_path}: unknown tokenizer format {meta.get('format')!r}, expected {_FORMAT!r}")
-        ranks = {}
-        with open(ranks_path, "rb") as f:
-            for line in f.read().splitlines():
-                if line:
-                    token_b64, rank = line.split()
-                    ranks[base64.b64decode(token_b64)] = int(rank)
-        if len(ranks) != meta["bpe_vocab_size"]:
-            raise UserError(f"{ranks_path}: {len(ranks)} tokens but {meta_path} says {meta['bpe_vocab_size']}")
-        return cls(ranks, pattern=meta["pattern"], special_tokens=meta["special_tokens"])
+        meta = _read_meta(meta_path)
+        ranks = _read_ranks(ranks_path, meta["bpe_vocab_size"], meta_path)
+        try:
+            return cls(ranks, pattern=meta["pattern"], special_tokens=meta["special_tokens"])
+        except Exception as e:  # tiktoken rejects e.g. a pattern that does not compile; a hand-edited file
+            raise UserError(f"{directory}: tokenizer files do not form a tokenizer ({str(e).splitlines()[0][:120]})") \
+                from None
 
     # ------------------------------------------------------------------ chat rendering
 

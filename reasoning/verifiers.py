@@ -95,12 +95,41 @@ def scan_boxes(text: str) -> list[str | None]:
             pos = start + max(len(token), 1)
 
 
+def _closing_braces(text: str) -> dict[int, int]:
+    """{index of each `{`: index of its closing `}`} in one pass (escaped `\\{ \\}` skipped; unclosed ones absent).
+    Agrees with _match_brace for every unescaped `{`, without rescanning the text per brace."""
+    closing, stack, pos, n = {}, [], 0, len(text)
+    while pos < n:
+        ch = text[pos]
+        if ch == "\\":
+            pos += 2
+            continue
+        if ch == "{":
+            stack.append(pos)
+        elif ch == "}" and stack:
+            closing[stack.pop()] = pos
+        pos += 1
+    return closing
+
+
 def _unbox(content: str) -> str | None:
-    content = content.strip()
-    match = _BOX_RE.match(content)  # `\boxed{\boxed{5}}` → 5
-    if match and content.startswith("{", match.end()) and _match_brace(content, match.end()) == len(content) - 1:
-        return _unbox(content[match.end() + 1:-1])
-    return content or None
+    """Peel boxes that wrap the whole content (`\\boxed{\\boxed{5}}` → 5). Iterative with one brace pass, so a
+    box nested thousands deep costs linear time and no recursion."""
+    start, end, closing = 0, len(content), None
+    while True:
+        while start < end and content[start].isspace():
+            start += 1
+        while end > start and content[end - 1].isspace():
+            end -= 1
+        match = _BOX_RE.match(content, start, end)
+        if match is None or match.end() >= end or content[match.end()] != "{":
+            break
+        if closing is None:
+            closing = _closing_braces(content)
+        if closing.get(match.end()) != end - 1:
+            break
+        start, end = match.end() + 1, end - 1
+    return content[start:end] or None
 
 
 _GSM8K_RE = re.compile(r"####\s*([^\n]+)")
@@ -146,45 +175,69 @@ _LHS_RE = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:\([a-zA-Z]\))?
 _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?|[+-]?\d{1,3}(?: \d{3})+")
 # A space survives only where it separates tokens: after a control word (`\cot x`, `\lor 6`), between letters.
 _SPACE_RE = re.compile(r"(?P<cmd>\\[a-zA-Z]+)\s+|(?P<between>(?<=[a-zA-Z])\s+(?=[a-zA-Z]))|\s+")
+# A line break (`\\` protected as \x00, or `\newline`, with an optional length `[2pt]`, never an interval `[0,1]`)
+# before or after the whole answer
+_LINE_BREAK = r"(?:\x00|\\newline(?![a-zA-Z]))(?:\s*\[\s*-?[\d.]+\s*(?:pt|em|ex|mm|cm|in|mu|bp)\s*\])?"
+_EDGE_BREAK_RE = re.compile(rf"^(?:\s*{_LINE_BREAK})+|(?:{_LINE_BREAK}\s*)+$")
+_ROW_BEFORE_END_RE = re.compile(r"\x00\s*(?=\\end\{)")
+_SPACING_CMD_RE = re.compile(r"\\(?:q?quad|enspace|thinspace|medspace|thickspace|negthinspace|negmedspace|"
+                             r"negthickspace|hfill)(?![a-zA-Z])|\\hspace\*?\s*\{[^{}]*\}")
 _MIXED_RE = re.compile(r"([+-]?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}")
 
 
-def _brace_arg(s: str, pos: int) -> tuple[str, int] | None:
-    """A LaTeX macro argument at pos (after spaces): `{...}`, `\\cmd` or a single char → (text, end)."""
-    while pos < len(s) and s[pos] == " ":
-        pos += 1
-    if pos >= len(s) or s[pos] == "}":
-        return None
-    if s[pos] == "{":
-        close = _match_brace(s, pos)
-        return None if close < 0 else (s[pos + 1:close], close + 1)
-    if s[pos] == "\\":
-        cmd = re.match(r"\\[a-zA-Z]+|\\.", s[pos:]).group(0)
-        return cmd, pos + len(cmd)
-    return s[pos], pos + 1
+_CONTROL_RE = re.compile(r"\\[a-zA-Z]+|\\.")
 
 
 def _brace_macro_args(s: str, macro: str, nargs: int) -> str:
-    """Rewrite shorthand `\\frac12`, `\\frac 59`, `\\sqrt2` into the braced form `\\frac{1}{2}`, `\\sqrt{2}`."""
-    out, pos = [], 0
+    """Rewrite shorthand `\\frac12`, `\\frac 59`, `\\sqrt2` into the braced form `\\frac{1}{2}`, `\\sqrt{2}`, inside
+    arguments too. An argument (after spaces) is `{...}`, `\\cmd` or one character, and is rewritten in turn: a stack
+    of (start, end) spans of `s` instead of recursion, braces matched in one pass, so any nesting costs linear time."""
     pattern = re.compile(re.escape(macro) + r"(?![a-zA-Z])")
-    while (match := pattern.search(s, pos)) is not None:
-        out.append(s[pos:match.end()])
-        pos = match.end()
-        if macro == "\\sqrt" and s[pos:pos + 1] == "[":  # \sqrt[3]{x}: keep the index
-            close = s.find("]", pos)
-            if close < 0:
-                break
-            out.append(s[pos:close + 1])
-            pos = close + 1
-        for _ in range(nargs):
-            arg = _brace_arg(s, pos)
-            if arg is None:
-                break
-            out.append("{" + _brace_macro_args(arg[0], macro, nargs) + "}")
-            pos = arg[1]
-    out.append(s[pos:])
-    return "".join(out)
+    closing = None  # _closing_braces(s), computed at the first braced argument
+    stack = [[len(s), 0, [], 0]]  # frames: [end of the span, position, output pieces, arguments left to read]
+    while True:
+        frame = stack[-1]
+        end, pos, out, args_left = frame
+        if args_left == 0:  # look for the next macro in this span
+            match = pattern.search(s, pos, end)
+            if match is not None:
+                out.append(s[pos:match.end()])
+                pos, args_left = match.end(), nargs
+                if macro == "\\sqrt" and s.startswith("[", pos, end):  # \sqrt[3]{x}: keep the index
+                    close = s.find("]", pos, end)
+                    if close < 0:
+                        match = None  # no closing bracket: the rest of the span stays as it is
+                    else:
+                        out.append(s[pos:close + 1])
+                        pos = close + 1
+            if match is None:  # the span is done: hand it to the frame whose argument it is
+                out.append(s[pos:end])
+                stack.pop()
+                text = "".join(out)
+                if not stack:
+                    return text
+                stack[-1][2].append("{" + text + "}")
+                continue
+        start = pos
+        while start < end and s[start] == " ":
+            start += 1
+        if start >= end or s[start] == "}":  # no argument: look for the next macro from here
+            frame[1], frame[3] = pos, 0
+            continue
+        if s[start] == "{":
+            if closing is None:
+                closing = _closing_braces(s)
+            close = closing.get(start, end)
+            if close >= end:  # unclosed
+                frame[1], frame[3] = pos, 0
+                continue
+            frame[1], frame[3] = close + 1, args_left - 1
+            stack.append([close, start + 1, [], 0])
+            continue
+        control = _CONTROL_RE.match(s, start, end) if s[start] == "\\" else None
+        arg_end = control.end() if control else start + 1
+        frame[1], frame[3] = arg_end, args_left - 1
+        stack.append([arg_end, start, [], 0])
 
 
 def _strip_text_groups(s: str) -> str:
@@ -229,10 +282,13 @@ def normalize_answer(answer: str) -> str:
     unboxed = extract_answer(s, strict=True) if _BOX_RE.search(s) else None
     s = unboxed if unboxed is not None else s
     s = s.replace("\\\\", "\x00")  # protect matrix row breaks `\\` from the single-backslash rules below
+    s = _EDGE_BREAK_RE.sub("", s).rstrip("\\")  # `7 \\`, `\\[2pt] 7`, `7\ ` (control space, space stripped): 7
+    s = _ROW_BEFORE_END_RE.sub("", s)  # a row break before `\end{pmatrix}` ends no row
     s = s.replace("\\$", " ").replace("\\%", " ").replace("%", " ")
     s = re.sub(r"\\[()\[\]]", " ", s).replace("$", " ")
     s = re.sub(r"\\!\s*", "", s).replace("{,}", ",")  # `10,\!080`, `11,\! 111`: no gap intended
     s = re.sub(r"\\[,;: >]|~", " ", s)
+    s = _SPACING_CMD_RE.sub(" ", s)  # `\quad`, `\hspace{1em}`: layout, never part of the value
     s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|bigg|Bigg)(?:\.|(?![a-zA-Z]))", "", s)
     s = re.sub(r"\\displaystyle(?![a-zA-Z])", "", s)
     s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)

@@ -9,12 +9,13 @@ model); on CPU --workers engines share one model. Requests beyond the busy worke
 """
 
 import argparse
+import math
 import os
 
 import torch
 
 from reasoning.chat import DEFAULT_MAX_TOKENS, model_label
-from reasoning.chat_server import DEFAULT_MAX_BODY_BYTES, create_app, serve
+from reasoning.chat_server import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, bind_socket, create_app, serve
 from reasoning.checkpoint import add_model_args, load_model_from_args
 from reasoning.common import UserError, get_device, print0, run_main
 
@@ -30,6 +31,8 @@ def main():
                         help="concurrent generations (default: one per GPU, or 2 on CPU)")
     parser.add_argument("--max-queue", type=int, default=16, help="requests that may wait for a worker (16)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help=f"seconds a request body may take to arrive, then 408 ({DEFAULT_BODY_TIMEOUT_S:g})")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"reply length when a request sets none ({DEFAULT_MAX_TOKENS}; less when the model's "
                              "context leaves less after the conversation)")
@@ -37,11 +40,19 @@ def main():
     args = parser.parse_args()
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port}: expected a port number in [0, 65535]")
+    if not (args.body_timeout > 0 and math.isfinite(args.body_timeout)):
+        raise UserError(f"--body-timeout {args.body_timeout}: expected a positive number of seconds")
     for flag, value, low in (("--max-queue", args.max_queue, 0), ("--max-body-bytes", args.max_body_bytes, 1),
                              ("--max-tokens", args.max_tokens, 1),
                              ("--workers", 1 if args.workers is None else args.workers, 1)):
         if value < low:
             raise UserError(f"{flag} {value}: expected an integer >= {low}")
+
+    try:  # before the model loads: a port in use is found out at once
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        raise UserError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
+    port = sock.getsockname()[1]  # the real one when --port 0 let the system choose
 
     device = get_device(args.device)
     if device.type == "cuda" and device.index is None:  # one model copy per GPU
@@ -53,12 +64,14 @@ def main():
     workers = args.workers or (len(devices) if device.type == "cuda" else 2)
     name = model_label(args, meta)
     app = create_app(models, tokenizer, workers=workers, max_queue=args.max_queue, api_key=args.api_key,
-                     max_body_bytes=args.max_body_bytes, default_max_tokens=args.max_tokens, model_name=name)
+                     max_body_bytes=args.max_body_bytes, default_max_tokens=args.max_tokens, model_name=name,
+                     body_timeout=args.body_timeout)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print0(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use it")
+    host = f"[{args.host}]" if ":" in args.host else args.host
     print0(f"serving {name} on {', '.join(map(str, devices))} with {workers} worker(s): "
-           f"UI http://{args.host}:{args.port}/  API http://{args.host}:{args.port}/v1")
-    serve(app, host=args.host, port=args.port)
+           f"UI http://{host}:{port}/  API http://{host}:{port}/v1", flush=True)
+    serve(app, sock)
 
 
 if __name__ == "__main__":

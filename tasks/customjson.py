@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import os
 
-from reasoning.common import UserError
+from reasoning.common import UserError, iter_jsonl
 from reasoning.tokenizer import ASSISTANT_PART_TYPES
 from reasoning.verifiers import extract_answer
 from tasks.common import Task
 from tasks.math import final_answer, grade_math
-from tasks.registry import read_jsonl
 
 
 def _assistant_content(message: dict, where: str):
@@ -115,10 +114,7 @@ class CustomJSON(Task):
             raise UserError(f"customjson file {path} does not exist")
         self.path = path
         self.examples = []
-        # line numbers: read_jsonl skips blank lines, so number them here for the error messages
-        with open(path, encoding="utf-8") as f:
-            line_numbers = [n for n, line in enumerate(f, start=1) if line.strip()]
-        for line_number, record in zip(line_numbers, read_jsonl(path)):
+        for line_number, record in iter_jsonl(path):
             try:
                 example = parse_record(record)
             except ValueError as e:

@@ -15,13 +15,12 @@ Local files may be JSON (a list of objects), JSONL or parquet.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
 from urllib.parse import urlparse
 
-from reasoning.common import UserError
+from reasoning.common import UserError, parse_json, read_jsonl  # noqa: F401 (read_jsonl: re-exported)
 from tasks.common import Task, TaskMixture
 
 DATA_DIR_ENV = "REASONING_DATA_DIR"
@@ -58,23 +57,6 @@ class ArrowRows:
         return self.table.slice(index, 1).to_pylist()[0]
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """One JSON object per non-blank line; a bad line is a UserError naming file:line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
 def read_records(path: str):
     """A local data file as an indexable sequence of dicts (list, or ArrowRows for parquet)."""
     if not os.path.isfile(path):
@@ -84,11 +66,8 @@ def read_records(path: str):
     if path.endswith(".jsonl"):
         return read_jsonl(path)
     if path.endswith(".json"):
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
+        with open(path, "rb") as f:
+            data = parse_json(f.read(), path)
         if isinstance(data, dict):  # {"rows": [...]} / {"data": [...]} style wrappers: take the one list inside
             lists = [v for v in data.values() if isinstance(v, list)]
             data = lists[0] if len(lists) == 1 else data

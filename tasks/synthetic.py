@@ -403,14 +403,15 @@ def _extract_boxed(text: str) -> str | None:
 
 
 _INTEGER = re.compile(r"[+-]?\d+(?:\.0*)?")
+MAX_INTEGER_CHARS = 1_000  # no answer is this long; int() refuses > 4300 digits, so a longer one would raise
 
 
 def parse_integer(text: str | None) -> int | None:
-    """'1,234', ' 42 ', '$7$', '12.0' -> int; anything else -> None."""
+    """'1,234', ' 42 ', '$7$', '12.0' -> int; anything else (also absurdly long numerals) -> None."""
     if text is None:
         return None
     cleaned = text.strip().strip("$").replace(",", "").replace(" ", "").replace("\\!", "")
-    if not _INTEGER.fullmatch(cleaned):
+    if len(cleaned) > MAX_INTEGER_CHARS or not _INTEGER.fullmatch(cleaned):
         return None
     return int(cleaned.split(".")[0])
 
