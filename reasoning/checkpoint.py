@@ -75,14 +75,19 @@ def new_run_id() -> str:
 
 
 class _HashingWriter:
-    """A file wrapper for torch.save: writes pass through and are hashed on the way (checksum without a re-read)."""
+    """A file wrapper for torch.save: writes pass through and are hashed on the way (checksum without a re-read).
+    An OS error of a write is kept in `error`: torch's zip writer may replace it by its own error on the way out."""
 
     def __init__(self, file):
-        self.file, self.sha256, self.bytes = file, hashlib.sha256(), 0
+        self.file, self.sha256, self.bytes, self.error = file, hashlib.sha256(), 0, None
         self.pause = float(os.environ.get(SLOW_SAVE_ENV) or 0)
 
     def write(self, data) -> int:
-        written = self.file.write(data)
+        try:
+            written = self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
         self.sha256.update(data)
         self.bytes += memoryview(data).nbytes
         if self.pause > 0:  # the kill tests' hook: a SIGKILL lands inside a checkpoint write
@@ -104,23 +109,30 @@ def _write_failure(path: str, error: OSError) -> str:
     return f"cannot write checkpoint file {path}: {reason}; the previous checkpoints are intact"
 
 
+def _os_error(error: BaseException, writer: _HashingWriter | None = None) -> OSError | None:
+    """The OS condition (disk full, read-only...) behind a failed write, if that is what it was."""
+    if writer is not None and writer.error is not None:
+        error = writer.error
+    return error if isinstance(error, OSError) and error.errno is not None else None
+
+
 def _save_tensors(path: str, obj, run_id: str | None) -> dict:
     """torch.save `obj` to `path` atomically; returns its {"sha256", "bytes"}. An OS failure (disk full, read-only
-    folder) is a UserError naming the file."""
-    written = {}
+    folder) is a UserError naming the file; other errors (a test's simulated crash, a bug) keep their traceback."""
+    writers = []
 
     def write(f):
-        writer = _HashingWriter(f)
-        torch.save(obj, writer)
-        written.update(sha256=writer.sha256.hexdigest(), bytes=writer.bytes)
+        writers.append(_HashingWriter(f))
+        torch.save(obj, writers[-1])
 
     try:
         atomic_write(path, write, temp_label=run_id or None)
-    except OSError as e:
-        if e.errno is None:  # not an OS condition (a test's simulated crash, a bug): keep its traceback
+    except Exception as e:
+        cause = _os_error(e, writers[-1] if writers else None)
+        if cause is None:
             raise
-        raise UserError(_write_failure(path, e)) from None
-    return written
+        raise UserError(_write_failure(path, cause)) from None
+    return {"sha256": writers[-1].sha256.hexdigest(), "bytes": writers[-1].bytes}
 
 
 def save_checkpoint(ckpt_dir: str, step: int, model_state: dict | None, optimizer_state: dict | None = None,
@@ -159,7 +171,7 @@ def save_checkpoint(ckpt_dir: str, step: int, model_state: dict | None, optimize
     try:
         atomic_write_text(path, payload, temp_label=run_id or None)
     except OSError as e:
-        if e.errno is None:
+        if _os_error(e) is None:
             raise
         raise UserError(_write_failure(path, e)) from None
     if run_id is not None or keep_last is not None:
