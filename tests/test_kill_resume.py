@@ -3,13 +3,15 @@ checkpoint write (the REASONING_TEST_SLOW_SAVE hook pauses every checkpoint file
 bitwise-identical to a run that was never interrupted; every checkpoint left behind loads (checksums verified) and
 is finite, no temp file of a killed save survives, and the metrics log holds each step once."""
 
+import importlib
 import json
+import multiprocessing
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
+import traceback
 
 import pytest
 import torch
@@ -18,19 +20,55 @@ from helpers_models import save_tiny_checkpoint, train_small_tokenizer
 from reasoning import checkpoint as ckpt
 from reasoning.common import run_main
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # the reference runs in this process, on one thread like the kids
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the reference runs in this process and the killed runs in forked children of it: one intra-op thread for all
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _launch(module: str, argv: list[str], base_dir: str, out_path: str, pause: float) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", REASONING_BASE_DIR=base_dir,
-               **{ckpt.SLOW_SAVE_ENV: str(pause)})
-    with open(out_path, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", module, *argv], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=REPO)
+def _child(module: str, argv: list[str], base_dir: str, out_path: str, pause: float) -> None:
+    """A stage script's main in a forked child (no interpreter start-up: seconds per launch on a loaded box),
+    printing into out_path; it exits like the script would."""
+    os.environ.update(REASONING_BASE_DIR=base_dir, **{ckpt.SLOW_SAVE_ENV: str(pause)})
+    sys.stdout = sys.stderr = open(out_path, "a", buffering=1)
+    code = 0
+    try:
+        run_main(lambda: importlib.import_module(module).main(argv))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    os._exit(code)
 
 
-def _wait(proc: subprocess.Popen, ready, timeout: float = 120.0) -> bool:
+class _Launched:
+    """A forked stage run: poll() is None while it runs, else its exit code."""
+
+    def __init__(self, module, argv, base_dir, out_path, pause):
+        open(out_path, "w").close()  # exists before the child writes to it: the parent polls it
+        self.process = multiprocessing.get_context("fork").Process(
+            target=_child, args=(module, argv, base_dir, out_path, pause))
+        self.process.start()
+
+    def poll(self):
+        return None if self.process.is_alive() else self.process.exitcode
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.join()
+
+    def wait(self, timeout: float) -> int:
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.kill()
+        return self.process.exitcode
+
+
+def _launch(module: str, argv: list[str], base_dir: str, out_path: str, pause: float) -> _Launched:
+    return _Launched(module, argv, base_dir, out_path, pause)
+
+
+def _wait(proc: _Launched, ready, timeout: float = 120.0) -> bool:
     """Poll until ready() (True) or the process ended (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -75,8 +113,7 @@ def kill_and_resume(module, argv, base_dir, ckpt_dir, tmp_path, seed, random_kil
             proc = _launch(module, argv + resume, base_dir, out_path, pause=0.0)
             assert proc.wait(timeout=300) == 0, open(out_path).read()[-3000:]
             return moments
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.kill()  # SIGKILL: no cleanup, no atexit, no finally
     return moments
 
 
