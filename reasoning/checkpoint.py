@@ -32,6 +32,7 @@ import json
 import os
 import random
 import re
+import threading
 import time
 
 import torch
@@ -282,33 +283,46 @@ def verify_checksums_enabled() -> bool:
     return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _verify_file(path: str, expected: dict, meta_path: str) -> None:
-    """Size, then sha256, of `path` against what its meta recorded (UserError naming the file on a mismatch)."""
-    size = os.path.getsize(path)
-    if size != expected["bytes"]:
-        raise UserError(f"checkpoint file {path} is corrupt: {size} bytes, but {meta_path} recorded "
-                        f"{expected['bytes']} (set {VERIFY_ENV}=0 to load it anyway)")
+def _file_sha256(path: str, result: dict) -> None:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    if digest.hexdigest() != expected["sha256"]:
-        raise UserError(f"checkpoint file {path} is corrupt: its sha256 differs from the one recorded in "
-                        f"{meta_path} (set {VERIFY_ENV}=0 to load it anyway)")
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)  # releases the GIL: runs beside torch.load's own read
+        result["sha256"] = digest.hexdigest()
+    except OSError as e:
+        result["error"] = e
 
 
 def _torch_load(path: str, device, meta: dict | None = None, meta_path: str = ""):
-    """torch.load of a checkpoint file, its checksum checked first when `meta` recorded one."""
+    """torch.load of a checkpoint file. When `meta` recorded its size and sha256 they are checked (the hash in a
+    thread while torch.load reads, so the check costs about max(hash, load) rather than their sum); a mismatch is
+    a UserError naming the file."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint file {path} is missing")
     expected = (meta or {}).get("files", {}).get(os.path.basename(path))
+    hashing, result = None, {}
     if expected is not None and verify_checksums_enabled():
-        _verify_file(path, expected, meta_path)
+        size = os.path.getsize(path)
+        if size != expected["bytes"]:
+            raise UserError(f"checkpoint file {path} is corrupt: {size} bytes, but {meta_path} recorded "
+                            f"{expected['bytes']} (set {VERIFY_ENV}=0 to load it anyway)")
+        hashing = threading.Thread(target=_file_sha256, args=(path, result), daemon=True)
+        hashing.start()
+    state, load_error = None, None
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated/garbled files surface as many different exception types
-        raise UserError(f"checkpoint file {path} is corrupt or unreadable ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        load_error = e
+    if hashing is not None:
+        hashing.join()
+        if result.get("sha256") != expected["sha256"]:  # checked first: it says more than torch's error
+            raise UserError(f"checkpoint file {path} is corrupt: its sha256 differs from the one recorded in "
+                            f"{meta_path} (set {VERIFY_ENV}=0 to load it anyway)")
+    if load_error is not None:
+        raise UserError(f"checkpoint file {path} is corrupt or unreadable ({type(load_error).__name__}: "
+                        f"{str(load_error).splitlines()[0] if str(load_error) else ''})") from None
+    return state
 
 
 def _resolve_step(ckpt_dir: str, step: int | None) -> int:
