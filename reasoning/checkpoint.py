@@ -111,10 +111,16 @@ def _write_failure(path: str, error: OSError) -> str:
 
 
 def _os_error(error: BaseException, writer: _HashingWriter | None = None) -> OSError | None:
-    """The OS condition (disk full, read-only...) behind a failed write, if that is what it was."""
+    """The OS condition (disk full, read-only...) behind a failed write, if that is what it was: torch's zip writer
+    reports a failed write as its own RuntimeError, raised while the OSError is being handled (its __context__)."""
     if writer is not None and writer.error is not None:
-        error = writer.error
-    return error if isinstance(error, OSError) and error.errno is not None else None
+        return writer.error
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
 
 
 def _save_tensors(path: str, obj, run_id: str | None) -> dict:
