@@ -54,7 +54,7 @@ def run(repo, base, *flags, env=None, inject=False):
             "--data-dir", DATA, "--tokenizer-dir", TOKENIZER, "--base-dir", base, *flags]
     cmd = [sys.executable, "-c", INJECT] if inject else [sys.executable, "-m", "scripts.base_train"]
     proc = subprocess.run(cmd + argv, cwd=repo, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", **(env or {})))
+                          env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", **(env or {})))
     return proc.returncode, proc.stdout, proc.stderr
 
 
