@@ -64,7 +64,8 @@ def main():
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"file {size_mb:.0f} MB, {args.rounds} rounds, medians (s):")
     for key, value in med.items():
-        print(f"  {key:18s} {value:7.3f}   ({size_mb / value:7.0f} MB/s)   all: {' '.join(f'{t:.3f}' for t in rows[key])}")
+        every = " ".join(f"{t:.3f}" for t in rows[key])
+        print(f"  {key:18s} {value:7.3f}   ({size_mb / value:7.0f} MB/s)   all: {every}")
     save_ratio = med["save_checksummed"] / med["save_plain"]
     load_ratio = med["load_verified"] / med["load_plain"]
     print(f"RESULT file_mb={size_mb:.0f} sha256_mb_s={size_mb / med['sha256_only']:.0f} "

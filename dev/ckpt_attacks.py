@@ -35,7 +35,8 @@ class Faulty:
         if os.environ["FAULT"] == "enospc" and self.n > 4096:
             raise OSError(errno.ENOSPC, "No space left on device")
         out = self.f.write(b)
-        if os.environ["FAULT"] == "kill" and self.n > 4096 and "model_%06d" % int(os.environ["FAULT_STEP"]) in self.name:
+        target = "model_%06d" % int(os.environ.get("FAULT_STEP", "0"))
+        if os.environ["FAULT"] == "kill" and self.n > 4096 and target in self.name:
             self.f.flush(); os.kill(os.getpid(), signal.SIGKILL)
         return out
     def flush(self): self.f.flush()
@@ -54,7 +55,8 @@ def run(repo, base, *flags, env=None, inject=False):
             "--data-dir", DATA, "--tokenizer-dir", TOKENIZER, "--base-dir", base, *flags]
     cmd = [sys.executable, "-c", INJECT] if inject else [sys.executable, "-m", "scripts.base_train"]
     proc = subprocess.run(cmd + argv, cwd=repo, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", **(env or {})))
+                          env=dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+                                   **(env or {})))
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -104,8 +106,9 @@ def attack_fresh_run_into_occupied_tag(repo, base):
 def attack_overflowing_lr(repo, base):
     code, out, err = run(repo, base, "--matrix-lr", "3e38", "--num-iterations", "1")
     bad = non_finite_checkpoints(base)
+    last = out.strip().splitlines()[-1][:60] if out.strip() else "-"
     return ("poisoned" if bad else "clean" if shape(code, err).startswith("clean") else "other",
-            f"{shape(code, err)}; {bad} non-finite checkpoint(s), RESULT: {out.strip().splitlines()[-1][:60] if out.strip() else '-'}")
+            f"{shape(code, err)}; {bad} non-finite checkpoint(s); last line: {last}")
 
 
 def attack_lr_beyond_float32(repo, base):

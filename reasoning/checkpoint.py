@@ -45,7 +45,8 @@ SLOW_SAVE_ENV = "REASONING_TEST_SLOW_SAVE"  # test hook: seconds each checkpoint
 _META_RE = re.compile(r"meta_(\d{6,})\.json$")
 _STEP_FILE_RE = re.compile(r"(?:model|optim|meta)_(\d{6,})(?:_rank\d+)?\.(?:pt|json)$")
 # `.model_000010.pt.<run id>.<random>.tmp`: what reasoning.common.atomic_write leaves when a save is killed
-_TEMP_FILE_RE = re.compile(r"^\.(?:model|optim|meta)_\d{6,}(?:_rank\d+)?\.(?:pt|json)\.(?:([\w-]+)\.)?[0-9a-f]{8}\.tmp$")
+_TEMP_FILE_RE = re.compile(
+    r"^\.(?:model|optim|meta)_\d{6,}(?:_rank\d+)?\.(?:pt|json)\.(?:([\w-]+)\.)?[0-9a-f]{8}\.tmp$")
 _RUN_ID_RE = re.compile(rb'\A\{\s*"run_id":\s*"([\w-]*)"')
 
 
