@@ -114,8 +114,9 @@ def attack_overflowing_lr(repo, base):
 def attack_lr_beyond_float32(repo, base):
     code, out, err = run(repo, base, "--matrix-lr", "3.5e38", "--num-iterations", "1")
     bad = non_finite_checkpoints(base)
-    return ("poisoned" if bad else "clean" if shape(code, err).startswith("clean") else "other",
-            f"{shape(code, err)}; {bad} non-finite checkpoint(s)")
+    kind = "poisoned" if bad else "traceback" if "Traceback" in err else \
+        "clean" if shape(code, err).startswith("clean") else "other"
+    return kind, f"{shape(code, err)}; {bad} non-finite checkpoint(s)"
 
 
 def attack_torn_metrics_line(repo, base):
@@ -157,7 +158,8 @@ def attack_base_dir_under_a_file(repo, base):
 
 def attack_disk_full_during_save(repo, base):
     code, out, err = run(repo, base, "--num-iterations", "2", env={"FAULT": "enospc"}, inject=True)
-    says = "says 'no space left'" if "no space left" in err.lower() else "never says 'no space left'"
+    last = err.strip().splitlines()[-1].lower() if err.strip() else ""
+    says = "says 'no space left'" if "no space left" in last else "its last line never says 'no space left'"
     kind = "traceback" if "Traceback" in err else "clean" if shape(code, err).startswith("clean") else "other"
     return kind, f"{shape(code, err)}; {says}; temp files {len(temp_files(base))}"
 

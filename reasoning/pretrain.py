@@ -279,7 +279,6 @@ def train(config: TrainConfig) -> dict:
     data_ranks = world_size * config.simulate_ranks
     resume_meta = load_resume_checkpoint(ckpt_dir, model, device, data_ranks, "loader_states",
                                          meta_types={"ema_loss": float}) if config.resume else None
-    run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--tag")
 
     fp8_layers = 0
     if config.fp8:
@@ -329,6 +328,8 @@ def train(config: TrainConfig) -> dict:
     if resume_meta is not None:
         ckpt.set_rng_state(resume_meta["rng"][rank])
 
+    # settings are checked by now: the tag's owner and the folder's writability are next, before any training
+    run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--tag")
     log = RunLog.for_run(base_dir, f"{STAGE}_{tag}", config, progress.resumed_at)
     print0(f"model: depth {config.depth}, width {model_config.n_embd}, {model_config.n_head} heads, "
            f"{num_params:,} params, {flops_per_token:.3e} FLOPs/token | vocab {tokenizer.vocab_size}")

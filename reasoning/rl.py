@@ -395,7 +395,6 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     # ---- resume: weights, optimizer, cursor, RNG and history from our own last checkpoint
     resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "rng", str(source["dir"]),
                                          meta_types={"cursor": int, "records": list}) if config.resume else None
-    run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--out-tag")
     optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale))
     if resume_meta is not None:
         load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
@@ -407,6 +406,8 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     records = [] if resume_meta is None else resume_meta.get("records", [])
     engine = Engine(model, tokenizer)
 
+    # settings are checked by now: the tag's owner and the folder's writability are next, before any training
+    run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--out-tag")
     log = RunLog.for_run(base_dir, f"{LOG_NAME}_{tag}", config, progress.resumed_at)
     G, P = config.num_samples, config.prompts_per_step
     print0(f"rl: {len(train_task):,} train prompts ({getattr(train_task, 'name', config.task)}), "

@@ -288,7 +288,6 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     # ---- resume: weights, optimizer, stream positions, RNG and history from our own last checkpoint
     resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "positions", str(source.get("dir"))) \
         if config.resume else None
-    run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--out-tag")
     optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale))
     if resume_meta is not None:
         load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
@@ -319,6 +318,8 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     if resume_meta is not None:
         ckpt.set_rng_state(resume_meta["rng"][rank])
 
+    # settings are checked by now: the tag's owner and the folder's writability are next, before any training
+    run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--out-tag")
     log = RunLog.for_run(base_dir, f"{STAGE}_{tag}", config, progress.resumed_at)
     print0(f"sft: {len(train_task):,} conversations ({config.task}), {num_iterations} steps of {total_rows} rows "
            f"({config.device_batch_size} rows x {world_size} ranks x {grad_accum} accumulation, "
