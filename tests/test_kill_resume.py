@@ -101,7 +101,7 @@ def kill_and_resume(module, argv, base_dir, ckpt_dir, tmp_path, seed, random_kil
         out_path = str(tmp_path / f"attempt{attempt}.out")
         if attempt == 0:  # every file write pauses 0.3 s halfway; the kill lands inside step 3's first file
             proc = _launch(module, argv + resume, base_dir, out_path, pause=0.3)
-            assert _wait(proc, lambda: any("_000003" in n for n in _temp_files(ckpt_dir)))
+            assert _wait(proc, lambda: any("_000003" in n for n in _temp_files(ckpt_dir))), open(out_path).read()
             moments.append("inside the write of " + _temp_files(ckpt_dir)[0])
         elif attempt <= random_kills:  # a random moment once this slice trains (saves pause a little)
             proc = _launch(module, argv + resume, base_dir, out_path, pause=0.02)
@@ -109,6 +109,8 @@ def kill_and_resume(module, argv, base_dir, ckpt_dir, tmp_path, seed, random_kil
                 delay = rng.uniform(0.0, 1.0)
                 time.sleep(delay)
                 moments.append(f"{delay:.2f} s after its first step")
+            else:  # it ended before training (a resume of a finished run): it must have ended well
+                assert proc.poll() == 0, open(out_path).read()[-3000:]
         else:  # the last slice runs to the end
             proc = _launch(module, argv + resume, base_dir, out_path, pause=0.0)
             assert proc.wait(timeout=300) == 0, open(out_path).read()[-3000:]
