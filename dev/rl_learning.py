@@ -115,7 +115,7 @@ def main():
         with watch("base_train"):
             train(TrainConfig(depth=args.depth, max_seq_len=256, device_batch_size=16, num_iterations=args.base_steps,
                               eval_every=-1, sample_every=-1, log_every=50, tag=tag, device="cpu", data_dir=data_dir,
-                              base_dir=base_dir, tokenizer_dir=tokenizer_dir))
+                              base_dir=base_dir, tokenizer_dir=tokenizer_dir, overwrite=True))
 
     if not have("sft"):
         with watch("sft"):
@@ -126,7 +126,7 @@ def main():
             train_sft(SFTConfig(task="synthetic", synthetic_difficulty=args.difficulty, num_iterations=args.sft_steps,
                                 synthetic_answer_only=args.sft_answer_only,
                                 device_batch_size=16, max_seq_len=256, eval_every=-1, log_every=50,
-                                base_dir=base_dir), model, tokenizer, source, torch.device("cpu"))
+                                base_dir=base_dir, overwrite=True), model, tokenizer, source, torch.device("cpu"))
 
     with watch("eval_sft"):
         model, tokenizer, _ = ckpt.load_model("sft", tag, device="cpu", base_dir=base_dir)
@@ -138,7 +138,8 @@ def main():
         prompts_per_step=args.rl_prompts, num_samples=args.rl_samples, max_new_tokens=args.rl_max_new_tokens,
         temperature=args.rl_temperature, loss_type=args.rl_loss_type, filter_zero_variance=args.rl_filter,
         lr_scale=args.rl_lr_scale, warmup_ratio=args.rl_warmup_ratio, eval_every=50, eval_problems=100,
-        eval_pass_k=0, log_every=25, out_tag=tag, seed=args.seed, device="cpu", base_dir=base_dir)
+        eval_pass_k=0, log_every=25, out_tag=tag, seed=args.seed, device="cpu", base_dir=base_dir,
+        overwrite=True)  # every invocation retrains RL into the same tag
     with watch("rl"):
         summary = train_rl(rl_config)
     rl_minutes = watch.rows[-1][1] / 60

@@ -10,24 +10,44 @@ never leaves a half-written file under a real name. The meta file is written las
 complete, and `find_last_step` only ever reports complete steps. In DDP each rank calls `save_checkpoint` with
 its own optimizer state; a caller that needs every rank's optimizer file to exist before meta appears should
 barrier before the rank-0 call writes meta (or save optimizers first, barrier, then call with meta).
+
+Integrity: meta["files"] holds the sha256 and size of every .pt file of the step (hashed while it is written, so
+saving reads nothing back); loading checks them and calls a mismatch corruption, naming the file
+(`REASONING_VERIFY_CHECKSUMS=0` skips the check, e.g. for a huge file on slow storage).
+
+Run identity: a training run writes its `run_id` as the first key of every meta file (read cheaply from the file's
+head). A tag's checkpoints are grouped by run; `find_last_step` answers for the run that wrote last, pruning
+only ever deletes the saving run's own steps (and the temp files its killed saves left, which carry the run id in
+their names), so one run never deletes or resumes another's checkpoints. Checkpoints without a run id (written
+before run ids existed, or by tools) form one run, "".
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import glob
+import hashlib
 import json
 import os
 import random
 import re
+import threading
+import time
 
 import torch
 
-from reasoning.common import UserError, atomic_write, atomic_write_text, get_base_dir
+from reasoning.common import UserError, atomic_write, atomic_write_text, get_base_dir, make_dir
 
 STAGES = ("base", "sft", "rl")
+VERIFY_ENV = "REASONING_VERIFY_CHECKSUMS"  # "0": load without checking the files' checksums
+SLOW_SAVE_ENV = "REASONING_TEST_SLOW_SAVE"  # test hook: seconds each checkpoint file write pauses halfway
 _META_RE = re.compile(r"meta_(\d{6,})\.json$")
 _STEP_FILE_RE = re.compile(r"(?:model|optim|meta)_(\d{6,})(?:_rank\d+)?\.(?:pt|json)$")
+# `.model_000010.pt.<run id>.<random>.tmp`: what reasoning.common.atomic_write leaves when a save is killed
+_TEMP_FILE_RE = re.compile(
+    r"^\.(?:model|optim|meta)_\d{6,}(?:_rank\d+)?\.(?:pt|json)\.(?:([\w-]+)\.)?[0-9a-f]{8}\.tmp$")
+_RUN_ID_RE = re.compile(rb'\A\{\s*"run_id":\s*"([\w-]*)"')
 
 
 def checkpoint_dir(stage: str, tag: str, base_dir: str | None = None) -> str:
@@ -51,31 +71,154 @@ def _strip_compile_prefix(state: dict) -> dict:
     return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
 
 
-def save_checkpoint(ckpt_dir: str, step: int, model_state: dict | None, optimizer_state: dict | None = None,
-                    meta: dict | None = None, rank: int = 0, keep_last: int | None = None) -> None:
-    """Save one step. Rank 0 writes the model and (last) the meta JSON; every rank writes its optimizer state.
+def new_run_id() -> str:
+    """A fresh run identity: start time (sortable, readable) + random suffix."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
 
-    `meta` must be JSON-serialisable; "step" is filled in. `keep_last=N` (rank 0) then deletes all but the N
-    newest complete checkpoints, plus leftovers of older crashed saves."""
+
+class _HashingWriter:
+    """A file wrapper for torch.save: writes pass through and are hashed on the way (checksum without a re-read).
+    An OS error of a write is kept in `error`: torch's zip writer may replace it by its own error on the way out."""
+
+    def __init__(self, file):
+        self.file, self.sha256, self.bytes, self.error = file, hashlib.sha256(), 0, None
+        self.pause = float(os.environ.get(SLOW_SAVE_ENV) or 0)
+
+    def write(self, data) -> int:
+        try:
+            written = self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+        self.sha256.update(data)
+        self.bytes += memoryview(data).nbytes
+        if self.pause > 0:  # the kill tests' hook: a SIGKILL lands inside a checkpoint write
+            time.sleep(self.pause)
+            self.pause = 0.0
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _write_failure(path: str, error: OSError) -> str:
+    if error.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "the folder is not writable"
+    else:
+        reason = error.strerror or str(error)
+    return f"cannot write checkpoint file {path}: {reason}; the previous checkpoints are intact"
+
+
+def _os_error(error: BaseException, writer: _HashingWriter | None = None) -> OSError | None:
+    """The OS condition (disk full, read-only...) behind a failed write, if that is what it was: torch's zip writer
+    reports a failed write as its own RuntimeError, raised while the OSError is being handled (its __context__)."""
+    if writer is not None and writer.error is not None:
+        return writer.error
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def _save_tensors(path: str, obj, run_id: str | None) -> dict:
+    """torch.save `obj` to `path` atomically; returns its {"sha256", "bytes"}. An OS failure (disk full, read-only
+    folder) is a UserError naming the file; other errors (a test's simulated crash, a bug) keep their traceback."""
+    writers = []
+
+    def write(f):
+        writers.append(_HashingWriter(f))
+        torch.save(obj, writers[-1])
+
+    try:
+        atomic_write(path, write, temp_label=run_id or None)
+    except Exception as e:
+        cause = _os_error(e, writers[-1] if writers else None)
+        if cause is None:
+            raise
+        raise UserError(_write_failure(path, cause)) from None
+    return {"sha256": writers[-1].sha256.hexdigest(), "bytes": writers[-1].bytes}
+
+
+def save_checkpoint(ckpt_dir: str, step: int, model_state: dict | None, optimizer_state: dict | None = None,
+                    meta: dict | None = None, rank: int = 0, keep_last: int | None = None, run_id: str | None = None,
+                    other_files: dict | None = None, replace_other_runs: bool = False) -> dict:
+    """Save one step. Rank 0 writes the model and (last) the meta JSON; every rank writes its optimizer state.
+    Returns {file name: {"sha256", "bytes"}} of the .pt files this call wrote.
+
+    `meta` must be JSON-serialisable; "step", "run_id" and "files" (checksums of this call's files plus
+    `other_files`, those other ranks wrote) are filled in. Rank 0 then prunes: with `run_id`, the temp files of
+    this run's killed saves; `keep_last=N` deletes all but this run's N newest complete checkpoints, plus orphans
+    (files of steps without meta) older than them; `replace_other_runs` also deletes other runs' checkpoints."""
     if step < 0:
         raise ValueError(f"step={step}: expected >= 0")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last={keep_last}: expected >= 1 or None")
     meta = dict(meta or {})
+    meta.pop("run_id", None)
     meta["step"] = step
     # serialise before writing anything: a meta that is not JSON fails here, not after the weights hit the disk
-    payload = json.dumps(meta, indent=2, sort_keys=True)
-    os.makedirs(ckpt_dir, exist_ok=True)
+    json.dumps(meta)
+    make_dir(ckpt_dir, "checkpoint folder")
+    files = {}
     if optimizer_state is not None:
-        atomic_write(_optim_path(ckpt_dir, step, rank), lambda f: torch.save(optimizer_state, f))
+        path = _optim_path(ckpt_dir, step, rank)
+        files[os.path.basename(path)] = _save_tensors(path, optimizer_state, run_id)
     if rank != 0:
-        return
+        return files
     if model_state is not None:
-        state = _strip_compile_prefix(model_state)
-        atomic_write(_model_path(ckpt_dir, step), lambda f: torch.save(state, f))
-    atomic_write_text(_meta_path(ckpt_dir, step), payload)
-    if keep_last is not None:
-        _prune(ckpt_dir, keep_last)
+        path = _model_path(ckpt_dir, step)
+        files[os.path.basename(path)] = _save_tensors(path, _strip_compile_prefix(model_state), run_id)
+    meta["files"] = {**(other_files or {}), **files}
+    # the run id leads the file, so grouping a tag's checkpoints by run reads only the files' first bytes
+    payload = json.dumps({"run_id": run_id, **meta} if run_id is not None else meta, indent=2)
+    path = _meta_path(ckpt_dir, step)
+    try:
+        atomic_write_text(path, payload, temp_label=run_id or None)
+    except OSError as e:
+        if _os_error(e) is None:
+            raise
+        raise UserError(_write_failure(path, e)) from None
+    if run_id is not None or keep_last is not None:
+        _prune(ckpt_dir, keep_last, run_id or "", replace_other_runs)
+    return files
+
+
+_run_cache: dict[tuple, str] = {}
+
+
+def _run_of(meta_path: str) -> str:
+    """The run id of a meta file ("" when it has none), read from its head; cached by (path, mtime, size)."""
+    try:
+        st = os.stat(meta_path)
+        key = (meta_path, st.st_mtime_ns, st.st_size)
+        if key in _run_cache:
+            return _run_cache[key]
+        with open(meta_path, "rb") as f:
+            match = _RUN_ID_RE.match(f.read(256))
+    except OSError:
+        return ""
+    run = match.group(1).decode() if match else ""
+    _run_cache[key] = run
+    return run
+
+
+def checkpoint_runs(ckpt_dir: str) -> dict[str, list[int]]:
+    """{run id: its complete steps, ascending} of a checkpoint folder; the run that wrote last comes last."""
+    runs: dict[str, list[int]] = {}
+    written: dict[str, float] = {}
+    for step in _complete_steps(ckpt_dir):
+        path = _meta_path(ckpt_dir, step)
+        run = _run_of(path)
+        runs.setdefault(run, []).append(step)
+        try:
+            written[run] = max(written.get(run, 0.0), os.stat(path).st_mtime_ns)
+        except OSError:
+            pass
+    return {run: runs[run] for run in sorted(runs, key=lambda r: written.get(r, 0.0))}
 
 
 def _complete_steps(ckpt_dir: str) -> list[int]:
@@ -87,44 +230,106 @@ def _complete_steps(ckpt_dir: str) -> list[int]:
     return sorted(steps)
 
 
-def _prune(ckpt_dir: str, keep_last: int):
-    complete = _complete_steps(ckpt_dir)
-    if not complete:
-        return
-    kept = complete[-keep_last:]
-    oldest_kept = kept[0]
-    doomed = []
-    for path in glob.glob(os.path.join(ckpt_dir, "*")):
-        match = _STEP_FILE_RE.search(os.path.basename(path))
-        if match and int(match.group(1)) < oldest_kept:
-            doomed.append(path)
+def _remove(paths) -> None:
     # meta files first: a half-pruned step then looks incomplete instead of looking loadable with files missing
-    doomed.sort(key=lambda p: not os.path.basename(p).startswith("meta_"))
-    for path in doomed:
+    for path in sorted(paths, key=lambda p: not os.path.basename(p).startswith("meta_")):
         try:
             os.remove(path)
         except FileNotFoundError:
             pass
 
 
-def find_last_step(ckpt_dir: str) -> int:
-    """Largest step with a meta file (i.e. a complete checkpoint) in ckpt_dir; -1 when there is none."""
+def _prune(ckpt_dir: str, keep_last: int | None, run_id: str, replace_other_runs: bool = False) -> None:
+    runs = checkpoint_runs(ckpt_dir)
+    mine = runs.get(run_id, [])
+    doomed_steps = set(mine[:-keep_last]) if keep_last else set()
+    if replace_other_runs:
+        doomed_steps |= {s for run, steps in runs.items() if run != run_id for s in steps}
+    complete = {s for steps in runs.values() for s in steps}
+    oldest_kept = min(set(mine) - doomed_steps, default=-1) if keep_last else -1
+    doomed = []
+    for name in os.listdir(ckpt_dir):
+        match = _STEP_FILE_RE.search(name)
+        if match:
+            step = int(match.group(1))
+            # orphans (a step without meta: a killed save) older than this run's oldest kept step go as well
+            if step in doomed_steps or (step not in complete and step < oldest_kept):
+                doomed.append(os.path.join(ckpt_dir, name))
+            continue
+        match = _TEMP_FILE_RE.match(name)
+        if match and match.group(1) == run_id and run_id:  # this run's killed saves (no write of it is in flight)
+            doomed.append(os.path.join(ckpt_dir, name))
+    _remove(doomed)
+
+
+def remove_leftovers(ckpt_dir: str) -> int:
+    """In a folder without any complete checkpoint: delete what killed saves left (temp files, steps without meta)
+    before a fresh run starts there. Returns how many files went."""
+    if not os.path.isdir(ckpt_dir) or _complete_steps(ckpt_dir):
+        return 0
+    doomed = [os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir)
+              if _STEP_FILE_RE.search(n) or _TEMP_FILE_RE.match(n)]
+    _remove(doomed)
+    return len(doomed)
+
+
+def find_last_step(ckpt_dir: str, run_id: str | None = None) -> int:
+    """Largest complete step (one with a meta file) of run `run_id` in ckpt_dir (default: of the run that wrote
+    last); -1 when there is none."""
     if not os.path.isdir(ckpt_dir):
         return -1
-    steps = _complete_steps(ckpt_dir)
-    return steps[-1] if steps else -1
+    runs = checkpoint_runs(ckpt_dir)
+    if run_id is None:
+        return list(runs.values())[-1][-1] if runs else -1
+    return runs[run_id][-1] if run_id in runs else -1
 
 
 # ----------------------------------------------------------------------------------------------- loading
 
-def _torch_load(path: str, device):
+def verify_checksums_enabled() -> bool:
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _file_sha256(path: str, result: dict) -> None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)  # releases the GIL: runs beside torch.load's own read
+        result["sha256"] = digest.hexdigest()
+    except OSError as e:
+        result["error"] = e
+
+
+def _torch_load(path: str, device, meta: dict | None = None, meta_path: str = ""):
+    """torch.load of a checkpoint file. When `meta` recorded its size and sha256 they are checked (the hash in a
+    thread while torch.load reads, so the check costs about max(hash, load) rather than their sum); a mismatch is
+    a UserError naming the file."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint file {path} is missing")
+    expected = (meta or {}).get("files", {}).get(os.path.basename(path))
+    hashing, result = None, {}
+    if expected is not None and verify_checksums_enabled():
+        size = os.path.getsize(path)
+        if size != expected["bytes"]:
+            raise UserError(f"checkpoint file {path} is corrupt: {size} bytes, but {meta_path} recorded "
+                            f"{expected['bytes']} (set {VERIFY_ENV}=0 to load it anyway)")
+        hashing = threading.Thread(target=_file_sha256, args=(path, result), daemon=True)
+        hashing.start()
+    state, load_error = None, None
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated/garbled files surface as many different exception types
-        raise UserError(f"checkpoint file {path} is corrupt or unreadable ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        load_error = e
+    if hashing is not None:
+        hashing.join()
+        if result.get("sha256") != expected["sha256"]:  # checked first: it says more than torch's error
+            raise UserError(f"checkpoint file {path} is corrupt: its sha256 differs from the one recorded in "
+                            f"{meta_path} (set {VERIFY_ENV}=0 to load it anyway)")
+    if load_error is not None:
+        raise UserError(f"checkpoint file {path} is corrupt or unreadable ({type(load_error).__name__}: "
+                        f"{str(load_error).splitlines()[0] if str(load_error) else ''})") from None
+    return state
 
 
 def _resolve_step(ckpt_dir: str, step: int | None) -> int:
@@ -137,6 +342,32 @@ def _resolve_step(ckpt_dir: str, step: int | None) -> int:
     return step
 
 
+def _type_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", dict: "a JSON object", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def check_meta_types(meta: dict, path: str, expected: dict) -> None:
+    """UserError naming the meta file and key when meta[key] (if present) is not of type expected[key]: a
+    hand-edited or foreign meta file is refused here rather than failing somewhere deep in a trainer."""
+    for key, kind in expected.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise UserError(f"checkpoint metadata {path}: {key!r} is {type(value).__name__} {str(value)[:40]!r}, "
+                            f"expected {_type_name(kind)}")
+
+
+# the keys checkpoint.py itself reads; the trainers check theirs (training.load_resume_checkpoint)
+_META_TYPES = {"step": int, "run_id": str, "files": dict, "model_config": dict, "tokenizer_dir": (str, type(None))}
+
+
 def load_meta(ckpt_dir: str, step: int | None = None) -> dict:
     """Only the metadata of a step (default: the last complete one)."""
     step = _resolve_step(ckpt_dir, step)
@@ -146,20 +377,30 @@ def load_meta(ckpt_dir: str, step: int | None = None) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"checkpoint metadata {path} is corrupt ({type(e).__name__})") from None
     if not isinstance(meta, dict):
         raise UserError(f"checkpoint metadata {path} is corrupt (expected a JSON object)")
+    check_meta_types(meta, path, _META_TYPES)
+    if meta.get("step", step) != step:
+        raise UserError(f"checkpoint metadata {path}: 'step' is {meta['step']}, expected {step} (the file's step)")
+    for name, entry in meta.get("files", {}).items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                and isinstance(entry.get("bytes"), int) and not isinstance(entry.get("bytes"), bool)):
+            raise UserError(f"checkpoint metadata {path}: files[{name!r}] is {str(entry)[:60]!r}, expected "
+                            '{"sha256": hex string, "bytes": integer}')
     return meta
 
 
 def load_checkpoint(ckpt_dir: str, step: int | None = None, device="cpu", load_optimizer: bool = False,
                     rank: int = 0) -> tuple[dict, dict | None, dict]:
-    """(model_state, optimizer_state or None, meta) of `step` (default: the last complete step)."""
+    """(model_state, optimizer_state or None, meta) of `step` (default: the last complete step). The files'
+    checksums recorded in meta are verified (unless REASONING_VERIFY_CHECKSUMS=0)."""
     step = _resolve_step(ckpt_dir, step)
     meta = load_meta(ckpt_dir, step)
-    model_state = _torch_load(_model_path(ckpt_dir, step), device)
-    optim_state = _torch_load(_optim_path(ckpt_dir, step, rank), device) if load_optimizer else None
+    meta_path = _meta_path(ckpt_dir, step)
+    model_state = _torch_load(_model_path(ckpt_dir, step), device, meta, meta_path)
+    optim_state = _torch_load(_optim_path(ckpt_dir, step, rank), device, meta, meta_path) if load_optimizer else None
     return model_state, optim_state, meta
 
 
@@ -261,12 +502,17 @@ def load_model(source: str, tag: str | None = None, step: int | None = None, dev
     device = torch.device(device)
     if device.type == "cpu":  # bf16 weights from a GPU run: CPU matmuls want fp32
         model_state = {k: v.float() if v.is_floating_point() else v for k, v in model_state.items()}
-    config = GPTConfig.from_dict(meta["model_config"])
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # non-persistent buffers (rotary tables) are not in the state dict
-    model.load_state_dict(model_state, strict=True, assign=True)
+    try:  # a hand-edited model_config (wrong keys or types) fails here, not as a traceback from inside GPT
+        config = GPTConfig.from_dict(meta["model_config"])
+        with torch.device("meta"):
+            model = GPT(config)
+        model.to_empty(device=device)
+        model.init_weights()  # non-persistent buffers (rotary tables) are not in the state dict
+        model.load_state_dict(model_state, strict=True, assign=True)
+    except (TypeError, ValueError, RuntimeError, AssertionError, AttributeError, KeyError) as e:
+        raise UserError(f"checkpoint {_meta_path(ckpt_dir, meta['step'])}: its model_config does not build the "
+                        f"saved model ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") \
+            from None
     model.train(phase == "train")
 
     tokenizer_dir = meta.get("tokenizer_dir")

@@ -152,8 +152,23 @@ def print0(*args, **kwargs):
 def get_base_dir() -> str:
     """Every artifact of a run lives under one folder: $REASONING_BASE_DIR or ~/.cache/reasoning."""
     base = os.environ.get("REASONING_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "reasoning")
-    os.makedirs(base, exist_ok=True)
+    make_dir(base, "base dir ($REASONING_BASE_DIR)")
     return base
+
+
+def make_dir(path: str, what: str, writable: bool = False) -> str:
+    """os.makedirs(path, exist_ok=True), with a one-line UserError naming `what` and `path` when it cannot be made
+    (a regular file in the way, no permission, a read-only file system); `writable` also requires that files can be
+    created in it, so a run finds out before it has trained anything."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{what} {path}: cannot create it, a regular file is in the way") from None
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot create it ({e.strerror or e})") from None
+    if writable and not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: not writable (read-only folder or file system)")
+    return path
 
 
 def seed_everything(seed: int):
@@ -168,15 +183,16 @@ def seed_everything(seed: int):
 
 # ----------------------------------------------------------------------------------------------- atomic writes
 
-def _open_temp_file(path: str, mode: str):
-    """A new, hidden, uniquely named file next to `path` (`.<name>.<random>.tmp`), opened for writing.
+def _open_temp_file(path: str, mode: str, label: str | None = None):
+    """A new, hidden, uniquely named file next to `path` (`.<name>.<random>.tmp`, or `.<name>.<label>.<random>.tmp`
+    so that the writer can recognise its own leftovers later), opened for writing.
 
     Not tempfile.mkstemp: that creates files with mode 0600, while artifacts should get the ordinary permissions
     (0666 minus the umask) that open() gives, so others sharing a run dir can read them. Mode "x" is open()'s
     exclusive create, so two writers can never share a temp file."""
     directory, name = os.path.dirname(path) or ".", os.path.basename(path)
     for _ in range(100):
-        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        tmp = os.path.join(directory, f".{name}.{label + '.' if label else ''}{secrets.token_hex(4)}.tmp")
         try:
             return open(tmp, mode.replace("w", "x"), **({} if "b" in mode else {"encoding": "utf-8"}))
         except FileExistsError:
@@ -198,16 +214,18 @@ def _fsync_directory(directory: str):
         os.close(dir_fd)
 
 
-def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
+def atomic_write(path: str, write_fn, mode: str = "wb", temp_label: str | None = None) -> None:
     """Write `path` all-or-nothing: write_fn(file) fills a temp file in the same directory, which is then
     flushed, fsynced and `os.replace`d over `path` (an atomic rename on POSIX and Windows).
 
     On any failure, KeyboardInterrupt included, the temp file is removed and `path` keeps its previous content
     (or stays absent). `mode` is "wb" (bytes) or "w" (text, UTF-8). The directory must exist. `file.name` is
-    the temp file's path, so write_fn can flush and read back what it wrote to validate it (raise to abort)."""
+    the temp file's path, so write_fn can flush and read back what it wrote to validate it (raise to abort).
+    `temp_label` goes into the temp file's name (checkpoints put their run id there, to prune what a killed save of
+    the same run left behind)."""
     if mode not in ("wb", "w"):
         raise ValueError(f"mode={mode!r}: expected 'wb' or 'w'")
-    f = _open_temp_file(path, mode)
+    f = _open_temp_file(path, mode, temp_label)
     try:
         with f:
             write_fn(f)
@@ -221,9 +239,9 @@ def atomic_write(path: str, write_fn, mode: str = "wb") -> None:
     _fsync_directory(os.path.dirname(path) or ".")
 
 
-def atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str, temp_label: str | None = None) -> None:
     """`text` as UTF-8 into `path`, atomically (see atomic_write)."""
-    atomic_write(path, lambda f: f.write(text), mode="w")
+    atomic_write(path, lambda f: f.write(text), mode="w", temp_label=temp_label)
 
 
 def atomic_write_json(path: str, obj, **json_kw) -> None:

@@ -20,7 +20,8 @@ never sees them, so changing them never triggers a recompile.
 Checkpoints (`reasoning.checkpoint`) hold the model, the optimizer state, and in meta: the step, every data rank's
 loader position, every process's RNG state and the metric history. `resume=True` restores all of it, so on CPU a
 resumed run is bitwise identical to one that never stopped. A non-finite loss or gradient norm stops the run
-before the optimizer step (`NonFiniteLossError`); checkpoints already written are untouched.
+before the optimizer step, weights an update made non-finite stop it before the next save (`NonFiniteLossError`);
+checkpoints already written are untouched, so the last one is good.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from reasoning.common import (UserError, autocast_context, get_base_dir, get_com
 from reasoning.flash_attention import resolve_backend
 from reasoning.mfu import model_flops_utilization, peak_flops
 from reasoning.training import (DEVICE_HELP, NonFiniteLossError, RunLog, RunProgress, TrainerConfig,
-                                accumulate_gradients, autocast_factory, format_eta, gather_objects,
-                                load_optimizer_state, load_resume_checkpoint, lr_multiplier, option,
-                                save_training_checkpoint)
+                                accumulate_gradients, autocast_factory, check_weights_finite, diverged_message,
+                                format_eta, gather_objects, load_optimizer_state, load_resume_checkpoint,
+                                lr_multiplier, option, save_training_checkpoint, start_run)
 
 STAGE = "base"
 EMA_BETA = 0.9  # smoothing of the printed/reported train loss
@@ -276,8 +277,8 @@ def train(config: TrainConfig) -> dict:
 
     # ---- resume (every data rank saved its loader position)
     data_ranks = world_size * config.simulate_ranks
-    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, data_ranks, "loader_states") if config.resume \
-        else None
+    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, data_ranks, "loader_states",
+                                         meta_types={"ema_loss": float}) if config.resume else None
 
     fp8_layers = 0
     if config.fp8:
@@ -327,6 +328,8 @@ def train(config: TrainConfig) -> dict:
     if resume_meta is not None:
         ckpt.set_rng_state(resume_meta["rng"][rank])
 
+    # settings are checked by now: the tag's owner and the folder's writability are next, before any training
+    run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--tag")
     log = RunLog.for_run(base_dir, f"{STAGE}_{tag}", config, progress.resumed_at)
     print0(f"model: depth {config.depth}, width {model_config.n_embd}, {model_config.n_head} heads, "
            f"{num_params:,} params, {flops_per_token:.3e} FLOPs/token | vocab {tokenizer.vocab_size}")
@@ -342,7 +345,7 @@ def train(config: TrainConfig) -> dict:
             "history": history, "ema_loss": ema_loss, "train_seconds": progress.seconds(),
             "loader_states": [s for states in gather_objects(loader_states) for s in states],
         }
-        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last)
+        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last, run_id, config.overwrite)
 
     losses: list[tuple[int, float]] = []
     step_times: list[float] = []
@@ -379,10 +382,8 @@ def train(config: TrainConfig) -> dict:
             norm = _grad_norm(model.parameters()).to(loss.device)
             loss_value, norm_value = torch.stack([loss.float(), norm.float()]).tolist()  # one host sync
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                last = ckpt.find_last_step(ckpt_dir)
-                where = f"last good checkpoint: {ckpt_dir} step {last}" if last >= 0 else "no checkpoint was written"
-                raise NonFiniteLossError(f"step {step}: loss {loss_value}, gradient norm {norm_value}: training "
-                                         f"diverged; stopped before the update ({where}). Try a lower learning rate.")
+                raise NonFiniteLossError(diverged_message(step, f"loss {loss_value}, gradient norm {norm_value}",
+                                                          ckpt_dir, run_id, "stopped before the update"))
             if config.grad_clip > 0 and norm_value > config.grad_clip:
                 for p in model.parameters():
                     if p.grad is not None:
@@ -390,6 +391,7 @@ def train(config: TrainConfig) -> dict:
             lr_mult = apply_schedules(optimizer, step, config, num_iterations)
             optimizer.step()
             model.zero_grad(set_to_none=True)
+            check_weights_finite(model, step, ckpt_dir, run_id)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0

@@ -52,8 +52,8 @@ from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_di
 from reasoning.grpo import LOSS_TYPES, chunked_token_logprobs, policy_loss
 from reasoning.rollout import PromptStream, TrainingRows, collect_rollout, training_rows
 from reasoning.training import (DEVICE_HELP, FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, all_reduce_sum,
-                                autocast_factory, load_optimizer_state, load_resume_checkpoint, option,
-                                save_training_checkpoint)
+                                autocast_factory, check_weights_finite, load_optimizer_state, load_resume_checkpoint,
+                                option, save_training_checkpoint, start_run)
 from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "rl"
@@ -393,8 +393,8 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)
 
     # ---- resume: weights, optimizer, cursor, RNG and history from our own last checkpoint
-    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "rng", str(source["dir"])) \
-        if config.resume else None
+    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "rng", str(source["dir"]),
+                                         meta_types={"cursor": int, "records": list}) if config.resume else None
     optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale))
     if resume_meta is not None:
         load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
@@ -406,6 +406,8 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     records = [] if resume_meta is None else resume_meta.get("records", [])
     engine = Engine(model, tokenizer)
 
+    # settings are checked by now: the tag's owner and the folder's writability are next, before any training
+    run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--out-tag")
     log = RunLog.for_run(base_dir, f"{LOG_NAME}_{tag}", config, progress.resumed_at)
     G, P = config.num_samples, config.prompts_per_step
     print0(f"rl: {len(train_task):,} train prompts ({getattr(train_task, 'name', config.task)}), "
@@ -422,7 +424,7 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
             "history": history, "records": records,
             "train_seconds": progress.seconds(),
         }
-        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last)
+        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last, run_id, config.overwrite)
 
     def evaluate(step: int):
         result = held_out_eval(model, tokenizer, eval_task, config)
@@ -444,6 +446,7 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
                 break
             record = rl_step(model, optimizer, engine, tokenizer, stream, reward, config, step, rank, world_size,
                              device, autocast, ref_model)
+            check_weights_finite(model, step, ckpt_dir, run_id)  # only step boundaries are ever saved
             step += 1
             record["step"] = step
             records.append(record)

@@ -38,8 +38,9 @@ import torch
 from reasoning import checkpoint as ckpt
 from reasoning.common import UserError, get_base_dir, get_compute_dtype, get_rank, get_world_size, print0
 from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, accumulate_gradients,
-                                all_reduce_sum, autocast_factory, gather_objects, load_optimizer_state,
-                                load_resume_checkpoint, option, save_training_checkpoint)
+                                all_reduce_sum, autocast_factory, check_weights_finite, diverged_message,
+                                gather_objects, load_optimizer_state, load_resume_checkpoint, option,
+                                save_training_checkpoint, start_run)
 from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "sft"
@@ -317,6 +318,8 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     if resume_meta is not None:
         ckpt.set_rng_state(resume_meta["rng"][rank])
 
+    # settings are checked by now: the tag's owner and the folder's writability are next, before any training
+    run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--out-tag")
     log = RunLog.for_run(base_dir, f"{STAGE}_{tag}", config, progress.resumed_at)
     print0(f"sft: {len(train_task):,} conversations ({config.task}), {num_iterations} steps of {total_rows} rows "
            f"({config.device_batch_size} rows x {world_size} ranks x {grad_accum} accumulation, "
@@ -329,7 +332,7 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
             "source": {"dir": source.get("dir"), "step": source.get("step")}, "num_iterations": num_iterations,
             "history": history, "train_seconds": progress.seconds(), "positions": gather_objects(stream.position),
         }
-        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last)
+        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last, run_id, config.overwrite)
 
     def evaluate(step: int):
         record = {"step": step}
@@ -367,13 +370,15 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
                                                   else float("inf"))
             loss_value, norm_value = float(loss), float(norm)
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                raise NonFiniteLossError(f"step {step}: loss {loss_value}, gradient norm {norm_value}: SFT diverged; "
-                                         f"stopped before the update. Try a lower --lr-scale.")
+                raise NonFiniteLossError(diverged_message(step, f"loss {loss_value}, gradient norm {norm_value}",
+                                                          ckpt_dir, run_id, "stopped before the update",
+                                                          "a lower --lr-scale"))
             lr_mult = config.lr_multiplier(step, num_iterations)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_mult
             optimizer.step()
             model.zero_grad(set_to_none=True)
+            check_weights_finite(model, step, ckpt_dir, run_id)
             dt = time.perf_counter() - t0
             step += 1
             losses.append((step, loss_value))

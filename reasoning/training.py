@@ -32,14 +32,19 @@ import torch
 import torch.distributed as dist
 
 from reasoning import checkpoint as ckpt
-from reasoning.common import UserError, autocast_context, die, get_rank, get_world_size, is_master, print0
+from reasoning.common import (UserError, atomic_write_text, autocast_context, die, get_rank, get_world_size, is_master,
+                              make_dir, print0)
 
 DEVICE_HELP = "cuda | cpu | mps (default: autodetect)"
 BASE_DIR_HELP = "run folder (default $REASONING_BASE_DIR)"
+LR_FIELDS = ("matrix_lr", "embedding_lr", "lm_head_lr", "scalar_lr")
+# the optimizers keep learning rates in float32 param-group tensors: 3.5e38 is finite here and inf there
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient norm; the run stopped before applying that update."""
+    """Training diverged: a NaN/inf loss or gradient norm (the run stopped before applying that update), or weights
+    an update made non-finite (the run stopped before any checkpoint could hold them)."""
 
 
 # -------------------------------------------------------------------------------------------- configs
@@ -72,6 +77,9 @@ class TrainerConfig:
     run: str | None = field(default=None, metadata=option("wandb run name (wandb is used only when given)"))
     wandb_project: str = field(default="reasoning", metadata=option("wandb project"))
     keep_last: int = field(default=2, metadata=option("keep this many newest checkpoints (0: all)"))
+    overwrite: bool = field(default=False, metadata=option(
+        "start a fresh run in a checkpoint tag that holds another run's checkpoints; they are deleted once this "
+        "run has saved its first checkpoint"))
     base_dir: str | None = field(default=None, metadata=option(BASE_DIR_HELP))
 
     def validate(self) -> None:
@@ -80,6 +88,7 @@ class TrainerConfig:
         self.require_non_negative("matrix_lr", "embedding_lr", "lm_head_lr", "scalar_lr", "weight_decay",
                                   "grad_clip", "keep_last")
         self.require_fraction("warmup_ratio", "final_lr_frac")
+        self.require_float32_rates()
         for f in dataclasses.fields(self):  # fields declared with option(..., choices=...)
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
@@ -101,6 +110,15 @@ class TrainerConfig:
 
     def require_fraction(self, *names: str) -> None:
         self._require(names, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+    def require_float32_rates(self, lr_scale: float = 1.0) -> None:
+        """Every learning rate (times lr_scale) below the largest float32: above it the optimizer's rate is inf."""
+        for name in LR_FIELDS:
+            value = getattr(self, name)
+            if value * lr_scale > FLOAT32_MAX:
+                scaled = f" (x --lr-scale {lr_scale} = {value * lr_scale:g})" if lr_scale != 1.0 else ""
+                raise UserError(f"--{flag_name(name)} {value:g}{scaled}: expected a learning rate below "
+                                f"{FLOAT32_MAX:.4g} (the largest float32)")
 
     def optimizer_args(self, lr_scale: float = 1.0) -> dict:
         """The learning rates (each times lr_scale) and weight decay for `model.setup_optimizer`."""
@@ -165,6 +183,7 @@ class FinetuneConfig(TrainerConfig):
     def validate(self) -> None:
         super().validate()
         self.require_non_negative("lr_scale")
+        self.require_float32_rates(self.lr_scale)
 
     def lr_multiplier(self, step: int, num_steps: int) -> float:
         """Linear warmup, then linear decay to final_lr_frac at the last step (no constant phase)."""
@@ -371,26 +390,45 @@ def format_eta(seconds: float) -> str:
 class RunLog:
     """Metrics JSONL (rank 0 only: the others pass path=None) and wandb (only with a run name).
 
-    On resume the records past the checkpoint's step are dropped (those steps are about to be trained again);
-    a fresh run replaces an old log of the same name."""
+    On resume the records past the checkpoint's step are dropped (those steps are about to be trained again), and
+    so are lines that are not JSON records (a torn last line: the run was killed or the disk filled mid-write),
+    with one notice; the log is rewritten atomically. A fresh run replaces an old log of the same name."""
 
     def __init__(self, path: str | None, config: TrainerConfig, resume_step: int | None):
         self.path = path
         self.wandb = None
         if path is None:
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_dir(os.path.dirname(path), "metrics log folder")
         if resume_step is not None and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(kept)
+            kept, torn = self._records_up_to(path, resume_step)
+            if torn:
+                print0(f"metrics log {path}: dropped {torn} line(s) that are not JSON records (a torn write)")
+            atomic_write_text(path, "".join(kept))
         elif os.path.exists(path):
             os.remove(path)
         if config.run:
             import wandb  # only imported when asked for: it is slow to import and may want a login
 
             self.wandb = wandb.init(project=config.wandb_project, name=config.run, config=config.to_dict())
+
+    @staticmethod
+    def _records_up_to(path: str, step: int) -> tuple[list[str], int]:
+        """(the lines of records at or before `step`, how many lines were not JSON records)."""
+        kept, torn = [], 0
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    record = None
+                if not isinstance(record, dict) or not line.endswith("\n"):
+                    torn += 1
+                elif not isinstance(record.get("step", 0), (int, float)) or record.get("step", 0) <= step:
+                    kept.append(line)
+        return kept, torn
 
     @classmethod
     def for_run(cls, base_dir: str, name: str, config: TrainerConfig, resume_step: int | None) -> RunLog:
@@ -413,13 +451,19 @@ class RunLog:
 
 # -------------------------------------------------------------------------------------------- checkpoints
 
+# what every trainer's meta holds, checked on resume (a hand-edited meta is a one-line error, not a traceback)
+RESUME_META_TYPES = {"rng": list, "history": dict, "train_seconds": float, "run_id": str}
+
+
 def load_resume_checkpoint(ckpt_dir: str, model, device, ranks: int, ranks_key: str,
-                           source: str | None = None) -> dict | None:
+                           source: str | None = None, meta_types: dict | None = None) -> dict | None:
     """--resume: load the last checkpoint of `ckpt_dir` into `model`; returns its meta, None if there is none.
 
-    `source` is where a fine-tuning run started from: with no checkpoint yet it starts there again; pretraining
-    (source None) has nothing else to start from, so that is an error. The checkpoint must hold the same model
-    and one saved state per rank (`meta[ranks_key]` has `ranks` entries), since each rank continues from its own.
+    The last checkpoint is that of the run that wrote last (reasoning.checkpoint: run identity); the caller keeps its
+    run id (`meta["run_id"]`, see `start_run`). `source` is where a fine-tuning run started from: with no
+    checkpoint yet it starts there again; pretraining (source None) has nothing else to start from, so that is an
+    error. The checkpoint must hold the same model and one saved state per rank (`meta[ranks_key]` has `ranks`
+    entries), since each rank continues from its own. `meta_types` = {key: type} of the trainer's own meta keys.
     """
     last = ckpt.find_last_step(ckpt_dir)
     if last < 0:
@@ -428,6 +472,8 @@ def load_resume_checkpoint(ckpt_dir: str, model, device, ranks: int, ranks_key: 
         print0(f"--resume: no checkpoint in {ckpt_dir} yet; starting from {source}")
         return None
     model_state, _, meta = ckpt.load_checkpoint(ckpt_dir, last, device=device)
+    meta_path = os.path.join(ckpt_dir, f"meta_{last:06d}.json")
+    ckpt.check_meta_types(meta, meta_path, {**RESUME_META_TYPES, ranks_key: list, **(meta_types or {})})
     model_config = model.config.to_dict()
     if meta.get("model_config") != model_config:
         if source is None:  # pretraining: the flags define the model
@@ -441,8 +487,60 @@ def load_resume_checkpoint(ckpt_dir: str, model, device, ranks: int, ranks_key: 
                             "(nproc_per_node × simulate_ranks); resume with the same layout")
         raise UserError(f"--resume: checkpoint was written by {saved} ranks but this run has {ranks}; resume with "
                         "the same number of processes")
+    if len(meta.get("rng", [])) != get_world_size():
+        raise UserError(f"checkpoint metadata {meta_path}: 'rng' holds {len(meta.get('rng', []))} states, expected "
+                        f"one per process ({get_world_size()})")
+    current = ckpt.rng_state()
+    try:  # a malformed RNG state fails now, with the file's name, not at the trainer's set_rng_state
+        ckpt.set_rng_state(meta["rng"][get_rank()])
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError) as e:
+        raise UserError(f"checkpoint metadata {meta_path}: 'rng' is malformed ({type(e).__name__})") from None
+    finally:
+        ckpt.set_rng_state(current)
     model.load_state_dict(model_state)
     return meta
+
+
+def start_run(ckpt_dir: str, resume_meta: dict | None, overwrite: bool, tag_flag: str) -> str:
+    """The run id of this run (the same on every rank): a resumed run keeps its checkpoint's, a fresh one gets a new
+    one. A fresh run refuses a tag that holds another run's checkpoints, unless `overwrite` (then they go at this
+    run's first save: `save_training_checkpoint(replace_other_runs=True)`), and clears what killed saves left in a
+    tag without checkpoints. The folder must be writable: found out now, not after hours of training."""
+    make_dir(ckpt_dir, "checkpoint folder", writable=True)
+    if resume_meta is not None:
+        return resume_meta.get("run_id", "")
+    runs = ckpt.checkpoint_runs(ckpt_dir)
+    if runs and not overwrite:
+        steps = sorted(s for run_steps in runs.values() for s in run_steps)
+        shown = ", ".join(map(str, steps[-3:]))
+        raise UserError(f"checkpoint tag {os.path.basename(ckpt_dir)} ({ckpt_dir}) already holds another run's "
+                        f"checkpoints (steps {'..., ' if len(steps) > 3 else ''}{shown}); pass --resume to continue "
+                        f"that run, or --overwrite to replace it, or pick another {tag_flag}")
+    if runs:
+        print0(f"--overwrite: the checkpoints in {ckpt_dir} (another run) are deleted at this run's first save")
+    elif get_rank() == 0:
+        removed = ckpt.remove_leftovers(ckpt_dir)
+        if removed:
+            print0(f"{ckpt_dir}: removed {removed} leftover file(s) of a killed save (no complete checkpoint)")
+    return gather_objects(ckpt.new_run_id())[0]  # rank 0's id, everywhere
+
+
+def check_weights_finite(model, step: int, ckpt_dir: str, run_id: str) -> None:
+    """After an optimizer step: NonFiniteLossError naming the step when a weight is inf/NaN, before any checkpoint
+    could save it. One fused max-abs norm per parameter list and one host sync (a max, unlike a 2-norm, cannot
+    overflow on finite weights)."""
+    norms = torch._foreach_norm([p.detach() for p in model.parameters()], ord=float("inf"))
+    if not math.isfinite(float(torch.stack([n.float() for n in norms]).max())):
+        raise NonFiniteLossError(diverged_message(step, "the update made weights inf/NaN", ckpt_dir, run_id,
+                                                  "stopped before saving them"))
+
+
+def diverged_message(step: int, what: str, ckpt_dir: str, run_id: str, stopped: str, hint: str = "a lower "
+                     "learning rate") -> str:
+    """The one-line divergence error: the step, what went non-finite, and this run's last good checkpoint."""
+    last = ckpt.find_last_step(ckpt_dir, run_id)
+    where = f"last good checkpoint: {ckpt_dir} step {last}" if last >= 0 else "no checkpoint of this run was written"
+    return f"step {step}: {what}: training diverged; {stopped} ({where}). Try {hint}."
 
 
 def _optimizer_rank(optimizer) -> int:
@@ -457,20 +555,23 @@ def load_optimizer_state(ckpt_dir: str, meta: dict, optimizer, device) -> None:
     optimizer.load_state_dict(state)
 
 
-def save_training_checkpoint(ckpt_dir: str, step: int, model, optimizer, meta: dict, keep_last: int) -> None:
+def save_training_checkpoint(ckpt_dir: str, step: int, model, optimizer, meta: dict, keep_last: int, run_id: str,
+                             replace_other_runs: bool = False) -> None:
     """Every rank calls it. `meta` (the trainer's own) gets what `load_resume_checkpoint` checks and restores:
     "model_config" and "rng", every process's RNG state (gathered). Ranks of a sharded optimizer write their own
-    optimizer file first: rank 0 writes meta last, which completes the checkpoint (reasoning.checkpoint).
-    keep_last 0 keeps every checkpoint."""
+    optimizer file first and pass its checksum to rank 0, which writes meta last; that completes the checkpoint
+    (reasoning.checkpoint). keep_last 0 keeps every checkpoint of this run; other runs' are kept unless
+    `replace_other_runs` (--overwrite)."""
     meta = {"model_config": model.config.to_dict(), **meta, "rng": gather_objects(ckpt.rng_state())}
     optim_rank = _optimizer_rank(optimizer)
-    distributed = get_world_size() > 1
+    written = {}
     if optim_rank != 0:
-        ckpt.save_checkpoint(ckpt_dir, step, None, optimizer.state_dict(), rank=optim_rank)
-    if distributed and getattr(optimizer, "shard", False):  # every optimizer file exists before meta is written
-        dist.barrier()
+        written = ckpt.save_checkpoint(ckpt_dir, step, None, optimizer.state_dict(), rank=optim_rank, run_id=run_id)
+    # a collective: every optimizer file exists before rank 0 writes meta, which records their checksums
+    other_files = {name: entry for files in gather_objects(written) for name, entry in files.items()}
     if get_rank() == 0:
         ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta=meta, rank=0,
-                             keep_last=keep_last or None)
-    if distributed:
+                             keep_last=keep_last or None, run_id=run_id, other_files=other_files,
+                             replace_other_runs=replace_other_runs)
+    if get_world_size() > 1:
         dist.barrier()

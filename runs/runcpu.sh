@@ -112,15 +112,16 @@ fi
 
 run_stage tok_train $PY -m scripts.tok_train --vocab-size "$VOCAB_SIZE" "${TOK_EXTRA[@]}"
 run_stage tok_eval $PY -m scripts.tok_eval
-run_stage base_train $PY -m scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ_LEN" \
+# a stage that runs again (--force, --stage, or after a killed attempt) replaces its checkpoints: --overwrite
+run_stage base_train $PY -m scripts.base_train --overwrite --depth "$DEPTH" --max-seq-len "$SEQ_LEN" \
     --num-iterations "$BASE_STEPS" --device-batch-size 16 --eval-every 100 --eval-tokens 131072 --tag "$TAG" "${RUN_ARGS[@]}" "${BASE_EXTRA[@]}"
 run_stage base_eval $PY -m scripts.base_eval --stage base --tag "$TAG" --eval-tokens 131072 "${BASE_EVAL_EXTRA[@]}"
-run_stage chat_sft $PY -m scripts.chat_sft --stage base --tag "$TAG" --task synthetic \
+run_stage chat_sft $PY -m scripts.chat_sft --overwrite --stage base --tag "$TAG" --task synthetic \
     --num-iterations "$SFT_STEPS" --device-batch-size 16 --max-seq-len "$SEQ_LEN" \
     --synthetic-answer-only "$SFT_ANSWER_ONLY" "${RUN_ARGS[@]}" "${SFT_EXTRA[@]}"
 run_stage chat_eval_sft $PY -m scripts.chat_eval --stage sft --tag "$TAG" -a synthetic --max-problems "$EVAL_PROBLEMS" \
     --max-tokens 64 --batch-size 128 "${EVAL_EXTRA[@]}"
-run_stage chat_rl $PY -m scripts.chat_rl --stage sft --tag "$TAG" --task synthetic --num-steps "$RL_STEPS" \
+run_stage chat_rl $PY -m scripts.chat_rl --overwrite --stage sft --tag "$TAG" --task synthetic --num-steps "$RL_STEPS" \
     --prompts-per-step 16 --num-samples 8 --max-new-tokens 64 --lr-scale 0.2 --eval-every 50 --eval-problems 100 \
     "${RUN_ARGS[@]}" "${RL_EXTRA[@]}"
 run_stage chat_eval_rl $PY -m scripts.chat_eval --stage rl --tag "$TAG" -a synthetic --max-problems "$EVAL_PROBLEMS" \

@@ -1,6 +1,7 @@
 """Checkpoints: exact roundtrip of weights/optimizer/meta/RNG, crash safety of the atomic writes, discovery of the
 last complete step, pruning, clear errors for missing or corrupt files, and load_model rebuilding a GPT."""
 
+import hashlib
 import json
 import os
 import random
@@ -61,7 +62,12 @@ def test_roundtrip_restores_identical_tensors_and_meta(tmp_path):
     model_state, optim_state, loaded_meta = load_checkpoint(str(tmp_path), load_optimizer=True)
     assert_same_nested(model.state_dict(), model_state)
     assert_same_nested(opt.state_dict(), optim_state)
+    files = loaded_meta.pop("files")
     assert loaded_meta == {**meta, "step": 42}
+    for name in ("model_000042.pt", "optim_000042_rank0.pt"):  # checksums of the bytes on disk
+        with open(tmp_path / name, "rb") as f:
+            data = f.read()
+        assert files[name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert load_checkpoint(str(tmp_path), step=42)[1] is None  # optimizer only on request
     # the restored optimizer continues exactly like the original
     model2, opt2 = trained_model_and_optimizer(seed=1)
@@ -145,7 +151,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, cras
     if crash_on == ".pt":
         assert files(d) == before
     model_state, optim_state, meta = load_checkpoint(d, load_optimizer=True)
-    assert meta == {"note": "good", "step": 10}
+    assert meta["note"] == "good" and meta["step"] == 10
     assert_same_nested(model.state_dict(), model_state)
     assert_same_nested(opt.state_dict(), optim_state)
 
@@ -302,3 +308,194 @@ def test_model_source_flags(tiny_run):
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     one_line_user_error(lambda: ckpt.load_model_from_args(parser.parse_args(["--step", "9"]), base_dir=base),
                         "meta_000009.json")
+
+
+# ----------------------------------------------------------------------------------------------- run identity
+
+def test_pruning_and_last_step_only_touch_the_saving_run(tmp_path):
+    """Issue 17.1: a new run into a tag holding an older run's higher steps used to prune its own checkpoints."""
+    d = str(tmp_path)
+    for step in (50, 60):
+        save_checkpoint(d, step, {"w": torch.ones(1)}, {"m": torch.ones(1)}, keep_last=2, run_id="old-run")
+    for step in range(1, 5):
+        save_checkpoint(d, step, {"w": torch.full((1,), float(step))}, keep_last=2, run_id="new-run")
+    assert ckpt.checkpoint_runs(d) == {"old-run": [50, 60], "new-run": [3, 4]}  # the run that wrote last comes last
+    assert find_last_step(d) == 4 and find_last_step(d, "old-run") == 60 and find_last_step(d, "nobody") == -1
+    assert load_checkpoint(d)[0]["w"].item() == 4.0  # the newest run's last step, not the highest step number
+    assert json.loads(open(os.path.join(d, "meta_000004.json")).read())["run_id"] == "new-run"
+    with open(os.path.join(d, "meta_000004.json")) as f:
+        assert f.readline() == "{\n" and f.readline().startswith('  "run_id": "new-run"')  # read from the head
+    # replace_other_runs (--overwrite): the other run's files go, this run's stay
+    save_checkpoint(d, 5, {"w": torch.ones(1)}, keep_last=2, run_id="new-run", replace_other_runs=True)
+    assert files(d) == ["meta_000004.json", "meta_000005.json", "model_000004.pt", "model_000005.pt"]
+
+
+def test_temp_files_of_killed_saves_are_pruned_by_the_same_run(tmp_path):
+    """Issue 17.7: the prune pattern never matched `.tmp`, so each killed save left a model-sized file behind."""
+    d = str(tmp_path)
+    save_checkpoint(d, 1, {"w": torch.ones(1)}, run_id="run-a")
+    mine = [".model_000002.pt.run-a.0badf00d.tmp", ".optim_000002_rank1.pt.run-a.12345678.tmp",
+            ".meta_000002.json.run-a.abcdef01.tmp"]
+    others = [".model_000002.pt.run-b.0badf00d.tmp", ".model_000002.pt.0badf00d.tmp"]  # another run's; unlabelled
+    for name in mine + others:
+        open(os.path.join(d, name), "wb").close()
+    save_checkpoint(d, 2, {"w": torch.ones(1)}, run_id="run-a")  # no keep_last: the temp files still go
+    assert files(d) == sorted(others + ["meta_000001.json", "meta_000002.json", "model_000001.pt",
+                                        "model_000002.pt"])
+    # a real killed write leaves a labelled temp file that the run's next save removes
+    real_replace = os.replace
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # atomic_write cleans up on exceptions; a SIGKILL would not: undo that below
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", killed)
+        mp.setattr(os, "remove", lambda path: None)  # as if the process died before its cleanup
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(d, 3, {"w": torch.ones(1)}, run_id="run-a")
+    assert os.replace is real_replace
+    assert any(n.startswith(".model_000003.pt.run-a.") for n in files(d))
+    save_checkpoint(d, 3, {"w": torch.ones(1)}, run_id="run-a")
+    assert not any(".run-a." in n for n in files(d))
+
+
+def test_leftovers_are_removed_only_where_no_checkpoint_is_complete(tmp_path):
+    d = str(tmp_path)
+    leftovers = [".model_000001.pt.run-x.0badf00d.tmp", "model_000001.pt", "optim_000001_rank0.pt"]
+    for name in leftovers:
+        open(os.path.join(d, name), "wb").close()
+    open(os.path.join(d, "notes.txt"), "w").close()
+    assert ckpt.remove_leftovers(d) == 3 and files(d) == ["notes.txt"]
+    save_checkpoint(d, 2, {"w": torch.ones(1)})
+    open(os.path.join(d, "model_000001.pt"), "wb").close()
+    assert ckpt.remove_leftovers(d) == 0 and "model_000001.pt" in files(d)  # a complete checkpoint: hands off
+
+
+# ----------------------------------------------------------------------------------------------- integrity
+
+def _flip_bytes(path, count=100, seed=0):
+    """Flip `count` bytes in the middle fifth of a file: tensor data in a file made of one big tensor."""
+    rng = random.Random(seed)
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        for i in rng.sample(range(2 * len(data) // 5, 3 * len(data) // 5), count):
+            data[i] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+
+
+def test_corrupted_files_are_one_line_errors_naming_the_file(tmp_path, monkeypatch):
+    """Issue 17.8: 100 flipped bytes in a model file used to load silently."""
+    d = str(tmp_path)
+    model, opt = nn.Linear(128, 128), {"m": torch.zeros(3)}  # one 64 KB weight: the file is mostly tensor bytes
+    save_checkpoint(d, 3, model.state_dict(), opt, run_id="r")
+    model_path, optim_path = os.path.join(d, "model_000003.pt"), os.path.join(d, "optim_000003_rank0.pt")
+    _flip_bytes(model_path)
+    message = one_line_user_error(lambda: load_checkpoint(d), model_path, "corrupt", "sha256",
+                                  ckpt.VERIFY_ENV)
+    assert "meta_000003.json" in message
+    monkeypatch.setenv(ckpt.VERIFY_ENV, "0")  # the escape hatch: load without the check
+    state = load_checkpoint(d)[0]
+    assert not all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # it really is corrupt
+    monkeypatch.delenv(ckpt.VERIFY_ENV)
+    save_checkpoint(d, 3, model.state_dict(), opt, run_id="r")  # intact again
+    with open(optim_path, "ab") as f:
+        f.write(b"x")  # a size mismatch is caught before hashing
+    one_line_user_error(lambda: ckpt.load_checkpoint(d, load_optimizer=True), optim_path, "bytes")
+
+
+def test_disk_full_during_a_checkpoint_write_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    d = str(tmp_path)
+    save_checkpoint(d, 1, {"w": torch.ones(3)}, run_id="r")
+    before = files(d)
+    class FullDisk:
+        """The temp file on a disk that fills up after 200 bytes."""
+
+        def __init__(self, file):
+            self.file, self.left = file, 200
+
+        def write(self, data):
+            self.left -= len(data)
+            if self.left < 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def flush(self):
+            self.file.flush()
+
+    real_init = ckpt._HashingWriter.__init__
+    monkeypatch.setattr(ckpt._HashingWriter, "__init__", lambda self, file: real_init(self, FullDisk(file)))
+    message = one_line_user_error(lambda: save_checkpoint(d, 2, {"w": torch.zeros(1000)}, run_id="r"),
+                                  "no space left", os.path.join(d, "model_000002.pt"))
+    assert "previous checkpoints are intact" in message
+    assert files(d) == before and find_last_step(d) == 1  # nothing half-written under a real name, no temp file
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("step", "3", "'step' is str"),
+    ("model_config", [1, 2], "'model_config' is list"),
+    ("files", {"model_000003.pt": "abc"}, "files['model_000003.pt']"),
+    ("run_id", 7, "'run_id' is int"),
+])
+def test_hand_edited_meta_with_wrong_types_is_a_one_line_error(tmp_path, key, value, expected):
+    d = str(tmp_path)
+    save_checkpoint(d, 3, {"w": torch.ones(1)}, meta={"model_config": {}}, run_id="r")
+    meta_path = os.path.join(d, "meta_000003.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta[key] = value
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    one_line_user_error(lambda: load_checkpoint(d, step=3), meta_path, expected)
+
+
+def test_load_model_with_a_wrong_typed_model_config_is_one_line(tiny_run):
+    base, _ = tiny_run
+    d = checkpoint_dir("sft", "d1", base)
+    meta_path = os.path.join(d, "meta_000003.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["model_config"]["n_embd"] = "32"
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    one_line_user_error(lambda: ckpt.load_model("sft", base_dir=base), meta_path, "model_config")
+
+
+def test_chat_loading_verifies_checksums(tiny_run):
+    base, model = tiny_run
+    d = checkpoint_dir("sft", "d1", base)
+    save_checkpoint(d, 4, model.state_dict(), meta={"model_config": model.config.to_dict()}, run_id="r")
+    path = os.path.join(d, "model_000004.pt")
+    with open(path, "r+b") as f:  # one flipped byte inside the embedding table (the first tensor in the file)
+        data = f.read()
+        offset = data.index(model.state_dict()["wte.weight"].numpy().tobytes()[:64]) + 100
+        f.seek(offset)
+        f.write(bytes([data[offset] ^ 0x01]))
+    one_line_user_error(lambda: ckpt.load_model("sft", base_dir=base), os.path.join(d, "model_000004.pt"), "corrupt")
+
+
+def test_unwritable_or_blocked_folders_are_one_line_errors(tmp_path, monkeypatch):
+    from reasoning.common import get_base_dir, make_dir
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("REASONING_BASE_DIR", str(blocker / "base"))
+    one_line_user_error(get_base_dir, str(blocker / "base"), "regular file")
+    one_line_user_error(lambda: save_checkpoint(str(blocker / "ckpt"), 1, {"w": torch.ones(1)}), "regular file")
+    # a read-only folder (simulated: the tests may run as root, for whom permissions do not apply)
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(readonly)))
+    one_line_user_error(lambda: make_dir(str(readonly), "checkpoint folder", writable=True), "not writable")
+    real_makedirs = os.makedirs
+
+    def denied(path, *args, **kwargs):
+        if str(path).startswith(str(readonly)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", denied)
+    one_line_user_error(lambda: save_checkpoint(str(readonly / "ckpt"), 1, {"w": torch.ones(1)}),
+                        str(readonly / "ckpt"), "Permission denied")
