@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from reasoning.distributed import barrier  # imports nothing of ours: no cycle
+
 
 class UserError(Exception):
     """A mistake in the user's input (bad flag, missing file). Scripts print it as one line, no traceback."""
@@ -38,8 +40,7 @@ def run_main(main_fn):
     error no barrier: the other ranks may never get there."""
     try:
         result = main_fn()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+        barrier()
         return result
     except UserError as e:
         die(str(e))

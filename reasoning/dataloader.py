@@ -21,10 +21,10 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from reasoning.common import UserError
 from reasoning.dataset import open_split, resolve_data_dir
+from reasoning.distributed import all_reduce_sum
 
 STATE_VERSION = 1
 _COUNT_KEYS = ("docs_taken", "docs_cropped", "tokens_taken", "tokens_emitted", "tokens_whole")
@@ -260,10 +260,8 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor, max_steps: int | Non
         total_bytes = nbytes if total_bytes is None else total_bytes + nbytes
     if total_nats is None:
         raise ValueError("evaluate_bpb got no batches")
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        sums = torch.stack([total_nats, total_bytes])
-        dist.all_reduce(sums)
-        total_nats, total_bytes = sums[0], sums[1]
+    sums = all_reduce_sum(torch.stack([total_nats, total_bytes]))
+    total_nats, total_bytes = sums[0], sums[1]
     if total_bytes.item() == 0:
         raise ValueError("evaluate_bpb: no target tokens with a byte length (all special or ignored)")
     return total_nats.item() / (math.log(2) * total_bytes.item())

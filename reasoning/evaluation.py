@@ -34,9 +34,8 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-import torch.distributed as dist
-
 from reasoning.common import atomic_write, atomic_write_json, get_rank, get_world_size
+from reasoning.distributed import broadcast_object, gather_object
 from reasoning.verifiers import math_equal_batch
 
 PROMPT_MODES = ("chat", "base")
@@ -322,19 +321,11 @@ def _complete_problems(records: list[dict], num_samples: int, allowed: set[int])
 
 
 def _broadcast(obj, world_size: int):
-    if world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object(obj, src=0)
 
 
 def _gather(obj, world_size: int, rank: int):
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
+    return gather_object(obj, dst=0)
 
 
 # ----------------------------------------------------------------------------------------------- the loop

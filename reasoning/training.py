@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
 import torch
-import torch.distributed as dist
 
 from reasoning import checkpoint as ckpt
 from reasoning.common import UserError, autocast_context, die, get_rank, get_world_size, is_master, print0
+from reasoning.distributed import all_gather_object, all_reduce_sum, barrier  # noqa: F401 (re-exported)
 
 DEVICE_HELP = "cuda | cpu | mps (default: autodetect)"
 BASE_DIR_HELP = "run folder (default $REASONING_BASE_DIR)"
@@ -256,21 +256,7 @@ def autocast_factory(device, dtype: torch.dtype) -> Callable[[], ContextManager]
     return functools.partial(autocast_context, device, dtype)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum `t` over the ranks in place (a no-op in a single process); returns it."""
-    if get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
-    world_size = get_world_size()
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
+gather_objects = all_gather_object  # [obj of rank 0, obj of rank 1, ...] on every rank (reasoning.distributed)
 
 
 def accumulate_gradients(model, micro_batches, autocast: Callable[[], ContextManager] | None = None) -> torch.Tensor:
@@ -468,9 +454,9 @@ def save_training_checkpoint(ckpt_dir: str, step: int, model, optimizer, meta: d
     if optim_rank != 0:
         ckpt.save_checkpoint(ckpt_dir, step, None, optimizer.state_dict(), rank=optim_rank)
     if distributed and getattr(optimizer, "shard", False):  # every optimizer file exists before meta is written
-        dist.barrier()
+        barrier()
     if get_rank() == 0:
         ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta=meta, rank=0,
                              keep_last=keep_last or None)
     if distributed:
-        dist.barrier()
+        barrier()
