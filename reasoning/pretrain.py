@@ -1,7 +1,8 @@
 """Pretraining as a library: `TrainConfig` + `train(config) -> summary`; scripts/base_train.py is its CLI.
 
-One optimizer step = `total_batch_size` tokens, gathered as micro-batches of `device_batch_size` rows on every
-data-parallel rank and accumulated. The loss of every micro-batch is a SUM over its valid targets divided by the
+One optimizer step = `total_batch_size` tokens (fixed: 2**19 by default, nanochat's d20 batch), gathered as
+micro-batches of `device_batch_size` rows on every data-parallel rank and accumulated; the device batch size only
+decides how many micro-batches that takes (memory), never the optimisation. The loss of every micro-batch is a SUM over its valid targets divided by the
 number of valid targets of the whole step (all micro-batches, all ranks), so the accumulated gradient is exactly the
 gradient of one big batch, however unevenly the targets are spread (`reasoning.training.accumulate_gradients`,
 shared with SFT).
@@ -45,6 +46,7 @@ from reasoning.training import (DEVICE_HELP, NonFiniteLossError, RunLog, RunProg
 
 STAGE = "base"
 EMA_BETA = 0.9  # smoothing of the printed/reported train loss
+DEFAULT_TOTAL_BATCH_TOKENS = 2**19  # 256 rows of 2048 tokens: nanochat's d20 batch
 DEFAULT_SAMPLE_PROMPTS = (
     "The capital of France is",
     "A spider has",
@@ -66,9 +68,10 @@ class TrainConfig(TrainerConfig):
     vocab_size: int = field(default=-1, metadata=option(
         "model vocabulary (-1: the tokenizer's); a larger one pads the embedding, e.g. to a multiple of 128"))
     # batch and length of training
-    device_batch_size: int = field(default=32, metadata=option("rows per micro-batch per process"))
-    total_batch_size: int = field(default=-1, metadata=option(
-        "tokens per optimizer step, reached by gradient accumulation (-1: one micro-batch per data rank)"))
+    device_batch_size: int = field(default=32, metadata=option(
+        "rows per micro-batch per process: only sets how many micro-batches accumulate to --total-batch-size"))
+    total_batch_size: int = field(default=DEFAULT_TOTAL_BATCH_TOKENS, metadata=option(
+        "tokens per optimizer step, all ranks together, reached by gradient accumulation"))
     num_iterations: int = field(default=-1, metadata=option(
         "optimizer steps (-1: derive from --target-param-data-ratio)"))
     target_param_data_ratio: float = field(default=20.0, metadata=option(
@@ -124,8 +127,8 @@ class TrainConfig(TrainerConfig):
                             "expected a sum <= 1")
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
             raise UserError(f"--head-dim {self.head_dim}: expected an even number >= 2")
-        if self.total_batch_size != -1 and self.total_batch_size < 1:
-            raise UserError(f"--total-batch-size {self.total_batch_size}: expected tokens > 0 or -1")
+        if self.total_batch_size < 1:
+            raise UserError(f"--total-batch-size {self.total_batch_size}: expected a number of tokens > 0")
         if self.num_iterations != -1 and self.num_iterations < 0:
             raise UserError(f"--num-iterations {self.num_iterations}: expected >= 0 or -1")
         if self.vocab_size != -1 and self.vocab_size < 1:
@@ -297,7 +300,7 @@ def train(config: TrainConfig) -> dict:
 
     # ---- batch geometry and length of training
     tokens_per_micro_step = config.device_batch_size * config.max_seq_len * data_ranks
-    total_batch = tokens_per_micro_step if config.total_batch_size == -1 else config.total_batch_size
+    total_batch = config.total_batch_size
     if total_batch % tokens_per_micro_step:
         raise UserError(f"--total-batch-size {total_batch}: expected a multiple of device_batch_size × max_seq_len × "
                         f"data ranks = {config.device_batch_size} × {config.max_seq_len} × {data_ranks} "

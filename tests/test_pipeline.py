@@ -37,9 +37,9 @@ SCRIPT_KNOBS = (
 # Micro sizes per stage, shared by both pipelines (appended flags: later ones win over the scripts' own).
 SEQ_LEN = 192
 EVAL_PROBLEMS = 4
-MICRO_BASE = "--device-batch-size 2 --eval-every 0 --eval-tokens 2048 --sample-every -1"
+MICRO_BASE = f"--device-batch-size 2 --total-batch-size {2 * SEQ_LEN} --eval-every 0 --eval-tokens 2048 --sample-every -1"
 MICRO_BASE_EVAL = "--device-batch-size 2 --eval-tokens 2048 --sample-tokens 4"
-MICRO_SFT = (f"--device-batch-size 2 --max-seq-len {SEQ_LEN} --task-size 64 --val-examples 8 --eval-every 0 "
+MICRO_SFT = (f"--device-batch-size 2 --total-batch-rows 4 --max-seq-len {SEQ_LEN} --task-size 64 --val-examples 8 --eval-every 0 "
              "--eval-problems 2 --eval-max-tokens 8")
 MICRO_RL = ("--prompts-per-step 2 --num-samples 2 --max-new-tokens 8 --task-size 16 --eval-every 0 "
             "--eval-problems 2 --eval-pass-k 1 --device-batch-size 4")
