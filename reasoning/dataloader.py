@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import bisect
 import math
+import queue
+import threading
 from collections import defaultdict
 
 import numpy as np
@@ -220,6 +222,66 @@ def packing_stats(counts: list[dict]) -> dict:
     c["whole_doc_fill"] = c["tokens_whole"] / c["tokens_emitted"] if c["tokens_emitted"] else 1.0
     c["crop_rate"] = c["docs_cropped"] / c["docs_taken"] if c["docs_taken"] else 0.0
     return c
+
+
+class Prefetcher:
+    """Iterates a loader on a background thread, `depth` batches ahead: the next batch is tokenized, packed and
+    copied to the device while the accelerator computes the current step (tokenization releases the GIL, and the
+    main thread mostly waits on the device).
+
+    Same batches in the same order as the loader itself (one producer, a FIFO). `counts` is the packing counters
+    as of the last batch handed out (taken from its state), not of the batches read ahead, so reports and resume
+    states are exactly what they are without prefetching. An error in the loader is raised by the next `next()`.
+    Call `close()` when done (training loops do, in `finally`), or the thread idles until the process exits."""
+
+    _END = object()
+
+    def __init__(self, loader, depth: int = 1):
+        self._loader = loader
+        self._counts = loader.counts
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self):
+        try:
+            for batch in self._loader:
+                if not self._put(("batch", batch)):
+                    return
+            self._put(("end", None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(("error", e))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        kind, value = self._queue.get()
+        if kind == "end":
+            self._queue.put((kind, value))  # later calls stop too
+            raise StopIteration
+        if kind == "error":
+            raise value
+        self._counts = value[-1]["counts"]
+        return value
+
+    @property
+    def counts(self) -> dict:
+        return dict(self._counts)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def build_train_loader(tokenizer, batch_size: int, seq_len: int, data_dir: str | None = None, rank: int = 0,

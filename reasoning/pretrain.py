@@ -88,9 +88,7 @@ class TrainConfig(TrainerConfig):
     muon_momentum_warmup: int = field(default=300, metadata=option("steps of the linear Muon momentum ramp"))
     shard_optimizer: bool = field(default=False, metadata=option(
         "ZeRO-2 style: each rank keeps the optimizer state of its share of the parameters"))
-    # speed / precision
-    compile: bool = field(default=False, metadata=option("torch.compile the model"))
-    compile_backend: str = field(default="inductor", metadata=option("torch.compile backend (tests use aot_eager)"))
+    # precision (--compile / --compile-backend are TrainerConfig's)
     fp8: bool = field(default=False, metadata=option("train the hidden linear layers in fp8 (reasoning.fp8)"))
     fp8_min_dim: int = field(default=128, metadata=option("only layers with both dims >= this go to fp8"))
     # evaluation
@@ -135,20 +133,6 @@ class TrainConfig(TrainerConfig):
             raise UserError(f"--vocab-size {self.vocab_size}: expected a positive size or -1 (the tokenizer's)")
         if self.num_iterations == -1 and self.target_param_data_ratio <= 0:
             raise UserError("--num-iterations -1 needs --target-param-data-ratio > 0")
-        if self.compile:
-            check_compile_backend(self.compile_backend)
-
-
-def check_compile_backend(name: str) -> None:
-    """A torch.compile backend dynamo knows, checked up front: an unknown one would otherwise surface as an
-    InvalidBackend traceback from inside the first training step."""
-    import torch._dynamo  # the import costs a second or two: only runs that compile pay it
-
-    known = torch._dynamo.list_backends(exclude_tags=())  # the default list hides debug backends such as aot_eager
-    if name not in known:
-        debug = [b for b in ("aot_eager", "eager") if b in known]
-        raise UserError(f"--compile-backend {name!r}: not a torch.compile backend; expected one of "
-                        f"{', '.join(torch._dynamo.list_backends())} (or, for debugging, {', '.join(debug)})")
 
 
 add_train_args = TrainConfig.add_args  # one --flag per field (reasoning.training); scripts/base_train.py
@@ -241,7 +225,7 @@ def train(config: TrainConfig) -> dict:
 
     Raises NonFiniteLossError when the loss or gradient norm stops being finite, UserError on bad settings.
     """
-    from reasoning.dataloader import build_train_loader, packing_stats
+    from reasoning.dataloader import Prefetcher, build_train_loader, packing_stats
     from reasoning.gpt import GPT, config_from_depth
     from reasoning.tokenizer import Tokenizer, get_tokenizer
 
@@ -292,11 +276,11 @@ def train(config: TrainConfig) -> dict:
     optimizer = model.setup_optimizer(
         **config.optimizer_args(), betas=(config.adam_beta1, config.adam_beta2), muon_momentum=config.muon_momentum_end,
         shard=config.shard_optimizer,
-        compile_backend=config.compile_backend if config.compile and device.type == "cuda" else None)
+        compile_backend=config.optimizer_compile_backend(device))
     if resume_meta is not None:
         load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
     attention_backend = resolve_backend(device, dtype)  # loads FA3 (once) outside any compiled region
-    compiled = torch.compile(model, dynamic=False, backend=config.compile_backend) if config.compile else model
+    compiled = config.compile_model(model, device)  # fixed (B, T) rows: dynamic=False
 
     # ---- batch geometry and length of training
     tokens_per_micro_step = config.device_batch_size * config.max_seq_len * data_ranks
@@ -321,9 +305,10 @@ def train(config: TrainConfig) -> dict:
     if resume_meta is not None:
         first = rank * config.simulate_ranks
         loader_states = resume_meta["loader_states"][first:first + config.simulate_ranks]
-    loaders = [build_train_loader(tokenizer, config.device_batch_size, config.max_seq_len, config.data_dir,
-                                  rank=rank * config.simulate_ranks + j, world_size=data_ranks, device=device,
-                                  resume_state=loader_states[j])
+    # each loader on its own thread, one batch ahead of the step (identical batches, see Prefetcher)
+    loaders = [Prefetcher(build_train_loader(tokenizer, config.device_batch_size, config.max_seq_len,
+                                             config.data_dir, rank=rank * config.simulate_ranks + j,
+                                             world_size=data_ranks, device=device, resume_state=loader_states[j]))
                for j in range(config.simulate_ranks)]
     history = {"val_bpb": [], "train_loss": []} if resume_meta is None else resume_meta["history"]
     ema_loss = 0.0 if resume_meta is None else resume_meta.get("ema_loss", 0.0)
@@ -336,7 +321,7 @@ def train(config: TrainConfig) -> dict:
     print0(f"batch: {total_batch:,} tokens/step = {config.device_batch_size} rows × {config.max_seq_len} tokens × "
            f"{data_ranks} data ranks × {grad_accum} accumulation | {num_iterations} steps "
            f"({num_iterations * total_batch:,} tokens) | device {device} {str(dtype).replace('torch.', '')}, "
-           f"attention {attention_backend}{', compiled' if config.compile else ''}"
+           f"attention {attention_backend}{', compiled' if config.compile_on(device) else ''}"
            + progress.resumed_note)
 
     def save(step: int):
@@ -419,6 +404,8 @@ def train(config: TrainConfig) -> dict:
                        f"mfu {mfu_text} | pack {100 * pack:.1f}% | eta {format_eta(eta)}")
     finally:
         log.close()
+        for loader in loaders:
+            loader.close()
 
     # the first steps pay for compilation and warm-up; leave them out of the throughput figure when there are more
     steady = step_times[min(5, len(step_times) // 2):] if step_times else []

@@ -287,7 +287,9 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     # ---- resume: weights, optimizer, stream positions, RNG and history from our own last checkpoint
     resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "positions", str(source.get("dir"))) \
         if config.resume else None
-    optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale))
+    optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale),
+                                      compile_backend=config.optimizer_compile_backend(device))
+    compiled = config.compile_model(model, device, dynamic=None)  # padded rows: the length varies per micro-batch
     if resume_meta is not None:
         load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
 
@@ -361,7 +363,7 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
             t0 = time.perf_counter()
             micro_batches = [tuple(t.to(device) for t in stream.next_batch(rows)) for rows in micro_rows]
             valid = sum(int((t >= 0).sum()) for _, t in micro_batches)
-            loss = accumulate_gradients(model, micro_batches, autocast)
+            loss = accumulate_gradients(compiled, micro_batches, autocast)
             optimizer.reduce_gradients()  # average across ranks now (no-op alone) to measure and clip the norm
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0
                                                   else float("inf"))

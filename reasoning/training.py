@@ -44,6 +44,18 @@ class NonFiniteLossError(RuntimeError):
 
 # -------------------------------------------------------------------------------------------- configs
 
+def check_compile_backend(name: str) -> None:
+    """A torch.compile backend dynamo knows, checked up front: an unknown one would otherwise surface as an
+    InvalidBackend traceback from inside the first training step."""
+    import torch._dynamo  # the import costs a second or two: only runs that compile pay it
+
+    known = torch._dynamo.list_backends(exclude_tags=())  # the default list hides debug backends such as aot_eager
+    if name not in known:
+        debug = [b for b in ("aot_eager", "eager") if b in known]
+        raise UserError(f"--compile-backend {name!r}: not a torch.compile backend; expected one of "
+                        f"{', '.join(torch._dynamo.list_backends())} (or, for debugging, {', '.join(debug)})")
+
+
 def option(help_text: str, **extra) -> dict:
     """Field metadata: the --flag help text (cli=False for a field that has no flag of its own; choices=(...) for
     a field with a fixed set of values, checked by argparse and by `validate`)."""
@@ -73,6 +85,10 @@ class TrainerConfig:
     wandb_project: str = field(default="reasoning", metadata=option("wandb project"))
     keep_last: int = field(default=2, metadata=option("keep this many newest checkpoints (0: all)"))
     base_dir: str | None = field(default=None, metadata=option(BASE_DIR_HELP))
+    # speed: the model's training forward (and the optimizer kernels) through torch.compile
+    compile: bool | None = field(default=None, metadata=option(
+        "torch.compile the training forward and the optimizer kernels (--compile / --no-compile; default: on CUDA)"))
+    compile_backend: str = field(default="inductor", metadata=option("torch.compile backend (tests use aot_eager)"))
 
     def validate(self) -> None:
         """Raise UserError naming the first bad setting (these values come from command-line flags)."""
@@ -80,6 +96,8 @@ class TrainerConfig:
         self.require_non_negative("matrix_lr", "embedding_lr", "lm_head_lr", "scalar_lr", "weight_decay",
                                   "grad_clip", "keep_last")
         self.require_fraction("warmup_ratio", "final_lr_frac")
+        if self.compile:
+            check_compile_backend(self.compile_backend)
         for f in dataclasses.fields(self):  # fields declared with option(..., choices=...)
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
@@ -101,6 +119,23 @@ class TrainerConfig:
 
     def require_fraction(self, *names: str) -> None:
         self._require(names, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+    def compile_on(self, device) -> bool:
+        """Whether to compile on `device`: --compile / --no-compile, else on for CUDA (nanochat's fast path) and off
+        elsewhere (on a CPU the compile time is rarely won back)."""
+        return self.compile if self.compile is not None else torch.device(device).type == "cuda"
+
+    def compile_model(self, model, device, dynamic: bool | None = False):
+        """`model` compiled for its training forward per `compile_on` (else itself). dynamic=None for trainers whose
+        row lengths vary (SFT): dynamo then marks the length dynamic after the first recompile."""
+        if not self.compile_on(device):
+            return model
+        return torch.compile(model, dynamic=dynamic, backend=self.compile_backend)
+
+    def optimizer_compile_backend(self, device):
+        """The backend of the optimizer's compiled kernels: only on CUDA (on a CPU inductor's C++ build of a few
+        elementwise kernels costs more than it saves)."""
+        return self.compile_backend if self.compile_on(device) and torch.device(device).type == "cuda" else None
 
     def optimizer_args(self, lr_scale: float = 1.0) -> dict:
         """The learning rates (each times lr_scale) and weight decay for `model.setup_optimizer`."""
@@ -125,6 +160,10 @@ class TrainerConfig:
                 continue
             flag = f"--{flag_name(f.name)}"
             kind = str(f.type)
+            if kind == "bool | None":  # three states: --flag, --no-flag, or neither (None: decided at run time)
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                    help=f.metadata["help"])
+                continue
             if kind == "bool":
                 if negatable_booleans:
                     parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
