@@ -20,11 +20,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_config(corpus, base_dir, **overrides) -> TrainConfig:
     """depth 1, width 32, 32-token rows: a few ms per step."""
-    values = dict(depth=1, aspect_ratio=32, max_seq_len=32, device_batch_size=2, total_batch_size=2 * 32,
-                  num_iterations=6,
+    values = dict(depth=1, aspect_ratio=32, max_seq_len=32, device_batch_size=2, num_iterations=6,
                   eval_every=-1, sample_every=-1, log_every=100, data_dir=corpus.data_dir,
                   tokenizer_dir=corpus.tokenizer_dir, base_dir=str(base_dir), device="cpu")
     values.update(overrides)
+    # one micro-batch per step unless a test asks for more (the 2**19-token default is for real runs)
+    values.setdefault("total_batch_size", values["device_batch_size"] * values["max_seq_len"])
     return TrainConfig(**values)
 
 
@@ -432,8 +433,12 @@ def test_base_eval_reproduces_final_val_bpb(trained_run, capsys):
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT val_bpb=")
     assert float(last.split()[1].split("=")[1]) == pytest.approx(summary["metrics"]["val_bpb"], abs=1e-4)
+    assert " core=na " in f"{last} "  # CORE not measured, and the RESULT line says so
     with open(os.path.join(config.base_dir, "report", "base_eval.json")) as f:
-        assert json.load(f)["metrics"]["val_bpb"] == pytest.approx(summary["metrics"]["val_bpb"], rel=1e-9)
+        section = json.load(f)
+    assert section["metrics"]["val_bpb"] == pytest.approx(summary["metrics"]["val_bpb"], rel=1e-9)
+    assert section["metrics"]["core"] is None  # report.md: "not measured"
+    assert section["tables"]["CORE"][0]["status"] == "skipped" and bundle in section["tables"]["CORE"][0]["reason"]
 
 
 # ------------------------------------------------------------------------------------------------ model flags
