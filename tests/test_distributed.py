@@ -156,3 +156,42 @@ def test_helpers_are_no_ops_alone():
     rd.barrier()
     with rd.node_leader_first():
         pass
+
+
+def _leader_worker(rank, init_file, out_dir):
+    import time
+
+    os.environ["LOCAL_RANK"] = str(rank)  # one node of two ranks: rank 0 is its leader
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        with rd.node_leader_first():
+            start = time.monotonic()
+            if rank == 0:
+                time.sleep(0.5)  # the "download": the follower must not start before it ends
+            end = time.monotonic()
+        with open(os.path.join(out_dir, f"times_{rank}"), "w") as f:
+            f.write(f"{start} {end}")
+        try:  # a leader that fails still releases the others (who then try themselves)
+            with rd.node_leader_first():
+                if rank == 0:
+                    raise RuntimeError("hub unreachable")
+        except RuntimeError:
+            pass
+        t = torch.full((3,), float(rank + 1))
+        rd.all_reduce_sum(t)  # and the group still works: both ranks met at every barrier
+        with open(os.path.join(out_dir, f"sum_{rank}"), "w") as f:
+            f.write(str(t.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_node_leader_goes_first_on_two_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_leader_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    (_, leader_end), (follower_start, _) = (map(float, (tmp_path / f"times_{r}").read_text().split()) for r in (0, 1))
+    assert follower_start >= leader_end
+    assert [(tmp_path / f"sum_{r}").read_text() for r in (0, 1)] == ["[3.0, 3.0, 3.0]"] * 2
