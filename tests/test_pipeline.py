@@ -322,7 +322,9 @@ def speedrun(tmp_path_factory):
     env = script_env(
         tmp, REASONING_BASE_DIR=base, SYNTHETIC=1, DATA_ARGS="--num-shards 3 --docs-per-shard 200", VOCAB_SIZE=400,
         DEPTH=1, TORCHRUN="python -m torch.distributed.run --standalone --nproc_per_node=2",
-        BASE_ARGS=f"--max-seq-len {SEQ_LEN} --num-iterations {STEPS['base']} {MICRO_BASE}",
+        # 2 rows on each of the 2 ranks (later flags win over MICRO_BASE's one-rank batch)
+        BASE_ARGS=f"--max-seq-len {SEQ_LEN} --num-iterations {STEPS['base']} {MICRO_BASE} "
+                  f"--total-batch-size {2 * 2 * SEQ_LEN}",
         BASE_EVAL_ARGS=MICRO_BASE_EVAL, SFT_TASKS="synthetic", SFT_ARGS=f"--num-iterations {STEPS['sft']} {MICRO_SFT}",
         RL_TASK="synthetic", RL_ARGS=f"--num-steps {STEPS['rl']} {MICRO_RL}", CHAT_EVAL_TASK="synthetic",
         EVAL_ARGS=f"--max-problems {EVAL_PROBLEMS} {MICRO_EVAL}", MAJ_K=2, **final_eval)
