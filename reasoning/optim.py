@@ -170,6 +170,25 @@ class MuonAdamW(torch.optim.Optimizer):
         super().add_param_group(group)
         self._owners_cache = None
 
+    # ---- state: a sharded state names its owner assignment, checked on load ----
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.shard:
+            state["owners"] = list(self._owners())
+        return state
+
+    def load_state_dict(self, state_dict):
+        if self.shard:
+            saved = state_dict.get("owners")
+            if saved != self._owners():
+                # another assignment means this rank's file holds other parameters' moments: loading it would
+                # silently restart (or mix up) optimizer state, so refuse
+                raise ValueError("sharded optimizer state was saved with another assignment of parameters to ranks "
+                                 "(another world size, model or optimizer version); resume it with the same ones")
+            state_dict = {k: v for k, v in state_dict.items() if k != "owners"}
+        super().load_state_dict(state_dict)
+
     # ---- distributed helpers ----
 
     def _entries(self) -> list[tuple[dict, torch.Tensor]]:

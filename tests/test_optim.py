@@ -361,3 +361,19 @@ def test_two_rank_gloo_equals_one_process_with_averaged_grads(tmp_path):
     # Muon's orthogonalisation is divided: each matrix is orthogonalised on exactly one rank, each rank does some
     ortho = [torch.load(tmp_path / f"allreduce_{rank}.pt")["orthogonalize"] for rank in range(WORLD)]
     assert sum(ortho) == muon_matrices * STEPS and min(ortho) > 0
+
+
+def test_sharded_state_refuses_another_owner_assignment(monkeypatch):
+    """A sharded rank's state file holds only its own parameters: loading it under another assignment (another world
+    size, or the per-kind balancing that replaced the joint one) would silently reset moments, so it is refused."""
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda *a: 0)
+    groups = mixed_setup()
+    opt = build_optimizer(groups, model_dim=32, distributed=False)
+    opt.shard = True  # as a 2-rank run would set it
+    state = opt.state_dict()
+    assert state["owners"] == opt._owners()
+    opt.load_state_dict(state)  # same assignment: fine
+    for bad in ({**state, "owners": [0] * len(state["owners"])}, {k: v for k, v in state.items() if k != "owners"}):
+        with pytest.raises(ValueError, match="another assignment of parameters to ranks"):
+            opt.load_state_dict(bad)
