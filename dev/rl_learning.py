@@ -113,7 +113,8 @@ def main():
             train_tokenizer(docs, args.vocab_size).save(tokenizer_dir)
     if not have("base"):
         with watch("base_train"):
-            train(TrainConfig(depth=args.depth, max_seq_len=256, device_batch_size=16, num_iterations=args.base_steps,
+            train(TrainConfig(depth=args.depth, max_seq_len=256, device_batch_size=16, total_batch_size=16 * 256,
+                              num_iterations=args.base_steps,
                               eval_every=-1, sample_every=-1, log_every=50, tag=tag, device="cpu", data_dir=data_dir,
                               base_dir=base_dir, tokenizer_dir=tokenizer_dir, overwrite=True))
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from reasoning.distributed import barrier  # imports nothing of ours: no cycle
+
 
 class UserError(Exception):
     """A mistake in the user's input (bad flag, missing file). Scripts print it as one line, no traceback."""
@@ -38,8 +40,7 @@ def run_main(main_fn):
     error no barrier: the other ranks may never get there."""
     try:
         result = main_fn()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+        barrier()
         return result
     except UserError as e:
         die(str(e))
@@ -106,18 +107,31 @@ class DistInfo:
     device: torch.device
 
 
+def enable_tf32(device: torch.device) -> None:
+    """fp32 matmuls on CUDA in TF32 (the few left outside autocast: the optimizer's fp32 steps, fp32 evals), as
+    nanochat does; on a CPU this setting has no effect."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+
 def init_distributed(device_override: str | None = None) -> DistInfo:
-    """Initialise torch.distributed when launched by torchrun (RANK in env); otherwise a single process."""
+    """Initialise torch.distributed when launched by torchrun (RANK in env); otherwise a single process.
+
+    Multi-node: RANK is the global rank (rank 0 alone writes artifacts: the base dir must be shared between nodes,
+    or its checkpoints copied, see README), LOCAL_RANK the rank within this node, which picks the GPU."""
     is_ddp = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if not is_ddp:
-        return DistInfo(False, 0, 0, 1, get_device(device_override))
+        device = get_device(device_override)
+        enable_tf32(device)
+        return DistInfo(False, 0, 0, 1, device)
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     device = get_device(device_override)
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank)  # LOCAL_RANK, not RANK: node 1's ranks start at 8
         torch.cuda.set_device(device)
+        enable_tf32(device)
         backend = "nccl"
     else:
         backend = "gloo"

@@ -21,10 +21,10 @@ import os
 import random
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from reasoning.common import UserError, autocast_context, read_jsonl
+from reasoning.distributed import all_reduce_sum
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
@@ -147,9 +147,7 @@ def evaluate_core(model, tokenizer, bundle_dir: str, device="cpu", dtype=torch.f
                 scores = score_continuations(model, tokenizer, pairs, device, dtype)
                 correct += torch.tensor([float(is_correct(spec["task_type"], examples[i], scores)), 1.0],
                                         dtype=torch.float64)
-            if world_size > 1:
-                correct = correct.to(device)
-                dist.all_reduce(correct)
+            all_reduce_sum(correct)  # a CPU tensor: the helper moves it to the group's device and back
             accuracy = (correct[0] / correct[1]).item() if correct[1] > 0 else 0.0
             b = spec["baseline"]
             rows.append({"task": spec["label"], "type": spec["task_type"], "shots": spec["num_fewshot"],

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import bisect
 import math
+import queue
+import threading
 from collections import defaultdict
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from reasoning.common import UserError
 from reasoning.dataset import open_split, resolve_data_dir
+from reasoning.distributed import all_reduce_sum
 
 STATE_VERSION = 1
 _COUNT_KEYS = ("docs_taken", "docs_cropped", "tokens_taken", "tokens_emitted", "tokens_whole")
@@ -222,6 +224,66 @@ def packing_stats(counts: list[dict]) -> dict:
     return c
 
 
+class Prefetcher:
+    """Iterates a loader on a background thread, `depth` batches ahead: the next batch is tokenized, packed and
+    copied to the device while the accelerator computes the current step (tokenization releases the GIL, and the
+    main thread mostly waits on the device).
+
+    Same batches in the same order as the loader itself (one producer, a FIFO). `counts` is the packing counters
+    as of the last batch handed out (taken from its state), not of the batches read ahead, so reports and resume
+    states are exactly what they are without prefetching. An error in the loader is raised by the next `next()`.
+    Call `close()` when done (training loops do, in `finally`), or the thread idles until the process exits."""
+
+    _END = object()
+
+    def __init__(self, loader, depth: int = 1):
+        self._loader = loader
+        self._counts = loader.counts
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self):
+        try:
+            for batch in self._loader:
+                if not self._put(("batch", batch)):
+                    return
+            self._put(("end", None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(("error", e))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        kind, value = self._queue.get()
+        if kind == "end":
+            self._queue.put((kind, value))  # later calls stop too
+            raise StopIteration
+        if kind == "error":
+            raise value
+        self._counts = value[-1]["counts"]
+        return value
+
+    @property
+    def counts(self) -> dict:
+        return dict(self._counts)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 def build_train_loader(tokenizer, batch_size: int, seq_len: int, data_dir: str | None = None, rank: int = 0,
                        world_size: int = 1, device: str | torch.device = "cpu", buffer_size: int = 1000,
                        resume_state: dict | None = None) -> PackedLoader:
@@ -260,10 +322,8 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor, max_steps: int | Non
         total_bytes = nbytes if total_bytes is None else total_bytes + nbytes
     if total_nats is None:
         raise ValueError("evaluate_bpb got no batches")
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        sums = torch.stack([total_nats, total_bytes])
-        dist.all_reduce(sums)
-        total_nats, total_bytes = sums[0], sums[1]
+    sums = all_reduce_sum(torch.stack([total_nats, total_bytes]))
+    total_nats, total_bytes = sums[0], sums[1]
     if total_bytes.item() == 0:
         raise ValueError("evaluate_bpb: no target tokens with a byte length (all special or ignored)")
     return total_nats.item() / (math.log(2) * total_bytes.item())

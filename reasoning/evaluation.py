@@ -34,9 +34,8 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-import torch.distributed as dist
-
 from reasoning.common import atomic_write, atomic_write_json, get_rank, get_world_size
+from reasoning.distributed import broadcast_object, gather_object
 from reasoning.verifiers import math_equal_batch
 
 PROMPT_MODES = ("chat", "base")
@@ -169,6 +168,12 @@ def majority_index(answers: list[str | None]) -> int | None:
     return first[best]
 
 
+def majority_correct(samples: list[dict]) -> bool:
+    """Whether the majority answer of one problem's samples (records in sample order) is correct."""
+    winner = majority_index([s["extracted"] for s in samples]) if len(samples) > 1 else 0
+    return bool(winner is not None and samples[winner]["correct"])
+
+
 def _ks(n: int) -> list[int]:
     ks, k = [], 1
     while k < n:
@@ -195,8 +200,10 @@ def summarize(records: list[dict], num_samples: int) -> dict:
         n, c = len(samples), sum(bool(s["correct"]) for s in samples)
         for k in ks:
             pass_sums[k] += pass_at_k(n, c, min(k, n))
-        winner = majority_index([s["extracted"] for s in samples]) if n > 1 else 0
-        maj_correct += bool(winner is not None and samples[winner]["correct"])
+        if "majority_correct" in samples[0]:  # graded where the samples were made (generate_records)
+            maj_correct += bool(samples[0]["majority_correct"])
+        else:  # records of an older predictions file
+            maj_correct += majority_correct(samples)
         for field in ("level", "subject"):
             value = samples[0].get(field)
             if value is not None:
@@ -259,6 +266,7 @@ def generate_records(engine, tokenizer, task, indices: list[int], settings: Eval
     records = []
     for j, (index, example) in enumerate(zip(indices, examples)):
         prompt_text = tokenizer.decode(prompts[j])
+        first = len(records)
         for s in range(settings.num_samples):
             g = generations.get((j, s))
             tokens = g.tokens if g is not None else []
@@ -270,6 +278,11 @@ def generate_records(engine, tokenizer, task, indices: list[int], settings: Eval
                 "level": example.get("level"),
                 "subject": example.get("subject"), "num_tokens": len(tokens), "stop_reason": stop_reason,
             })
+        # maj@k graded here, on the rank that made the samples: the answer-equivalence checks are spread over
+        # the ranks instead of all falling on rank 0 in summarize() while the others wait
+        verdict = majority_correct(records[first:])
+        for record in records[first:]:
+            record["majority_correct"] = verdict
     return records
 
 
@@ -323,19 +336,11 @@ def _complete_problems(records: list[dict], num_samples: int, allowed: set[int])
 
 
 def _broadcast(obj, world_size: int):
-    if world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object(obj, src=0)
 
 
 def _gather(obj, world_size: int, rank: int):
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
+    return gather_object(obj, dst=0)
 
 
 # ----------------------------------------------------------------------------------------------- the loop

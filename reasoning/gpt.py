@@ -201,7 +201,9 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if self.q_norm is not None:  # per head, before rotary (Qwen3 order; matters once the norms have gains)
-            q, k = self.q_norm(q), self.k_norm(k)
+            # CUDA autocast runs rms_norm in fp32: back to v's dtype, or attention would get fp32 q/k beside a
+            # bf16 v and fall back from FA3 (and read a bf16 KV cache through fp32 copies)
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is None:
             y = attention(q, k, v, causal=True, window=self.window)
@@ -465,7 +467,7 @@ class GPT(nn.Module):
             cos, sin = self.rotary_cos[positions][:, :, None, :], self.rotary_sin[positions][:, :, None, :]
         dtype = self._activation_dtype(idx.device)
         cos, sin = cos.to(dtype), sin.to(dtype)
-        x = self.wte(idx)
+        x = self.wte(idx).to(dtype)  # the residual stream in the activation dtype (bf16 under GPU autocast)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache, spans)
         if kv_cache is not None:

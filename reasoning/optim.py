@@ -25,11 +25,16 @@ eagerly (the default) the same kernels run as ordinary ops.
 Distributed (torchrun): with `distributed=True` (auto when a process group with >1 rank is up) `step()` averages
 the gradients across ranks itself, so the model must NOT also be wrapped in DDP. Trainers that need the averaged
 gradients before stepping (gradient clipping, logging the grad norm) call `reduce_gradients()` first; `step()` then
-skips its own reduction. With `shard=True` (ZeRO-2 style, per parameter) every parameter has one owner rank chosen
-by size-balanced assignment: its gradient is reduced only to the owner, only the owner keeps its optimizer state
-and computes its update, then broadcasts the new values. Each rank does the same arithmetic on the same averaged
-gradient as the unsharded path, so the results are identical; `state_dict()` then holds only the rank's own
-state (save one file per rank and resume with the same world size).
+skips its own reduction. Gradients travel in a few large flat buckets (`bucket_bytes` each, one collective per
+bucket) rather than one collective per tensor: per-call latency dominates for the many small tensors of a model.
+Every parameter has one owner rank (size-balanced assignment). Unsharded (default), every rank keeps the whole
+optimizer state and does the cheap elementwise work (momentum, AdamW) itself, but Muon's Newton-Schulz -- the
+expensive part, a few matmuls per matrix -- runs only on each matrix's owner; the orthogonalised updates are then
+all-gathered in one collective and every rank applies them. With `shard=True` (ZeRO-2 style) a gradient bucket is
+reduced only to its owner, only the owner keeps the state and computes the update, then broadcasts the new values.
+Each rank does the same arithmetic on the same averaged gradient as a single process, so the results are identical;
+a sharded `state_dict()` holds only the rank's own state (save one file per rank, resume with the same world size).
+All collectives go through reasoning.distributed.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+
+from reasoning import distributed as reasoning_distributed
 
 # Polar Express (arXiv:2505.16932), degree-5 odd polynomials a*x + b*x^3 + c*x^5, one per iteration.
 POLAR_EXPRESS_COEFFS = (
@@ -56,6 +63,7 @@ KINDS = ("muon", "adamw")
 
 MUON_DEFAULTS = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5, ns_method="polar_express")
 ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+BUCKET_BYTES = 64 * 2**20  # gradient bucket size: a handful of collectives per step even for a 1B model
 
 
 def orthogonalize(G: torch.Tensor, steps: int = 5, method: str = "polar_express") -> torch.Tensor:
@@ -89,12 +97,17 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, method: str = "polar_express"
 
 # ---- per-tensor update kernels: hyperparameters arrive as 0-d float32 tensors (see module docstring) ----
 
-def _muon_kernel(p, grad, momentum_buffer, momentum, lr, weight_decay, *, nesterov: bool, ns_steps: int,
-                 ns_method: str, shape_scale: float):
+def _muon_direction_kernel(grad, momentum_buffer, momentum, *, nesterov: bool, ns_steps: int, ns_method: str,
+                           orthogonalise: bool = True):
+    """Momentum step (in place) -> the update direction, orthogonalised unless a sharded step leaves that to
+    the matrix's owner."""
     momentum_buffer.mul_(momentum).add_(grad * (1 - momentum))  # EMA of gradients
     # Nesterov: look ahead along the momentum, (1-m)*g + m*buf
     update = grad * (1 - momentum) + momentum_buffer * momentum if nesterov else momentum_buffer
-    ortho = orthogonalize(update, ns_steps, ns_method)
+    return orthogonalize(update, ns_steps, ns_method) if orthogonalise else update
+
+
+def _muon_apply_kernel(p, ortho, lr, weight_decay, *, shape_scale: float):
     p.mul_(1 - lr * weight_decay)
     p.sub_(ortho.to(p.dtype) * (lr * shape_scale))
 
@@ -117,23 +130,23 @@ class MuonAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, param_groups: Iterable[dict], *, distributed: bool | None = None, shard: bool = False,
-                 compile_backend: str | Callable | None = None):
+                 compile_backend: str | Callable | None = None, bucket_bytes: int = BUCKET_BYTES):
         if distributed is None:
-            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            distributed = reasoning_distributed.is_distributed()
         if distributed and not (dist.is_available() and dist.is_initialized()):
             raise ValueError("distributed=True needs torch.distributed to be initialised first (torchrun)")
         self.distributed = distributed
         self.shard = shard and distributed  # sharding over a single process is a no-op, not an error
+        self.bucket_bytes = bucket_bytes
         self._owners_cache: list[int] | None = None
         self._grads_reduced = False
         # one set of reusable 0-d tensors; refilled before every kernel call
         self._hyper = {k: torch.zeros((), dtype=torch.float32) for k in
                        ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "step_size", "bias2_sqrt")}
-        if compile_backend is None:
-            self._muon_kernel, self._adamw_kernel = _muon_kernel, _adamw_kernel
-        else:
-            self._muon_kernel = torch.compile(_muon_kernel, backend=compile_backend, dynamic=False, fullgraph=True)
-            self._adamw_kernel = torch.compile(_adamw_kernel, backend=compile_backend, dynamic=False, fullgraph=True)
+        kernels = (_muon_direction_kernel, _muon_apply_kernel, _adamw_kernel, orthogonalize)
+        if compile_backend is not None:
+            kernels = [torch.compile(k, backend=compile_backend, dynamic=False, fullgraph=True) for k in kernels]
+        self._muon_direction_kernel, self._muon_apply_kernel, self._adamw_kernel, self._orthogonalize = kernels
         super().__init__(list(param_groups), defaults={})
 
     def add_param_group(self, param_group: dict):
@@ -157,21 +170,43 @@ class MuonAdamW(torch.optim.Optimizer):
         super().add_param_group(group)
         self._owners_cache = None
 
+    # ---- state: a sharded state names its owner assignment, checked on load ----
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.shard:
+            state["owners"] = list(self._owners())
+        return state
+
+    def load_state_dict(self, state_dict):
+        if self.shard:
+            saved = state_dict.get("owners")
+            if saved != self._owners():
+                # another assignment means this rank's file holds other parameters' moments: loading it would
+                # silently restart (or mix up) optimizer state, so refuse
+                raise ValueError("sharded optimizer state was saved with another assignment of parameters to ranks "
+                                 "(another world size, model or optimizer version); resume it with the same ones")
+            state_dict = {k: v for k, v in state_dict.items() if k != "owners"}
+        super().load_state_dict(state_dict)
+
     # ---- distributed helpers ----
 
     def _entries(self) -> list[tuple[dict, torch.Tensor]]:
         return [(group, p) for group in self.param_groups for p in group["params"]]
 
     def _owners(self) -> list[int]:
-        """Owner rank of every parameter (in `_entries` order): largest first onto the least-loaded rank."""
+        """Owner rank of every parameter (in `_entries` order): largest first onto the least-loaded rank, Muon
+        matrices and the rest balanced separately (the Muon share is what costs compute)."""
         if self._owners_cache is None:
             entries = self._entries()
-            load = [0] * dist.get_world_size()
             owners = [0] * len(entries)
-            for i in sorted(range(len(entries)), key=lambda i: (-entries[i][1].numel(), i)):
-                rank = min(range(len(load)), key=lambda r: (load[r], r))
-                owners[i] = rank
-                load[rank] += entries[i][1].numel()
+            for kind in KINDS:
+                load = [0] * dist.get_world_size()
+                mine = [i for i, (group, _) in enumerate(entries) if group["kind"] == kind]
+                for i in sorted(mine, key=lambda i: (-entries[i][1].numel(), i)):
+                    rank = min(range(len(load)), key=lambda r: (load[r], r))
+                    owners[i] = rank
+                    load[rank] += entries[i][1].numel()
             self._owners_cache = owners
         return self._owners_cache
 
@@ -181,7 +216,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if not self.distributed:
             return has_grad
         flags = torch.tensor(has_grad, dtype=torch.float32, device=entries[0][1].device)
-        dist.all_reduce(flags)
+        reasoning_distributed.all_reduce(flags)
         return (flags > 0).tolist()
 
     @staticmethod
@@ -189,6 +224,31 @@ class MuonAdamW(torch.optim.Optimizer):
         if p.grad is None:  # this rank did not touch p but another did: contribute zeros
             p.grad = torch.zeros_like(p)
         return p.grad
+
+    def _buckets(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Consecutive runs of tensors of one dtype and device, each at most bucket_bytes (or one larger tensor)."""
+        buckets, size = [], 0
+        for t in tensors:
+            nbytes = t.numel() * t.element_size()
+            last = buckets[-1][-1] if buckets else None
+            if last is None or (last.dtype, last.device) != (t.dtype, t.device) or size + nbytes > self.bucket_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(t)
+            size += nbytes
+        return buckets
+
+    def _bucketed(self, tensors: list[torch.Tensor], collective) -> None:
+        """Run `collective(flat) -> handle` on each bucket flattened, then copy the results back into `tensors`.
+        All buckets are launched before the first wait, so communication of one overlaps the copies of the next."""
+        launched = []
+        for bucket in self._buckets(tensors):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            launched.append((bucket, flat, collective(flat)))
+        for bucket, flat, handle in launched:
+            handle.wait()
+            for t, piece in zip(bucket, flat.split([t.numel() for t in bucket])):
+                t.copy_(piece.view_as(t))
 
     @torch.no_grad()
     def reduce_gradients(self):
@@ -198,8 +258,7 @@ class MuonAdamW(torch.optim.Optimizer):
         entries = self._entries()
         active = self._active_mask(entries)
         grads = [self._grad_or_zeros(p) for (_, p), on in zip(entries, active) if on]
-        for handle in [dist.all_reduce(g, async_op=True) for g in grads]:
-            handle.wait()
+        self._bucketed(grads, lambda flat: reasoning_distributed.all_reduce(flat, async_op=True))
         world = dist.get_world_size()
         for g in grads:
             g.div_(world)  # SUM then divide: gloo has no AVG op, and this keeps every backend bit-identical
@@ -219,37 +278,86 @@ class MuonAdamW(torch.optim.Optimizer):
                 if p.grad is not None:
                     self._update(group, p, p.grad)
             return loss
-
-        rank, world = dist.get_rank(), dist.get_world_size()
-        owners = self._owners() if self.shard else [rank] * len(entries)
-        active = self._active_mask(entries)
-        # launch every reduction first so communication overlaps with the updates below
-        pending = []
-        for i, (group, p) in enumerate(entries):
-            if not active[i]:
-                continue
-            grad = self._grad_or_zeros(p)
-            handle = None
-            if not self._grads_reduced:
-                if self.shard:
-                    handle = dist.reduce(grad, dst=owners[i], async_op=True)
-                else:
-                    handle = dist.all_reduce(grad, async_op=True)
-            pending.append((i, group, p, grad, handle))
-        broadcasts = []
-        for i, group, p, grad, handle in pending:
-            if handle is not None:
-                handle.wait()
-            if owners[i] == rank:
-                if not self._grads_reduced:
-                    grad.div_(world)
-                self._update(group, p, grad)
-            if self.shard:
-                broadcasts.append(dist.broadcast(p.data, src=owners[i], async_op=True))
-        for handle in broadcasts:
-            handle.wait()
+        if self.shard:
+            self._sharded_step(entries)
+        else:
+            self._replicated_step(entries)
         self._grads_reduced = False
         return loss
+
+    def _sharded_step(self, entries):
+        """ZeRO-2: each gradient reduced to its owner (bucketed per owner), the owner updates, then broadcasts."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        owners = self._owners()
+        active = self._active_mask(entries)
+        indices = [i for i in range(len(entries)) if active[i]]
+        grads = {i: self._grad_or_zeros(entries[i][1]) for i in indices}
+        if not self._grads_reduced:
+            for owner in range(world):
+                owned = [grads[i] for i in indices if owners[i] == owner]
+                self._bucketed(owned, lambda flat, dst=owner: reasoning_distributed.reduce(flat, dst=dst,
+                                                                                          async_op=True))
+            for i in indices:
+                if owners[i] == rank:
+                    grads[i].div_(world)
+        for i in indices:
+            if owners[i] == rank:
+                self._update(entries[i][0], entries[i][1], grads[i])
+        for owner in range(world):
+            params = [entries[i][1].data for i in indices if owners[i] == owner]
+            self._bucketed(params, lambda flat, src=owner: reasoning_distributed.broadcast(flat, src=src,
+                                                                                         async_op=True))
+
+    def _replicated_step(self, entries):
+        """Every rank keeps all state; Muon's orthogonalisation is divided between ranks, then all-gathered."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        self.reduce_gradients()
+        owners = self._owners()
+        muon = []  # (entry index, direction) of every Muon matrix with a gradient
+        for i, (group, p) in enumerate(entries):
+            if p.grad is None:
+                continue
+            if group["kind"] == "muon":
+                muon.append((i, self._muon_direction(group, p, p.grad, orthogonalise=False)))
+            else:
+                self._update(group, p, p.grad)
+        if not muon:
+            return
+        # this rank orthogonalises its share; one all-gather of padded equal-length buffers brings the rest
+        share = [[(i, d) for i, d in muon if owners[i] == r] for r in range(world)]
+        length = max(sum(d.numel() for _, d in mine) for mine in share)
+        dtype, device = muon[0][1].dtype, muon[0][1].device
+        local = torch.zeros(length, dtype=dtype, device=device)
+        offset = 0
+        for i, direction in share[rank]:
+            group = entries[i][0]
+            ortho = self._orthogonalize(direction, int(group["ns_steps"]), group["ns_method"])
+            local[offset:offset + ortho.numel()] = ortho.reshape(-1)
+            offset += ortho.numel()
+        gathered = torch.empty(world * length, dtype=dtype, device=device)
+        reasoning_distributed.all_gather_into_tensor(gathered, local)
+        for r in range(world):
+            offset = r * length
+            for i, direction in share[r]:
+                ortho = gathered[offset:offset + direction.numel()].view_as(direction)
+                offset += direction.numel()
+                self._muon_apply(entries[i][0], entries[i][1], ortho)
+
+    def _muon_direction(self, group: dict, p: torch.Tensor, grad: torch.Tensor, orthogonalise: bool = True):
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        self._hyper["momentum"].fill_(group["momentum"])
+        return self._muon_direction_kernel(grad, state["momentum_buffer"], self._hyper["momentum"],
+                                           nesterov=bool(group["nesterov"]), ns_steps=int(group["ns_steps"]),
+                                           ns_method=group["ns_method"], orthogonalise=orthogonalise)
+
+    def _muon_apply(self, group: dict, p: torch.Tensor, ortho: torch.Tensor):
+        h = self._hyper
+        h["lr"].fill_(group["lr"])
+        h["weight_decay"].fill_(group["weight_decay"])
+        rows, cols = p.shape
+        self._muon_apply_kernel(p, ortho, h["lr"], h["weight_decay"], shape_scale=max(1.0, rows / cols) ** 0.5)
 
     def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor):
         h = self._hyper
@@ -257,13 +365,7 @@ class MuonAdamW(torch.optim.Optimizer):
         h["lr"].fill_(group["lr"])
         h["weight_decay"].fill_(group["weight_decay"])
         if group["kind"] == "muon":
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            h["momentum"].fill_(group["momentum"])
-            rows, cols = p.shape
-            self._muon_kernel(p, grad, state["momentum_buffer"], h["momentum"], h["lr"], h["weight_decay"],
-                              nesterov=bool(group["nesterov"]), ns_steps=int(group["ns_steps"]),
-                              ns_method=group["ns_method"], shape_scale=max(1.0, rows / cols) ** 0.5)
+            self._muon_apply(group, p, self._muon_direction(group, p, grad))
         else:
             if not state:
                 state["step"] = 0

@@ -1,7 +1,8 @@
 """Pretraining as a library: `TrainConfig` + `train(config) -> summary`; scripts/base_train.py is its CLI.
 
-One optimizer step = `total_batch_size` tokens, gathered as micro-batches of `device_batch_size` rows on every
-data-parallel rank and accumulated. The loss of every micro-batch is a SUM over its valid targets divided by the
+One optimizer step = `total_batch_size` tokens (fixed: 2**19 by default, nanochat's d20 batch), gathered as
+micro-batches of `device_batch_size` rows on every data-parallel rank and accumulated; the device batch size only
+decides how many micro-batches that takes (memory), never the optimisation. The loss of every micro-batch is a SUM over its valid targets divided by the
 number of valid targets of the whole step (all micro-batches, all ranks), so the accumulated gradient is exactly the
 gradient of one big batch, however unevenly the targets are spread (`reasoning.training.accumulate_gradients`,
 shared with SFT).
@@ -46,6 +47,7 @@ from reasoning.training import (DEVICE_HELP, NonFiniteLossError, RunLog, RunProg
 
 STAGE = "base"
 EMA_BETA = 0.9  # smoothing of the printed/reported train loss
+DEFAULT_TOTAL_BATCH_TOKENS = 2**19  # 256 rows of 2048 tokens: nanochat's d20 batch
 DEFAULT_SAMPLE_PROMPTS = (
     "The capital of France is",
     "A spider has",
@@ -67,9 +69,10 @@ class TrainConfig(TrainerConfig):
     vocab_size: int = field(default=-1, metadata=option(
         "model vocabulary (-1: the tokenizer's); a larger one pads the embedding, e.g. to a multiple of 128"))
     # batch and length of training
-    device_batch_size: int = field(default=32, metadata=option("rows per micro-batch per process"))
-    total_batch_size: int = field(default=-1, metadata=option(
-        "tokens per optimizer step, reached by gradient accumulation (-1: one micro-batch per data rank)"))
+    device_batch_size: int = field(default=32, metadata=option(
+        "rows per micro-batch per process: only sets how many micro-batches accumulate to --total-batch-size"))
+    total_batch_size: int = field(default=DEFAULT_TOTAL_BATCH_TOKENS, metadata=option(
+        "tokens per optimizer step, all ranks together, reached by gradient accumulation"))
     num_iterations: int = field(default=-1, metadata=option(
         "optimizer steps (-1: derive from --target-param-data-ratio)"))
     target_param_data_ratio: float = field(default=20.0, metadata=option(
@@ -86,9 +89,7 @@ class TrainConfig(TrainerConfig):
     muon_momentum_warmup: int = field(default=300, metadata=option("steps of the linear Muon momentum ramp"))
     shard_optimizer: bool = field(default=False, metadata=option(
         "ZeRO-2 style: each rank keeps the optimizer state of its share of the parameters"))
-    # speed / precision
-    compile: bool = field(default=False, metadata=option("torch.compile the model"))
-    compile_backend: str = field(default="inductor", metadata=option("torch.compile backend (tests use aot_eager)"))
+    # precision (--compile / --compile-backend are TrainerConfig's)
     fp8: bool = field(default=False, metadata=option("train the hidden linear layers in fp8 (reasoning.fp8)"))
     fp8_min_dim: int = field(default=128, metadata=option("only layers with both dims >= this go to fp8"))
     # evaluation
@@ -125,28 +126,14 @@ class TrainConfig(TrainerConfig):
                             "expected a sum <= 1")
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
             raise UserError(f"--head-dim {self.head_dim}: expected an even number >= 2")
-        if self.total_batch_size != -1 and self.total_batch_size < 1:
-            raise UserError(f"--total-batch-size {self.total_batch_size}: expected tokens > 0 or -1")
+        if self.total_batch_size < 1:
+            raise UserError(f"--total-batch-size {self.total_batch_size}: expected a number of tokens > 0")
         if self.num_iterations != -1 and self.num_iterations < 0:
             raise UserError(f"--num-iterations {self.num_iterations}: expected >= 0 or -1")
         if self.vocab_size != -1 and self.vocab_size < 1:
             raise UserError(f"--vocab-size {self.vocab_size}: expected a positive size or -1 (the tokenizer's)")
         if self.num_iterations == -1 and self.target_param_data_ratio <= 0:
             raise UserError("--num-iterations -1 needs --target-param-data-ratio > 0")
-        if self.compile:
-            check_compile_backend(self.compile_backend)
-
-
-def check_compile_backend(name: str) -> None:
-    """A torch.compile backend dynamo knows, checked up front: an unknown one would otherwise surface as an
-    InvalidBackend traceback from inside the first training step."""
-    import torch._dynamo  # the import costs a second or two: only runs that compile pay it
-
-    known = torch._dynamo.list_backends(exclude_tags=())  # the default list hides debug backends such as aot_eager
-    if name not in known:
-        debug = [b for b in ("aot_eager", "eager") if b in known]
-        raise UserError(f"--compile-backend {name!r}: not a torch.compile backend; expected one of "
-                        f"{', '.join(torch._dynamo.list_backends())} (or, for debugging, {', '.join(debug)})")
 
 
 add_train_args = TrainConfig.add_args  # one --flag per field (reasoning.training); scripts/base_train.py
@@ -239,7 +226,7 @@ def train(config: TrainConfig) -> dict:
 
     Raises NonFiniteLossError when the loss or gradient norm stops being finite, UserError on bad settings.
     """
-    from reasoning.dataloader import build_train_loader, packing_stats
+    from reasoning.dataloader import Prefetcher, build_train_loader, packing_stats
     from reasoning.gpt import GPT, config_from_depth
     from reasoning.tokenizer import Tokenizer, get_tokenizer
 
@@ -290,15 +277,15 @@ def train(config: TrainConfig) -> dict:
     optimizer = model.setup_optimizer(
         **config.optimizer_args(), betas=(config.adam_beta1, config.adam_beta2), muon_momentum=config.muon_momentum_end,
         shard=config.shard_optimizer,
-        compile_backend=config.compile_backend if config.compile and device.type == "cuda" else None)
+        compile_backend=config.optimizer_compile_backend(device))
     if resume_meta is not None:
         load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
     attention_backend = resolve_backend(device, dtype)  # loads FA3 (once) outside any compiled region
-    compiled = torch.compile(model, dynamic=False, backend=config.compile_backend) if config.compile else model
+    compiled = config.compile_model(model, device)  # fixed (B, T) rows: dynamic=False
 
     # ---- batch geometry and length of training
     tokens_per_micro_step = config.device_batch_size * config.max_seq_len * data_ranks
-    total_batch = tokens_per_micro_step if config.total_batch_size == -1 else config.total_batch_size
+    total_batch = config.total_batch_size
     if total_batch % tokens_per_micro_step:
         raise UserError(f"--total-batch-size {total_batch}: expected a multiple of device_batch_size × max_seq_len × "
                         f"data ranks = {config.device_batch_size} × {config.max_seq_len} × {data_ranks} "
@@ -319,9 +306,10 @@ def train(config: TrainConfig) -> dict:
     if resume_meta is not None:
         first = rank * config.simulate_ranks
         loader_states = resume_meta["loader_states"][first:first + config.simulate_ranks]
-    loaders = [build_train_loader(tokenizer, config.device_batch_size, config.max_seq_len, config.data_dir,
-                                  rank=rank * config.simulate_ranks + j, world_size=data_ranks, device=device,
-                                  resume_state=loader_states[j])
+    # each loader on its own thread, one batch ahead of the step (identical batches, see Prefetcher)
+    loaders = [Prefetcher(build_train_loader(tokenizer, config.device_batch_size, config.max_seq_len,
+                                             config.data_dir, rank=rank * config.simulate_ranks + j,
+                                             world_size=data_ranks, device=device, resume_state=loader_states[j]))
                for j in range(config.simulate_ranks)]
     history = {"val_bpb": [], "train_loss": []} if resume_meta is None else resume_meta["history"]
     ema_loss = 0.0 if resume_meta is None else resume_meta.get("ema_loss", 0.0)
@@ -336,7 +324,7 @@ def train(config: TrainConfig) -> dict:
     print0(f"batch: {total_batch:,} tokens/step = {config.device_batch_size} rows × {config.max_seq_len} tokens × "
            f"{data_ranks} data ranks × {grad_accum} accumulation | {num_iterations} steps "
            f"({num_iterations * total_batch:,} tokens) | device {device} {str(dtype).replace('torch.', '')}, "
-           f"attention {attention_backend}{', compiled' if config.compile else ''}"
+           f"attention {attention_backend}{', compiled' if config.compile_on(device) else ''}"
            + progress.resumed_note)
 
     def save(step: int):
@@ -418,6 +406,8 @@ def train(config: TrainConfig) -> dict:
                        f"mfu {mfu_text} | pack {100 * pack:.1f}% | eta {format_eta(eta)}")
     finally:
         log.close()
+        for loader in loaders:
+            loader.close()
 
     # the first steps pay for compilation and warm-up; leave them out of the throughput figure when there are more
     steady = step_times[min(5, len(step_times) // 2):] if step_times else []

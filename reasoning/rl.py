@@ -201,7 +201,8 @@ def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, config: R
 
     Only positions with a target go through the output head: prompts and padding are most of a rollout row,
     and the head's (n, V) logits are the expensive part. Other positions get 0."""
-    hidden = model.forward_hidden(inputs)                                 # (B, T, d)
+    forward_hidden = getattr(model, "compiled_forward_hidden", None) or model.forward_hidden  # see train_rl
+    hidden = forward_hidden(inputs)                                       # (B, T, d)
     valid = targets >= 0
     out = chunked_token_logprobs(hidden[valid], model.lm_head.weight, targets[valid], softcap=model.config.softcap,
                                  chunk_size=config.logprob_chunk_size, temperature=config.temperature,
@@ -395,7 +396,13 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     # ---- resume: weights, optimizer, cursor, RNG and history from our own last checkpoint
     resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "rng", str(source["dir"]),
                                          meta_types={"cursor": int, "records": list}) if config.resume else None
-    optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale))
+    optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale),
+                                      compile_backend=config.optimizer_compile_backend(device))
+    if config.compile_on(device):
+        # only the log-prob passes of the update go through the compiled forward (rows of varying length:
+        # dynamic=None); the engine's KV-cache forward stays eager
+        model.compiled_forward_hidden = torch.compile(model.forward_hidden, dynamic=None,
+                                                      backend=config.compile_backend)
     if resume_meta is not None:
         load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
         ckpt.set_rng_state(resume_meta["rng"][rank])

@@ -14,8 +14,9 @@ row; each starts with <bos> like a pretraining document).
 The data order is an endless stream: epoch e visits the task in a permutation seeded by (seed, e); global stream
 position g goes to rank g mod world_size, so a rank's position is one integer and resuming is exact.
 
-One optimizer step = `total_batch_size` rows (conversations or packed rows) from all ranks via gradient
-accumulation; the loss is the sum of token losses divided by the number of valid targets in the whole step
+One optimizer step = `total_batch_rows` rows (conversations or packed rows; 32 by default) from all ranks, each
+rank's share cut into micro-batches of at most `device_batch_size` rows whose gradients accumulate: the device batch
+size decides memory and the number of micro-batches, never the optimisation (the step's rows are the same); the loss is the sum of token losses divided by the number of valid targets in the whole step
 (reasoning.training.accumulate_gradients), so long and short conversations weigh by their tokens. LR: linear warmup,
 then linear decay to `final_lr_frac` (nanochat SFT decays to 0). Muon for matrices, AdamW for the rest
 (`model.setup_optimizer`), every lr multiplied by `lr_scale`.
@@ -65,9 +66,10 @@ class SFTConfig(FinetuneConfig):
     # length and batch
     num_epochs: float = field(default=1.0, metadata=option("passes over the mixture when --num-iterations is -1"))
     num_iterations: int = field(default=-1, metadata=option("optimizer steps (-1: from --num-epochs)"))
-    device_batch_size: int = field(default=8, metadata=option("rows per micro-batch per process"))
-    total_batch_size: int = field(default=-1, metadata=option(
-        "rows per optimizer step, all ranks (-1: device_batch_size x world size)"))
+    device_batch_size: int = field(default=8, metadata=option(
+        "rows per micro-batch per process at most: only sets how many micro-batches accumulate to --total-batch-rows"))
+    total_batch_rows: int = field(default=32, metadata=option(
+        "rows (conversations, or packed rows) per optimizer step, all ranks together; a multiple of the world size"))
     # evaluation
     eval_every: int = field(default=100, metadata=option(
         "val loss + generative eval every N steps (0: only at the start and end, <0: never)"))
@@ -80,16 +82,14 @@ class SFTConfig(FinetuneConfig):
     def validate(self) -> None:
         """Raise UserError naming the first bad setting (they come from command-line flags)."""
         super().validate()
-        self.require_positive("max_seq_len", "device_batch_size", "eval_problems", "eval_max_tokens",
-                              "eval_batch_size")
+        self.require_positive("max_seq_len", "device_batch_size", "total_batch_rows", "eval_problems",
+                              "eval_max_tokens", "eval_batch_size")
         self.require_non_negative("num_epochs", "val_examples")
         self.require_fraction("synthetic_answer_only")
         if self.num_iterations < -1:
             raise UserError(f"--num-iterations {self.num_iterations}: expected >= 0 or -1")
         if self.num_iterations == -1 and self.num_epochs <= 0:
             raise UserError("--num-iterations -1 needs --num-epochs > 0")
-        if self.total_batch_size != -1 and self.total_batch_size < 1:
-            raise UserError(f"--total-batch-size {self.total_batch_size}: expected rows > 0 or -1")
         if self.task_size == 0 or self.task_size < -1:
             raise UserError(f"--task-size {self.task_size}: expected a positive number of examples or -1")
 
@@ -288,17 +288,20 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     # ---- resume: weights, optimizer, stream positions, RNG and history from our own last checkpoint
     resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "positions", str(source.get("dir"))) \
         if config.resume else None
-    optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale))
+    optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale),
+                                      compile_backend=config.optimizer_compile_backend(device))
+    compiled = config.compile_model(model, device, dynamic=None)  # padded rows: the length varies per micro-batch
     if resume_meta is not None:
         load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
 
     # ---- batch geometry and length
-    rows_per_micro = config.device_batch_size * world_size
-    total_rows = rows_per_micro if config.total_batch_size == -1 else config.total_batch_size
-    if total_rows % rows_per_micro:
-        raise UserError(f"--total-batch-size {total_rows}: expected a multiple of device_batch_size x world size = "
-                        f"{config.device_batch_size} x {world_size} = {rows_per_micro}")
-    grad_accum = total_rows // rows_per_micro
+    total_rows = config.total_batch_rows
+    if total_rows % world_size:
+        raise UserError(f"--total-batch-rows {total_rows}: expected a multiple of the world size {world_size}")
+    rank_rows = total_rows // world_size
+    micro_rows = [min(config.device_batch_size, rank_rows - start)  # the last micro-batch may be smaller
+                  for start in range(0, rank_rows, config.device_batch_size)]
+    grad_accum = len(micro_rows)
     position = 0 if resume_meta is None else resume_meta["positions"][rank]
     stream = ConversationStream(train_task, tokenizer, config.max_seq_len, rank, world_size, config.seed,
                                 config.pack, position)
@@ -322,7 +325,7 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--out-tag")
     log = RunLog.for_run(base_dir, f"{STAGE}_{tag}", config, progress.resumed_at)
     print0(f"sft: {len(train_task):,} conversations ({config.task}), {num_iterations} steps of {total_rows} rows "
-           f"({config.device_batch_size} rows x {world_size} ranks x {grad_accum} accumulation, "
+           f"({world_size} ranks x {grad_accum} micro-batches of <= {config.device_batch_size} rows, "
            f"{'packed' if config.pack else 'padded'}, <= {config.max_seq_len} tokens) | from {source.get('dir')} "
            f"step {source.get('step')} -> {ckpt_dir}{progress.resumed_note}")
 
@@ -361,10 +364,9 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
                 break
 
             t0 = time.perf_counter()
-            micro_batches = [tuple(t.to(device) for t in stream.next_batch(config.device_batch_size))
-                             for _ in range(grad_accum)]
+            micro_batches = [tuple(t.to(device) for t in stream.next_batch(rows)) for rows in micro_rows]
             valid = sum(int((t >= 0).sum()) for _, t in micro_batches)
-            loss = accumulate_gradients(model, micro_batches, autocast)
+            loss = accumulate_gradients(compiled, micro_batches, autocast)
             optimizer.reduce_gradients()  # average across ranks now (no-op alone) to measure and clip the norm
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0
                                                   else float("inf"))

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
 import torch
-import torch.distributed as dist
 
 from reasoning import checkpoint as ckpt
 from reasoning.common import (UserError, atomic_write_text, autocast_context, die, get_rank, get_world_size, is_master,
                               make_dir, print0)
+from reasoning.distributed import all_gather_object, all_reduce_sum, barrier  # noqa: F401 (re-exported)
 
 DEVICE_HELP = "cuda | cpu | mps (default: autodetect)"
 BASE_DIR_HELP = "run folder (default $REASONING_BASE_DIR)"
@@ -48,6 +48,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 # -------------------------------------------------------------------------------------------- configs
+
+def check_compile_backend(name: str) -> None:
+    """A torch.compile backend dynamo knows, checked up front: an unknown one would otherwise surface as an
+    InvalidBackend traceback from inside the first training step."""
+    import torch._dynamo  # the import costs a second or two: only runs that compile pay it
+
+    known = torch._dynamo.list_backends(exclude_tags=())  # the default list hides debug backends such as aot_eager
+    if name not in known:
+        debug = [b for b in ("aot_eager", "eager") if b in known]
+        raise UserError(f"--compile-backend {name!r}: not a torch.compile backend; expected one of "
+                        f"{', '.join(torch._dynamo.list_backends())} (or, for debugging, {', '.join(debug)})")
+
 
 def option(help_text: str, **extra) -> dict:
     """Field metadata: the --flag help text (cli=False for a field that has no flag of its own; choices=(...) for
@@ -81,6 +93,10 @@ class TrainerConfig:
         "start a fresh run in a checkpoint tag that holds another run's checkpoints; they are deleted once this "
         "run has saved its first checkpoint"))
     base_dir: str | None = field(default=None, metadata=option(BASE_DIR_HELP))
+    # speed: the model's training forward (and the optimizer kernels) through torch.compile
+    compile: bool | None = field(default=None, metadata=option(
+        "torch.compile the training forward and the optimizer kernels (--compile / --no-compile; default: on CUDA)"))
+    compile_backend: str = field(default="inductor", metadata=option("torch.compile backend (tests use aot_eager)"))
 
     def validate(self) -> None:
         """Raise UserError naming the first bad setting (these values come from command-line flags)."""
@@ -89,6 +105,8 @@ class TrainerConfig:
                                   "grad_clip", "keep_last")
         self.require_fraction("warmup_ratio", "final_lr_frac")
         self.require_float32_rates()
+        if self.compile:
+            check_compile_backend(self.compile_backend)
         for f in dataclasses.fields(self):  # fields declared with option(..., choices=...)
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
@@ -120,6 +138,23 @@ class TrainerConfig:
                 raise UserError(f"--{flag_name(name)} {value:g}{scaled}: expected a learning rate below "
                                 f"{FLOAT32_MAX:.4g} (the largest float32)")
 
+    def compile_on(self, device) -> bool:
+        """Whether to compile on `device`: --compile / --no-compile, else on for CUDA (nanochat's fast path) and off
+        elsewhere (on a CPU the compile time is rarely won back)."""
+        return self.compile if self.compile is not None else torch.device(device).type == "cuda"
+
+    def compile_model(self, model, device, dynamic: bool | None = False):
+        """`model` compiled for its training forward per `compile_on` (else itself). dynamic=None for trainers whose
+        row lengths vary (SFT): dynamo then marks the length dynamic after the first recompile."""
+        if not self.compile_on(device):
+            return model
+        return torch.compile(model, dynamic=dynamic, backend=self.compile_backend)
+
+    def optimizer_compile_backend(self, device):
+        """The backend of the optimizer's compiled kernels: only on CUDA (on a CPU inductor's C++ build of a few
+        elementwise kernels costs more than it saves)."""
+        return self.compile_backend if self.compile_on(device) and torch.device(device).type == "cuda" else None
+
     def optimizer_args(self, lr_scale: float = 1.0) -> dict:
         """The learning rates (each times lr_scale) and weight decay for `model.setup_optimizer`."""
         return {"matrix_lr": self.matrix_lr * lr_scale, "embedding_lr": self.embedding_lr * lr_scale,
@@ -143,6 +178,10 @@ class TrainerConfig:
                 continue
             flag = f"--{flag_name(f.name)}"
             kind = str(f.type)
+            if kind == "bool | None":  # three states: --flag, --no-flag, or neither (None: decided at run time)
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                    help=f.metadata["help"])
+                continue
             if kind == "bool":
                 if negatable_booleans:
                     parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
@@ -275,21 +314,7 @@ def autocast_factory(device, dtype: torch.dtype) -> Callable[[], ContextManager]
     return functools.partial(autocast_context, device, dtype)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum `t` over the ranks in place (a no-op in a single process); returns it."""
-    if get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
-    world_size = get_world_size()
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
+gather_objects = all_gather_object  # [obj of rank 0, obj of rank 1, ...] on every rank (reasoning.distributed)
 
 
 def accumulate_gradients(model, micro_batches, autocast: Callable[[], ContextManager] | None = None) -> torch.Tensor:
@@ -574,4 +599,4 @@ def save_training_checkpoint(ckpt_dir: str, step: int, model, optimizer, meta: d
                              keep_last=keep_last or None, run_id=run_id, other_files=other_files,
                              replace_other_runs=replace_other_runs)
     if get_world_size() > 1:
-        dist.barrier()
+        barrier()

@@ -114,10 +114,10 @@ run_stage tok_train $PY -m scripts.tok_train --vocab-size "$VOCAB_SIZE" "${TOK_E
 run_stage tok_eval $PY -m scripts.tok_eval
 # a stage that runs again (--force, --stage, or after a killed attempt) replaces its checkpoints: --overwrite
 run_stage base_train $PY -m scripts.base_train --overwrite --depth "$DEPTH" --max-seq-len "$SEQ_LEN" \
-    --num-iterations "$BASE_STEPS" --device-batch-size 16 --eval-every 100 --eval-tokens 131072 --tag "$TAG" "${RUN_ARGS[@]}" "${BASE_EXTRA[@]}"
+    --num-iterations "$BASE_STEPS" --device-batch-size 16 --total-batch-size $((16 * SEQ_LEN)) --eval-every 100 --eval-tokens 131072 --tag "$TAG" "${RUN_ARGS[@]}" "${BASE_EXTRA[@]}"
 run_stage base_eval $PY -m scripts.base_eval --stage base --tag "$TAG" --eval-tokens 131072 "${BASE_EVAL_EXTRA[@]}"
 run_stage chat_sft $PY -m scripts.chat_sft --overwrite --stage base --tag "$TAG" --task synthetic \
-    --num-iterations "$SFT_STEPS" --device-batch-size 16 --max-seq-len "$SEQ_LEN" \
+    --num-iterations "$SFT_STEPS" --device-batch-size 16 --total-batch-rows 16 --max-seq-len "$SEQ_LEN" \
     --synthetic-answer-only "$SFT_ANSWER_ONLY" "${RUN_ARGS[@]}" "${SFT_EXTRA[@]}"
 run_stage chat_eval_sft $PY -m scripts.chat_eval --stage sft --tag "$TAG" -a synthetic --max-problems "$EVAL_PROBLEMS" \
     --max-tokens 64 --batch-size 128 "${EVAL_EXTRA[@]}"

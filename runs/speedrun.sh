@@ -101,7 +101,7 @@ fi
 
 run "$TORCHRUN -m scripts.base_train -- --depth $DEPTH --tag $TAG $BASE_ARGS $FP8_FLAG $RUN_FLAG"
 run "$TORCHRUN -m scripts.base_eval -- --stage base --tag $TAG $BASE_EVAL_ARGS"
-run "$TORCHRUN -m scripts.chat_sft -- --stage base --tag $TAG --task $SFT_TASKS $SFT_ARGS $RUN_FLAG"
+run "$TORCHRUN -m scripts.chat_sft -- --stage base --tag $TAG --task $SFT_TASKS --eval-task $CHAT_EVAL_TASK $SFT_ARGS $RUN_FLAG"
 run "$TORCHRUN -m scripts.chat_eval -- --stage sft --tag $TAG -a $CHAT_EVAL_TASK $EVAL_ARGS $GSM8K_ARGS"
 run "$TORCHRUN -m scripts.chat_rl -- --stage sft --tag $TAG --task $RL_TASK $RL_ARGS $RUN_FLAG"
 run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a $FINAL_EVAL_TASK $EVAL_ARGS $MATH500_ARGS"

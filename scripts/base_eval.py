@@ -69,13 +69,15 @@ def main(argv: list[str] | None = None):
         for row in core["tasks"]:
             print0(f"  {row['task']:<32} acc {row['accuracy']:.4f}  centered {row['centered']:+.4f}")
         print0(f"CORE: {core['core']:.4f}")
-    else:
-        print0(f"skipped: no eval bundle at {bundle}")
+    else:  # not silent: the report and the RESULT line say CORE was not measured, and why
+        metrics["core"] = None
+        tables["CORE"] = [{"status": "skipped", "reason": f"no eval bundle at {bundle} (pass --eval-bundle DIR)"}]
+        print0(f"CORE skipped: no eval bundle at {bundle} (pass --eval-bundle DIR)")
 
     if info.rank == 0:
         log_stage("base_eval", config=vars(args) | {"checkpoint_step": meta["step"]}, metrics=metrics,
                   seconds=time.perf_counter() - start, tables=tables, base_dir=base_dir)
-        print_result({"val_bpb": bpb, **({"core": metrics["core"]} if "core" in metrics else {}), "step": meta["step"]})
+        print_result({"val_bpb": bpb, "core": metrics["core"], "step": meta["step"]})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python -m scripts.chat_sft --task synthetic --num-iterations 300 --device-batch-size 16 --max-seq-len 256
     # GPUs: the default reasoning mixture (hub, or local files with --data-path DIR)
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- \\
-        --task "GSM8K*2,MATH,SmolTalk" --max-seq-len 2048 --device-batch-size 16 --total-batch-size 256 \\
+        --task "GSM8K*2,MATH,SmolTalk" --max-seq-len 2048 --device-batch-size 16 --total-batch-rows 256 \\
         --eval-task GSM8K --run sft_d20
     python -m scripts.chat_sft ... --resume          # continue from the last checkpoint of the output tag
 

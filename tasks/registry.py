@@ -21,6 +21,7 @@ import socket
 from urllib.parse import urlparse
 
 from reasoning.common import UserError, parse_json, read_jsonl  # noqa: F401 (read_jsonl: re-exported)
+from reasoning.distributed import node_leader_first
 from tasks.common import Task, TaskMixture
 
 DATA_DIR_ENV = "REASONING_DATA_DIR"
@@ -125,7 +126,15 @@ def load_rows(task_name: str, *, data_path: str | None, filenames: list[str], hu
               hub_config: str | None, split: str, expected: str):
     """Rows for a task: local file if one is given or found, else `datasets.load_dataset(hub_id, hub_config)`.
 
-    `expected` describes the local format for the error message (e.g. "JSONL with question/answer")."""
+    `expected` describes the local format for the error message (e.g. "JSONL with question/answer").
+    Under torchrun every rank calls it: each node's local rank 0 goes first (it downloads into the HF cache),
+    the node's other ranks then read that cache instead of all hitting the hub at once."""
+    with node_leader_first():
+        return _load_rows(task_name, data_path, filenames, hub_id, hub_config, split, expected)
+
+
+def _load_rows(task_name: str, data_path: str | None, filenames: list[str], hub_id: str, hub_config: str | None,
+               split: str, expected: str):
     path = find_local_file(task_name, data_path, filenames)
     if path is not None:
         return read_records(path)

@@ -178,6 +178,26 @@ def test_sampled_predictions_do_not_depend_on_batch_size(model_and_tokenizer, tm
     assert len(set(completions)) > len(completions) // 2
 
 
+def test_majority_is_graded_where_the_samples_are_made(model_and_tokenizer, tmp_path, monkeypatch):
+    """maj@k's answer-equivalence checks run in generate_records, on every rank for its own problems; rank 0's
+    summarize only counts the verdicts (older prediction files without them are still graded there)."""
+    import reasoning.evaluation as evaluation
+
+    model, tokenizer = model_and_tokenizer
+    task = SyntheticReasoning("test", size=6, seed=0)
+    settings = EvalSettings(num_samples=3, temperature=1.0, max_tokens=10, batch_size=3, seed=5)
+    evaluate_task(model, tokenizer, task, settings, max_problems=6, out_dir=str(tmp_path))
+    records = [json.loads(r) for r in read_lines(tmp_path / "predictions.jsonl")]
+    by_problem = {}
+    for r in records:
+        by_problem.setdefault(r["index"], []).append(r)
+    for samples in by_problem.values():
+        assert {s["majority_correct"] for s in samples} == {evaluation.majority_correct(samples)}
+    expected = summarize([{k: v for k, v in r.items() if k != "majority_correct"} for r in records], 3)["maj@3"]
+    monkeypatch.setattr(evaluation, "majority_index", lambda answers: pytest.fail("graded again on rank 0"))
+    assert summarize(records, 3)["maj@3"] == expected
+
+
 def _hf_qwen_tokenizer(tmp_path):
     from reasoning.hf_tokenizer import HFTokenizer
     from test_hf import write_tokenizer

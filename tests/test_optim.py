@@ -247,7 +247,7 @@ def test_muon_adamw_learns_a_linear_map():
 
 WORLD = 2
 STEPS = 3
-MODES = ("allreduce", "shard", "prereduced")
+MODES = ("allreduce", "shard", "prereduced", "per_tensor")  # per_tensor: buckets of one tensor each
 
 
 def dist_params():
@@ -268,10 +268,29 @@ def rank_grads(groups, step, rank):
 def _dist_worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    from reasoning import distributed as rd
+
+    calls = {"collectives": 0, "orthogonalize": 0}
+
+    def counted(fn, key):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
     try:
         for mode in MODES:
             groups = dist_params()
-            opt = build_optimizer(groups, weight_decay=0.1, model_dim=32, distributed=True, shard=mode != "allreduce")
+            opt = build_optimizer(groups, weight_decay=0.1, model_dim=32, distributed=True,
+                                  shard=mode in ("shard", "prereduced"))
+            if mode == "per_tensor":
+                opt.bucket_bytes = 1
+            calls.update(collectives=0, orthogonalize=0)
+            opt._orthogonalize = counted(opt._orthogonalize, "orthogonalize")
+            originals = {name: getattr(rd, name) for name in ("all_reduce", "reduce", "broadcast",
+                                                              "all_gather_into_tensor")}
+            for name, fn in originals.items():
+                setattr(rd, name, counted(fn, "collectives"))
             for step in range(STEPS):
                 rank_grads(groups, step, rank)
                 if mode == "prereduced":
@@ -280,8 +299,10 @@ def _dist_worker(rank, init_file, out_dir):
                         torch.save(p.grad.clone(), f"{out_dir}/grad_{rank}_{step}.pt")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            for name, fn in originals.items():
+                setattr(rd, name, fn)
             state = {k: [p.detach().clone() for p in v] for k, v in groups.items()}
-            torch.save({"params": state, "num_state": len(opt.state)}, f"{out_dir}/{mode}_{rank}.pt")
+            torch.save({"params": state, "num_state": len(opt.state), **calls}, f"{out_dir}/{mode}_{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -323,7 +344,36 @@ def test_two_rank_gloo_equals_one_process_with_averaged_grads(tmp_path):
                 for got, want in zip(result["params"][key], groups[key]):
                     torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-6)
             assert torch.equal(result["params"]["scalar"][-1], initial_never)  # no grad anywhere: untouched
-            if mode == "allreduce":
+            if mode in ("allreduce", "per_tensor"):
                 assert result["num_state"] == num_params - 1  # every rank holds all state
-        if mode != "allreduce":
+        if mode in ("shard", "prereduced"):
             assert owned == num_params - 1  # ZeRO: each param's state lives on exactly one rank
+
+    # bucketed == one collective per tensor, bit for bit; and it takes far fewer collectives per step
+    muon_matrices = len(groups["matrix"])
+    for rank in range(WORLD):
+        bucketed, per_tensor = (torch.load(tmp_path / f"{mode}_{rank}.pt") for mode in ("allreduce", "per_tensor"))
+        for key in groups:
+            assert all(torch.equal(a, b) for a, b in zip(bucketed["params"][key], per_tensor["params"][key]))
+        # per step: the has-grad flags, one gradient bucket, one all-gather of the orthogonalised updates
+        assert bucketed["collectives"] == 3 * STEPS
+        assert per_tensor["collectives"] >= (num_params - 1) * STEPS
+    # Muon's orthogonalisation is divided: each matrix is orthogonalised on exactly one rank, each rank does some
+    ortho = [torch.load(tmp_path / f"allreduce_{rank}.pt")["orthogonalize"] for rank in range(WORLD)]
+    assert sum(ortho) == muon_matrices * STEPS and min(ortho) > 0
+
+
+def test_sharded_state_refuses_another_owner_assignment(monkeypatch):
+    """A sharded rank's state file holds only its own parameters: loading it under another assignment (another world
+    size, or the per-kind balancing that replaced the joint one) would silently reset moments, so it is refused."""
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda *a: 0)
+    groups = mixed_setup()
+    opt = build_optimizer(groups, model_dim=32, distributed=False)
+    opt.shard = True  # as a 2-rank run would set it
+    state = opt.state_dict()
+    assert state["owners"] == opt._owners()
+    opt.load_state_dict(state)  # same assignment: fine
+    for bad in ({**state, "owners": [0] * len(state["owners"])}, {k: v for k, v in state.items() if k != "owners"}):
+        with pytest.raises(ValueError, match="another assignment of parameters to ranks"):
+            opt.load_state_dict(bad)

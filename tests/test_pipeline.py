@@ -37,9 +37,9 @@ SCRIPT_KNOBS = (
 # Micro sizes per stage, shared by both pipelines (appended flags: later ones win over the scripts' own).
 SEQ_LEN = 192
 EVAL_PROBLEMS = 4
-MICRO_BASE = "--device-batch-size 2 --eval-every 0 --eval-tokens 2048 --sample-every -1"
+MICRO_BASE = f"--device-batch-size 2 --total-batch-size {2 * SEQ_LEN} --eval-every 0 --eval-tokens 2048 --sample-every -1"
 MICRO_BASE_EVAL = "--device-batch-size 2 --eval-tokens 2048 --sample-tokens 4"
-MICRO_SFT = (f"--device-batch-size 2 --max-seq-len {SEQ_LEN} --task-size 64 --val-examples 8 --eval-every 0 "
+MICRO_SFT = (f"--device-batch-size 2 --total-batch-rows 4 --max-seq-len {SEQ_LEN} --task-size 64 --val-examples 8 --eval-every 0 "
              "--eval-problems 2 --eval-max-tokens 8")
 MICRO_RL = ("--prompts-per-step 2 --num-samples 2 --max-new-tokens 8 --task-size 16 --eval-every 0 "
             "--eval-problems 2 --eval-pass-k 1 --device-batch-size 4")
@@ -321,7 +321,9 @@ def speedrun(tmp_path_factory):
     env = script_env(
         tmp, REASONING_BASE_DIR=base, SYNTHETIC=1, DATA_ARGS="--num-shards 3 --docs-per-shard 200", VOCAB_SIZE=400,
         DEPTH=1, TORCHRUN="python -m torch.distributed.run --standalone --nproc_per_node=2",
-        BASE_ARGS=f"--max-seq-len {SEQ_LEN} --num-iterations {STEPS['base']} {MICRO_BASE}",
+        # 2 rows on each of the 2 ranks (later flags win over MICRO_BASE's one-rank batch)
+        BASE_ARGS=f"--max-seq-len {SEQ_LEN} --num-iterations {STEPS['base']} {MICRO_BASE} "
+                  f"--total-batch-size {2 * 2 * SEQ_LEN}",
         BASE_EVAL_ARGS=MICRO_BASE_EVAL, SFT_TASKS="synthetic", SFT_ARGS=f"--num-iterations {STEPS['sft']} {MICRO_SFT}",
         RL_TASK="synthetic", RL_ARGS=f"--num-steps {STEPS['rl']} {MICRO_RL}", CHAT_EVAL_TASK="synthetic",
         EVAL_ARGS=f"--max-problems {EVAL_PROBLEMS} {MICRO_EVAL}", MAJ_K=2, **final_eval)

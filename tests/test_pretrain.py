@@ -24,6 +24,8 @@ def tiny_config(corpus, base_dir, **overrides) -> TrainConfig:
                   eval_every=-1, sample_every=-1, log_every=100, data_dir=corpus.data_dir,
                   tokenizer_dir=corpus.tokenizer_dir, base_dir=str(base_dir), device="cpu")
     values.update(overrides)
+    # one micro-batch per step unless a test asks for more (the 2**19-token default is for real runs)
+    values.setdefault("total_batch_size", values["device_batch_size"] * values["max_seq_len"])
     return TrainConfig(**values)
 
 
@@ -115,6 +117,23 @@ def test_exact_resume_is_bitwise(tiny_corpus, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_device_batch_size_does_not_change_the_optimisation(tiny_corpus, tmp_path):
+    """--total-batch-size is tokens per step: 4, 2 or 1 rows per micro-batch give 1, 2 or 4 micro-batches of the
+    same rows, hence the same loss curve (float tolerance: the sums are grouped differently)."""
+    curves = {}
+    for rows in (4, 2, 1):
+        summary = train(tiny_config(tiny_corpus, tmp_path / str(rows), device_batch_size=rows,
+                                    total_batch_size=4 * 32, num_iterations=4, grad_clip=0.3))
+        curves[rows] = [loss for _, loss in summary["losses"]]
+    assert len(curves[4]) == 4
+    for rows in (2, 1):
+        assert curves[rows] == pytest.approx(curves[4], rel=1e-4, abs=1e-5), (rows, curves)
+    # not trivially equal: a smaller total batch (fewer rows per step) trains another curve
+    other = train(tiny_config(tiny_corpus, tmp_path / "half", device_batch_size=2, total_batch_size=2 * 32,
+                              num_iterations=4, grad_clip=0.3))
+    assert max(abs(a - b) for (_, a), b in zip(other["losses"], curves[4])) > 1e-3
+
+
 def test_resume_restores_rng_and_checks_layout(tiny_corpus, tmp_path):
     config = tiny_config(tiny_corpus, tmp_path, num_iterations=4, stop_at_step=2, tag="r")
     train(config)
@@ -149,7 +168,8 @@ def trained_run(tiny_corpus, tmp_path_factory):
     """A depth-2 model trained for 60 steps on the synthetic corpus (shared by the learning and eval tests).
     summary["wall_seconds"]: the whole train() call, set-up and evaluations included."""
     base = tmp_path_factory.mktemp("trained")
-    config = TrainConfig(depth=2, aspect_ratio=32, max_seq_len=64, device_batch_size=8, num_iterations=60,
+    config = TrainConfig(depth=2, aspect_ratio=32, max_seq_len=64, device_batch_size=8, total_batch_size=8 * 64,
+                         num_iterations=60,
                          eval_every=30, eval_tokens=8 * 64 * 8, sample_every=0, sample_tokens=8, log_every=20,
                          save_every=30, tag="learn", data_dir=tiny_corpus.data_dir,
                          tokenizer_dir=tiny_corpus.tokenizer_dir, base_dir=str(base), device="cpu")
@@ -222,6 +242,7 @@ def test_script_exit_code_on_non_finite(tiny_corpus, tmp_path, monkeypatch, caps
 
     _inject_nan_at(monkeypatch, 2, "loss")
     argv = ["--", "--depth", "1", "--aspect-ratio", "32", "--max-seq-len", "32", "--device-batch-size", "2",
+            "--total-batch-size", "64",
             "--num-iterations", "5", "--eval-every", "-1", "--sample-every", "-1", "--data-dir", tiny_corpus.data_dir,
             "--tokenizer-dir", tiny_corpus.tokenizer_dir, "--base-dir", str(tmp_path), "--device", "cpu"]
     with pytest.raises(SystemExit) as exc:
@@ -237,6 +258,7 @@ def test_script_without_eval_reports_what_it_measured(tiny_corpus, tmp_path, cap
     from scripts.base_train import main
 
     argv = ["--depth", "1", "--aspect-ratio", "32", "--max-seq-len", "32", "--device-batch-size", "2",
+            "--total-batch-size", "64",
             "--num-iterations", "3", "--eval-every", "-1", "--sample-every", "-1", "--data-dir", tiny_corpus.data_dir,
             "--tokenizer-dir", tiny_corpus.tokenizer_dir, "--base-dir", str(tmp_path), "--device", "cpu"]
     run_main(lambda: main(argv))
@@ -411,8 +433,12 @@ def test_base_eval_reproduces_final_val_bpb(trained_run, capsys):
     last = out.strip().splitlines()[-1]
     assert last.startswith("RESULT val_bpb=")
     assert float(last.split()[1].split("=")[1]) == pytest.approx(summary["metrics"]["val_bpb"], abs=1e-4)
+    assert " core=na " in f"{last} "  # CORE not measured, and the RESULT line says so
     with open(os.path.join(config.base_dir, "report", "base_eval.json")) as f:
-        assert json.load(f)["metrics"]["val_bpb"] == pytest.approx(summary["metrics"]["val_bpb"], rel=1e-9)
+        section = json.load(f)
+    assert section["metrics"]["val_bpb"] == pytest.approx(summary["metrics"]["val_bpb"], rel=1e-9)
+    assert section["metrics"]["core"] is None  # report.md: "not measured"
+    assert section["tables"]["CORE"][0]["status"] == "skipped" and bundle in section["tables"]["CORE"][0]["reason"]
 
 
 # ------------------------------------------------------------------------------------------------ model flags

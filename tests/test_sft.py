@@ -68,6 +68,7 @@ class ListTask(Task):
 def run_sft(model, tokenizer, base_dir, train, **overrides):
     fields = dict(device_batch_size=4, max_seq_len=128, eval_every=-1, log_every=1000, base_dir=str(base_dir),
                   out_tag="t")
+    fields["total_batch_rows"] = overrides.get("device_batch_size", 4)  # one micro-batch a step unless told
     fields.update(overrides)
     return train_sft(SFTConfig(**fields), model, tokenizer, {"dir": "test", "step": 0}, CPU, tasks=(train, None, None))
 
@@ -113,15 +114,20 @@ def test_accumulation_is_normalised_by_valid_tokens(tokenizer, tmp_path):
         t, c = hand_loss_sum(init.eval(), *tokenizer.render_conversation(e))
         total += t
         count += c
-    weights = []
-    for batch, total_rows in ((4, -1), (1, 4)):
+    weights, curves = [], []
+    for batch in (4, 1, 3):  # 3: micro-batches of 3 and 1 rows
         model = tiny_model(tokenizer.vocab_size, sequence_len=128, noise=0.1)
-        out = run_sft(model, tokenizer, tmp_path / f"b{batch}", train, num_iterations=1, device_batch_size=batch,
-                      total_batch_size=total_rows, keep_last=0)
+        out = run_sft(model, tokenizer, tmp_path / f"b{batch}", train, num_iterations=3, device_batch_size=batch,
+                      total_batch_rows=4, keep_last=0)
         assert out["losses"][0][1] == pytest.approx(total / count, rel=1e-5)
         weights.append(model.state_dict())
-    for name in weights[0]:
-        torch.testing.assert_close(weights[0][name], weights[1][name], atol=2e-5, rtol=1e-4)
+        curves.append([loss for _, loss in out["losses"]])
+    # the device batch size changes only how the step is cut into micro-batches: same loss curve, same weights
+    for curve in curves[1:]:
+        assert curve == pytest.approx(curves[0], rel=1e-5)
+    for other in weights[1:]:
+        for name in weights[0]:
+            torch.testing.assert_close(weights[0][name], other[name], atol=2e-5, rtol=1e-4)
 
 
 def test_rows_cut_before_every_reply_are_a_one_line_error(tokenizer, tmp_path):
@@ -179,7 +185,7 @@ def test_overfits_16_conversations_and_answers_through_the_engine(tokenizer, tmp
 @pytest.mark.parametrize("pack", [False, True])
 def test_resume_is_exact(tokenizer, tmp_path, pack):
     train = SyntheticReasoning("train", size=12, seed=2)
-    settings = dict(num_iterations=6, device_batch_size=2, total_batch_size=4, pack=pack, max_seq_len=96,
+    settings = dict(num_iterations=6, device_batch_size=2, total_batch_rows=4, pack=pack, max_seq_len=96,
                     warmup_ratio=0.2, final_lr_frac=0.1)
     straight = tiny_model(tokenizer.vocab_size, sequence_len=128, noise=0.1)
     reference = run_sft(straight, tokenizer, tmp_path / "a", train, **settings)
@@ -202,7 +208,8 @@ def test_chat_sft_script_end_to_end(tokenizer_dir, tmp_path, monkeypatch, capsys
     monkeypatch.setenv("REASONING_BASE_DIR", str(base))
     save_tiny_checkpoint(str(base), tokenizer_dir, stage="base", tag="tiny", sequence_len=128)
     args = ["--num-iterations", "4", "--eval-every", "2", "--eval-problems", "4", "--eval-max-tokens", "8",
-            "--device-batch-size", "4", "--max-seq-len", "96", "--val-examples", "8", "--task-size", "50"]
+            "--device-batch-size", "4", "--total-batch-rows", "4", "--max-seq-len", "96", "--val-examples", "8",
+            "--task-size", "50"]
     chat_sft.main(args)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("RESULT train_loss=") and "accuracy=" in lines[-1] and "steps=4" in lines[-1]
@@ -219,5 +226,5 @@ def test_chat_sft_script_end_to_end(tokenizer_dir, tmp_path, monkeypatch, capsys
     assert meta["stage"] == "sft" and meta["tokenizer_dir"] == tokenizer_dir
     with pytest.raises(UserError, match="unknown task 'nope'"):
         chat_sft.main(args + ["--task", "nope"])
-    with pytest.raises(UserError, match="--total-batch-size 6"):
-        chat_sft.main(args + ["--total-batch-size", "6"])
+    with pytest.raises(UserError, match="--total-batch-rows 0: expected a positive integer"):
+        chat_sft.main(args + ["--total-batch-rows", "0"])

@@ -7,6 +7,7 @@ optimizer state). Sizes are micro: each launch costs seconds of interpreter and 
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -26,16 +27,28 @@ TRAIN = dict(depth=1, aspect_ratio=32, max_seq_len=32, device_batch_size=2, tota
              eval_every=-1, sample_every=-1, tag="ddp")
 
 
-def torchrun(corpus, base_dir, *extra: str, timeout: int = 240) -> None:
+def base_train_args(corpus, base_dir, *extra: str) -> list[str]:
     flags = []
     for key, value in TRAIN.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "scripts.base_train", "--", *flags, "--data-dir", corpus.data_dir, "--tokenizer-dir",
-           corpus.tokenizer_dir, "--base-dir", str(base_dir), "--device", "cpu", "--shard-optimizer", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return ["-m", "scripts.base_train", "--", *flags, "--data-dir", corpus.data_dir, "--tokenizer-dir",
+            corpus.tokenizer_dir, "--base-dir", str(base_dir), "--device", "cpu", "--shard-optimizer", *extra]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+
+
+def torchrun(corpus, base_dir, *extra: str, timeout: int = 240) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *base_train_args(corpus, base_dir, *extra)]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def logged_losses(base_dir) -> list[tuple[int, float]]:
@@ -77,3 +90,32 @@ def test_two_rank_resume_is_bitwise(two_rank_run, tiny_corpus, tmp_path):
     with open(os.path.join(tmp_path, "report", "base_train.json")) as f:  # rank 0 reported the finished run
         section = json.load(f)
     assert section["metrics"]["params"] > 0 and len(section["series"]["train_loss"]) == STEPS
+
+
+def test_two_nodes_match_one_node_with_the_same_world_size(two_rank_run, tiny_corpus, tmp_path):
+    """`torchrun --nnodes 2`: two launchers ("nodes", one process each) meet at a c10d rendezvous on 127.0.0.1,
+    as two machines would on the first one's address. Same world size, same data layout: the same losses, bit for
+    bit, as the single-node 2-process run; global rank 0 alone wrote the checkpoint and report (shared base dir)."""
+    port = free_port()
+    launchers = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", "two-nodes", *base_train_args(tiny_corpus, tmp_path)]
+        launchers.append(subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+    outputs = []
+    try:
+        for proc in launchers:
+            out, _ = proc.communicate(timeout=300)
+            outputs.append(out)
+    finally:
+        for proc in launchers:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, out in zip(launchers, outputs):
+        assert proc.returncode == 0, f"node failed ({proc.returncode}):\n{out[-3000:]}"
+    assert logged_losses(tmp_path) == logged_losses(two_rank_run)
+    ckpt_dir = ckpt.checkpoint_dir("base", "ddp", str(tmp_path))
+    assert ckpt.find_last_step(ckpt_dir) == STEPS
+    assert os.path.exists(os.path.join(tmp_path, "report", "base_train.json"))
