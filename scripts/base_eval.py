@@ -18,7 +18,7 @@ from reasoning.report import log_stage
 from reasoning.training import add_run_args, parse_script_args, print_result, script_parser
 
 
-def main(argv: list[str] | None = None):
+def build_parser():
     parser = script_parser(__doc__)
     add_model_args(parser, default_stage="base")
     parser.add_argument("--data-dir", default=None, help="parquet shards (default $REASONING_DATA_DIR or "
@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--core-max-per-task", type=int, default=-1,
                         help="evaluate at most this many examples per CORE task (-1: all)")
     add_run_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    parser = build_parser()
     args = parse_script_args(parser, argv)
     for name in ("device_batch_size", "eval_tokens"):
         if getattr(args, name) < 1:

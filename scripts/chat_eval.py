@@ -26,7 +26,7 @@ from tasks.registry import build_task, task_label
 from tasks.synthetic import DIFFICULTY as SYNTHETIC_DIFFICULTY
 
 
-def main(argv: list[str] | None = None):
+def build_parser():
     parser = script_parser(__doc__)
     add_model_args(parser, default_stage="sft")
     parser.add_argument("-a", "--task", default="synthetic",
@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--fresh", action="store_true", help="discard earlier predictions instead of resuming")
     parser.add_argument("--no-report", action="store_true", help="do not write a report section")
     add_run_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    parser = build_parser()
     args = parse_script_args(parser, argv)
     if args.num_samples < 1 or args.batch_size < 1 or args.max_tokens < 1:
         raise UserError("--num-samples, --batch-size and --max-tokens: expected positive integers")
