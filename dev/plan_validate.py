@@ -14,27 +14,16 @@ import argparse
 import statistics
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from reasoning import memplan
 from reasoning.gpt import config_from_depth
 from reasoning.pretrain import TrainConfig
+from reasoning.pretrain import plan_memory as pretrain_plan
 from reasoning.rl import RLConfig
+from reasoning.rl import plan_memory as rl_plan
 from reasoning.sft import SFTConfig
+from reasoning.sft import plan_memory as sft_plan
 from reasoning.training import print_result
-
-
-def measured_peak(fn) -> int:
-    """Peak of live tensor bytes allocated while fn() runs (CPU allocator events of torch.profiler)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() ==
-              torch.autograd.DeviceType.CPU]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 def _stage_cases():
@@ -44,18 +33,18 @@ def _stage_cases():
         mc = config_from_depth(depth, vocab, sequence_len=T)
         cfg = TrainConfig(depth=depth, device_batch_size=B, max_seq_len=T)
         cases.append((f"base_train d{depth} V{vocab} {B}x{T}",
-                      lambda fake, cfg=cfg, mc=mc: memplan.plan_pretrain(cfg, mc, target="cpu", fake=fake)))
+                      lambda fake, cfg=cfg, mc=mc: pretrain_plan(cfg, mc, target="cpu", fake=fake)))
     for depth, vocab, B, T, acc in ((2, 512, 4, 64, 1), (3, 1024, 4, 128, 2), (4, 2048, 2, 256, 1)):
         mc = config_from_depth(depth, vocab, sequence_len=T)
         cfg = SFTConfig(device_batch_size=B, max_seq_len=T, total_batch_size=B * acc, eval_every=-1)
         cases.append((f"chat_sft d{depth} V{vocab} {B}x{T} acc{acc}",
-                      lambda fake, cfg=cfg, mc=mc: memplan.plan_sft(cfg, mc, target="cpu", fake=fake)))
+                      lambda fake, cfg=cfg, mc=mc: sft_plan(cfg, mc, target="cpu", fake=fake)))
     for depth, vocab, P, G, new, rows in ((2, 512, 2, 4, 32, 4), (3, 1024, 4, 4, 64, 8), (4, 2048, 2, 8, 96, 8)):
         mc = config_from_depth(depth, vocab, sequence_len=256)
         cfg = RLConfig(prompts_per_step=P, num_samples=G, max_new_tokens=new, device_batch_size=rows,
                        logprob_chunk_size=64, eval_every=-1)
         cases.append((f"chat_rl d{depth} V{vocab} {P}x{G} new{new} rows{rows}",
-                      lambda fake, cfg=cfg, mc=mc: memplan.plan_rl(cfg, mc, target="cpu", fake=fake,
+                      lambda fake, cfg=cfg, mc=mc: rl_plan(cfg, mc, target="cpu", fake=fake,
                                                                    prompt_tokens=24)))
     for depth, vocab, B, k, new in ((2, 512, 4, 1, 32), (3, 1024, 4, 4, 64), (4, 2048, 8, 2, 96)):
         mc = config_from_depth(depth, vocab, sequence_len=256)
@@ -71,7 +60,7 @@ def validate(names: list[str] | None = None) -> list[dict]:
         if names and not any(name.startswith(n) for n in names):
             continue
         predicted = max(p.total for p in plan(True))
-        measured = measured_peak(lambda: plan(False))
+        measured = memplan.measure_cpu_peak(lambda: plan(False))
         rows.append({"config": name, "predicted": predicted, "measured": measured,
                      "error": predicted / measured - 1})
     return rows

@@ -26,7 +26,6 @@ mask is all-true (so RL plans every position as a completion token: its log-prob
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -217,9 +216,10 @@ class Session:
 
             self._stack.enter_context(FakeTensorMode())
         self.tracker = MemoryTracker(model_config.vocab_size, model_config.n_layer, fake)
-        torch.manual_seed(0)
-        self.model = GPT(model_config)
-        self.model.init_weights()  # real values for the real-tensor validation run (non-finite checks)
+        with torch.random.fork_rng(devices=[]):  # a stage plans at startup: its own RNG stream stays untouched
+            torch.manual_seed(0)
+            self.model = GPT(model_config)
+            self.model.init_weights()  # real values for the real-tensor validation run (non-finite checks)
         if fp8:
             from reasoning.fp8 import convert_to_float8
 
@@ -296,40 +296,13 @@ class Session:
         del logits
         rollout.release()
 
-    def rl_update(self, rl_config, rows: int, width: int):
-        """One rl.optimize_rollout call on `rows` rollout rows of `width` tokens (one optimizer step)."""
-        from reasoning.rl import optimize_rollout
-        from reasoning.rollout import TrainingRows
-
-        data = TrainingRows(torch.zeros((rows, width), dtype=torch.long),
-                            torch.zeros((rows, width), dtype=torch.long),
-                            torch.zeros((rows, width)), torch.ones((rows, width)), [width] * rows)
-        self.model.train()
-        optimize_rollout(self.model, self.optimizer, data, torch.ones(rows), list(range(rows)), rl_config, 0, 1.0,
-                         0, 1, torch.device("cpu"), self.autocast or contextlib.nullcontext)
-
 
 # ------------------------------------------------------------------------------------------- stage plans
 
-def _micro_steps(accumulation: int) -> int:
-    # Two micro-batches show the steady state (the gradients of the first live through the second's forward and
-    # backward); more add nothing to the peak.
+def micro_steps(accumulation: int) -> int:
+    """Micro-batches a plan runs per optimizer step: two show the steady state (the gradients of the first live
+    through the second's forward and backward); more add nothing to the peak."""
     return 2 if accumulation > 1 else 1
-
-
-def plan_pretrain(config, model_config: GPTConfig, world_size: int = 1, target: str = "cuda",
-                  fake: bool = True) -> list[PhasePlan]:
-    """base_train (reasoning.pretrain.TrainConfig) per rank: the training step."""
-    B, T = config.device_batch_size, config.max_seq_len
-    data_ranks = world_size * config.simulate_ranks
-    per_micro = B * T * data_ranks
-    total = per_micro if config.total_batch_size == -1 else config.total_batch_size
-    accumulation = max(1, total // per_micro) * config.simulate_ranks
-    settings = {"device_batch_size": B, "max_seq_len": T, "accumulation": accumulation, "fp8": config.fp8}
-    with Session(model_config, target, fake, fp8=config.fp8) as s:
-        s.build_optimizer(**config.optimizer_args())
-        return [s.phase("base_train", "train", settings,
-                        lambda: s.train_steps([(B, T)] * _micro_steps(accumulation)))]
 
 
 def plan_base_eval(device_batch_size: int, seq_len: int, model_config: GPTConfig, target: str = "cuda",
@@ -338,54 +311,6 @@ def plan_base_eval(device_batch_size: int, seq_len: int, model_config: GPTConfig
     with Session(model_config, target, fake) as s:
         return [s.phase("base_eval", "eval", {"device_batch_size": device_batch_size, "max_seq_len": seq_len},
                         lambda: s.eval_forward(device_batch_size, seq_len))]
-
-
-def plan_sft(config, model_config: GPTConfig, world_size: int = 1, target: str = "cuda", fake: bool = True,
-             prompt_tokens: int = 256) -> list[PhasePlan]:
-    """chat_sft (reasoning.sft.SFTConfig) per rank: the training step (rows padded to max_seq_len, the worst
-    case) and the in-loop generative eval."""
-    B, T = config.device_batch_size, min(config.max_seq_len, model_config.sequence_len)
-    total = B * world_size if config.total_batch_size == -1 else config.total_batch_size
-    accumulation = max(1, math.ceil(total / (B * world_size)))
-    plans = []
-    with Session(model_config, target, fake) as s:
-        s.build_optimizer(**config.optimizer_args(config.lr_scale))
-        plans.append(s.phase("chat_sft", "train", {"device_batch_size": B, "max_seq_len": T,
-                                                   "accumulation": accumulation},
-                             lambda: s.train_steps([(B, T)] * _micro_steps(accumulation))))
-        if config.eval_every >= 0:
-            plans.append(s.phase("chat_sft", "eval", {"rows": config.eval_batch_size,
-                                                      "max_tokens": config.eval_max_tokens},
-                                 lambda: s.generate(config.eval_batch_size, prompt_tokens, 1,
-                                                    config.eval_max_tokens)))
-    return plans
-
-
-def plan_rl(config, model_config: GPTConfig, world_size: int = 1, target: str = "cuda", fake: bool = True,
-            prompt_tokens: int = 256) -> list[PhasePlan]:
-    """chat_rl (reasoning.rl.RLConfig) per rank: rollout (engine), training (chunked log-probs + update) and the
-    held-out eval, each with the optimizer state alive."""
-    prompts = max(1, config.prompts_per_step // world_size)
-    G = config.num_samples
-    width = min(prompt_tokens + config.max_new_tokens - 1, model_config.sequence_len)
-    rows = min(config.device_batch_size, prompts * G)
-    eval_tokens = config.max_new_tokens if config.eval_max_tokens == -1 else config.eval_max_tokens
-    plans = []
-    with Session(model_config, target, fake) as s:
-        s.build_optimizer(**config.optimizer_args(config.lr_scale))
-        # the update first: it creates the optimizer state every later phase lives with
-        train_rl = dataclasses.replace(config, num_minibatches=1, ppo_epochs=1)
-        plans.append(s.phase("chat_rl", "train", {"device_batch_size": rows, "width": width,
-                                                  "logprob_chunk_size": config.logprob_chunk_size},
-                             lambda: [s.rl_update(train_rl, rows * _micro_steps(math.ceil(prompts * G / rows)),
-                                                  width) for _ in range(2)]))
-        plans.insert(0, s.phase("chat_rl", "rollout", {"rows": prompts * G, "prompt_tokens": prompt_tokens,
-                                                       "max_new_tokens": config.max_new_tokens},
-                                lambda: s.generate(prompts, prompt_tokens, G, config.max_new_tokens)))
-        if config.eval_every >= 0:
-            plans.append(s.phase("chat_rl", "eval", {"rows": config.eval_batch_size, "max_tokens": eval_tokens},
-                                 lambda: s.generate(config.eval_batch_size, prompt_tokens, 1, eval_tokens)))
-    return plans
 
 
 def plan_chat_eval(batch_size: int, num_samples: int, max_tokens: int, model_config: GPTConfig,
@@ -398,13 +323,14 @@ def plan_chat_eval(batch_size: int, num_samples: int, max_tokens: int, model_con
 
 # ------------------------------------------------------------------------------------------- choosing and checking
 
-def largest_fitting(plan_of, candidates, gpu_memory_gib: float, headroom: float = DEFAULT_HEADROOM):
-    """The largest candidate value whose plans (plan_of(value) -> [PhasePlan]) all fit; None when none does.
-    Candidates are tried from the largest down (plans grow with the value)."""
-    for value in sorted(candidates, reverse=True):
-        if all(p.fits(gpu_memory_gib, headroom) for p in plan_of(value)):
-            return value
-    return None
+AUTO = -1  # --device-batch-size -1: chosen by the planner on CUDA, the stage's default elsewhere
+ENV_SWITCH = "REASONING_MEMORY_PLAN"  # =0 turns the startup plan off (e.g. a GPU shared with something else)
+
+
+def planning_enabled(device) -> bool:
+    import os
+
+    return torch.device(device).type == "cuda" and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
 def check_fits(plans: list[PhasePlan], gpu_memory_gib: float, flag_hint: str,
@@ -419,9 +345,76 @@ def check_fits(plans: list[PhasePlan], gpu_memory_gib: float, flag_hint: str,
                         f"({headroom:.0%} headroom); lower {flag_hint} (python -m scripts.plan_memory shows the plan)")
 
 
+def summary_line(plans: list[PhasePlan], gpu_memory_gib: float) -> str:
+    return "memory plan: " + ", ".join(f"{p.phase} {p.total / GIB:.1f} GiB" for p in plans) + \
+        f" of {gpu_memory_gib:.0f} GiB per GPU"
+
+
+def resolve_device_batch_size(requested: int, default: int, plan_of, device, flag: str = "--device-batch-size",
+                              allowed=lambda b: True, other_flags: str = "") -> int:
+    """The device batch size a stage runs with; plan_of(b) -> [PhasePlan] plans the stage at batch size b.
+
+    `requested` AUTO: off CUDA the stage's default; on CUDA the largest power of two <= default (and `allowed`)
+    whose plans all fit the GPU with headroom. An explicit value is used as given, and on CUDA it must fit.
+    Either way a configuration that cannot fit is refused with one line naming the flag(s) to change.
+    """
+    from reasoning.common import UserError, print0
+
+    if requested != AUTO and requested < 1:
+        raise UserError(f"{flag} {requested}: expected a positive number of rows or -1 (auto)")
+    if not planning_enabled(device):
+        return default if requested == AUTO else requested
+    gpu = gpu_memory_gib(device)
+    hint = flag + (f" (or {other_flags})" if other_flags else "")
+    if requested != AUTO:
+        plans = plan_of(requested)
+        check_fits(plans, gpu, hint)
+        print0(summary_line(plans, gpu))
+        return requested
+    tried = []
+    candidates = [2 ** i for i in range(int(math.log2(default)) + 1)]
+    for b in sorted((c for c in candidates if allowed(c)), reverse=True):
+        plans = plan_of(b)
+        if all(p.fits(gpu) for p in plans):
+            print0(f"{flag} {b} (auto: the largest that fits; {', '.join(tried) or 'the default'} did not) | "
+                   + summary_line(plans, gpu))
+            return b
+        tried.append(str(b))
+    raise UserError(f"memory plan: even {flag} 1 does not fit {gpu:.0f} GiB per GPU with "
+                    f"{DEFAULT_HEADROOM:.0%} headroom; change {other_flags or 'the model size'} "
+                    "(python -m scripts.plan_memory shows the plan)")
+
+
+def check_stage(plan, device, flag_hint: str) -> None:
+    """On CUDA: plan the stage (plan() -> [PhasePlan]) and refuse, naming flag_hint, what would not fit."""
+    from reasoning.common import print0
+
+    if planning_enabled(device):
+        gpu = gpu_memory_gib(device)
+        plans = plan()
+        check_fits(plans, gpu, flag_hint)
+        print0(summary_line(plans, gpu))
+
+
 def gpu_memory_gib(device) -> float:
     """Total memory of a CUDA device in GiB."""
     return torch.cuda.get_device_properties(device).total_memory / GIB
+
+
+def measure_cpu_peak(fn) -> int:
+    """Peak bytes of tensors allocated while fn() runs on the CPU, from the allocator events torch.profiler records
+    (profile_memory=True): the measurement the planner's CPU predictions are validated against."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
 
 
 def format_table(plans: list[PhasePlan], gpu_memory_gib: float | None = None,

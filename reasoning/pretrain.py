@@ -25,6 +25,7 @@ before the optimizer step (`NonFiniteLossError`); checkpoints already written ar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -44,6 +45,7 @@ from reasoning.training import (DEVICE_HELP, NonFiniteLossError, RunLog, RunProg
                                 save_training_checkpoint)
 
 STAGE = "base"
+DEFAULT_DEVICE_BATCH_SIZE = 32  # rows per micro-batch when --device-batch-size is -1 off CUDA (the tuned recipe)
 EMA_BETA = 0.9  # smoothing of the printed/reported train loss
 DEFAULT_SAMPLE_PROMPTS = (
     "The capital of France is",
@@ -66,7 +68,9 @@ class TrainConfig(TrainerConfig):
     vocab_size: int = field(default=-1, metadata=option(
         "model vocabulary (-1: the tokenizer's); a larger one pads the embedding, e.g. to a multiple of 128"))
     # batch and length of training
-    device_batch_size: int = field(default=32, metadata=option("rows per micro-batch per process"))
+    device_batch_size: int = field(default=-1, metadata=option(
+        "rows per micro-batch per process (-1: 32, or on CUDA the largest power of two up to 32 that the memory "
+        "planner says fits the GPU, reaching the same tokens per step by accumulation)"))
     total_batch_size: int = field(default=-1, metadata=option(
         "tokens per optimizer step, reached by gradient accumulation (-1: one micro-batch per data rank)"))
     num_iterations: int = field(default=-1, metadata=option(
@@ -114,7 +118,7 @@ class TrainConfig(TrainerConfig):
     def validate(self) -> None:
         """Raise UserError naming the first bad setting (these values come from command-line flags)."""
         super().validate()
-        self.require_positive("depth", "aspect_ratio", "max_seq_len", "device_batch_size", "simulate_ranks",
+        self.require_positive("depth", "aspect_ratio", "max_seq_len", "simulate_ranks",
                               "eval_tokens", "fp8_min_dim")
         self.require_non_negative("target_param_data_ratio", "sample_tokens", "muon_momentum_warmup")
         self.require_fraction("warmdown_ratio", "adam_beta1", "adam_beta2", "muon_momentum_start",
@@ -122,6 +126,8 @@ class TrainConfig(TrainerConfig):
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup-ratio {self.warmup_ratio} + --warmdown-ratio {self.warmdown_ratio}: "
                             "expected a sum <= 1")
+        if self.device_batch_size != -1 and self.device_batch_size < 1:
+            raise UserError(f"--device-batch-size {self.device_batch_size}: expected rows > 0 or -1 (auto)")
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
             raise UserError(f"--head-dim {self.head_dim}: expected an even number >= 2")
         if self.total_batch_size != -1 and self.total_batch_size < 1:
@@ -233,6 +239,45 @@ def _non_embedding_params(model) -> int:
     return model.num_params() - embedding
 
 
+def plan_memory(config: TrainConfig, model_config, world_size: int = 1, target: str = "cuda", fake: bool = True):
+    """Per-rank memory plan of the training step (reasoning.memplan): [PhasePlan "train"]."""
+    from reasoning import memplan
+
+    B, T = config.device_batch_size, config.max_seq_len
+    data_ranks = world_size * config.simulate_ranks
+    per_micro = B * T * data_ranks
+    total = per_micro if config.total_batch_size == -1 else config.total_batch_size
+    accumulation = max(1, total // per_micro) * config.simulate_ranks
+    settings = {"device_batch_size": B, "max_seq_len": T, "accumulation": accumulation, "fp8": config.fp8}
+    with memplan.Session(model_config, target, fake, fp8=config.fp8) as s:
+        s.build_optimizer(**config.optimizer_args())
+        return [s.phase("base_train", "train", settings,
+                        lambda: s.train_steps([(B, T)] * memplan.micro_steps(accumulation)))]
+
+
+def resolve_device_batch(config: TrainConfig, model_config, device, world_size: int) -> TrainConfig:
+    """The config with a concrete device batch size (reasoning.memplan: on CUDA the planner checks or chooses it).
+
+    With --device-batch-size -1 and --total-batch-size -1 a step keeps the default's tokens (32 rows × context ×
+    data ranks), by accumulation when the GPU holds fewer rows: the optimisation does not depend on the GPU."""
+    from reasoning import memplan
+
+    data_ranks = world_size * config.simulate_ranks
+    total = config.total_batch_size
+    if config.device_batch_size == memplan.AUTO and total == -1:
+        total = DEFAULT_DEVICE_BATCH_SIZE * config.max_seq_len * data_ranks
+
+    def plan_of(rows: int):
+        return plan_memory(dataclasses.replace(config, device_batch_size=rows, total_batch_size=total), model_config,
+                           world_size)
+
+    rows = memplan.resolve_device_batch_size(
+        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of, device,
+        allowed=lambda b: total == -1 or total % (b * config.max_seq_len * data_ranks) == 0,
+        other_flags="--max-seq-len or --depth")
+    return dataclasses.replace(config, device_batch_size=rows, total_batch_size=total)
+
+
 def train(config: TrainConfig) -> dict:
     """Pretrain (or resume) a GPT per `config`; returns a summary (metrics, series, per-step losses, paths).
 
@@ -269,6 +314,7 @@ def train(config: TrainConfig) -> dict:
         raise UserError(f"--vocab-size {vocab_size}: smaller than the tokenizer's {tokenizer.vocab_size} tokens")
     model_config = config_from_depth(config.depth, vocab_size, sequence_len=config.max_seq_len,
                                      aspect_ratio=config.aspect_ratio, **overrides)
+    config = resolve_device_batch(config, model_config, device, world_size)  # before any weight is allocated
     with torch.device("meta"):
         model = GPT(model_config)
     model.to_empty(device=device)

@@ -27,6 +27,7 @@ position and RNG, and the metric history, so `resume=True` continues bitwise-ide
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -43,6 +44,7 @@ from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunP
 from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "sft"
+DEFAULT_DEVICE_BATCH_SIZE = 8  # rows per micro-batch when --device-batch-size is -1 off CUDA
 
 
 @dataclass
@@ -64,7 +66,9 @@ class SFTConfig(FinetuneConfig):
     # length and batch
     num_epochs: float = field(default=1.0, metadata=option("passes over the mixture when --num-iterations is -1"))
     num_iterations: int = field(default=-1, metadata=option("optimizer steps (-1: from --num-epochs)"))
-    device_batch_size: int = field(default=8, metadata=option("rows per micro-batch per process"))
+    device_batch_size: int = field(default=-1, metadata=option(
+        "rows per micro-batch per process (-1: 8, or on CUDA the largest power of two up to 8 that the memory "
+        "planner says fits the GPU, reaching the same rows per step by accumulation)"))
     total_batch_size: int = field(default=-1, metadata=option(
         "rows per optimizer step, all ranks (-1: device_batch_size x world size)"))
     # evaluation
@@ -79,7 +83,7 @@ class SFTConfig(FinetuneConfig):
     def validate(self) -> None:
         """Raise UserError naming the first bad setting (they come from command-line flags)."""
         super().validate()
-        self.require_positive("max_seq_len", "device_batch_size", "eval_problems", "eval_max_tokens",
+        self.require_positive("max_seq_len", "eval_problems", "eval_max_tokens",
                               "eval_batch_size")
         self.require_non_negative("num_epochs", "val_examples")
         self.require_fraction("synthetic_answer_only")
@@ -89,6 +93,8 @@ class SFTConfig(FinetuneConfig):
             raise UserError("--num-iterations -1 needs --num-epochs > 0")
         if self.total_batch_size != -1 and self.total_batch_size < 1:
             raise UserError(f"--total-batch-size {self.total_batch_size}: expected rows > 0 or -1")
+        if self.device_batch_size != -1 and self.device_batch_size < 1:
+            raise UserError(f"--device-batch-size {self.device_batch_size}: expected rows > 0 or -1 (auto)")
         if self.task_size == 0 or self.task_size < -1:
             raise UserError(f"--task-size {self.task_size}: expected a positive number of examples or -1")
 
@@ -270,6 +276,49 @@ def _downsample(points: list, limit: int = 500) -> list:
     return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
 
 
+def plan_memory(config: SFTConfig, model_config, world_size: int = 1, target: str = "cuda", fake: bool = True,
+                prompt_tokens: int = 256):
+    """Per-rank memory plan (reasoning.memplan): the training step with rows padded to max_seq_len (the worst
+    case) and the in-loop generative eval: [PhasePlan "train", "eval"]."""
+    from reasoning import memplan
+
+    B, T = config.device_batch_size, min(config.max_seq_len, model_config.sequence_len)
+    total = B * world_size if config.total_batch_size == -1 else config.total_batch_size
+    accumulation = max(1, math.ceil(total / (B * world_size)))
+    plans = []
+    with memplan.Session(model_config, target, fake) as s:
+        s.build_optimizer(**config.optimizer_args(config.lr_scale))
+        plans.append(s.phase("chat_sft", "train", {"device_batch_size": B, "max_seq_len": T,
+                                                   "accumulation": accumulation},
+                             lambda: s.train_steps([(B, T)] * memplan.micro_steps(accumulation))))
+        if config.eval_every >= 0:
+            plans.append(s.phase("chat_sft", "eval", {"rows": config.eval_batch_size,
+                                                      "max_tokens": config.eval_max_tokens},
+                                 lambda: s.generate(config.eval_batch_size, prompt_tokens, 1,
+                                                    config.eval_max_tokens)))
+    return plans
+
+
+def resolve_device_batch(config: SFTConfig, model_config, device, world_size: int) -> SFTConfig:
+    """The config with a concrete device batch size (reasoning.memplan: on CUDA the planner checks or chooses it).
+    With -1 and --total-batch-size -1 a step keeps the default's rows (8 per rank) by accumulation."""
+    from reasoning import memplan
+
+    total = config.total_batch_size
+    if config.device_batch_size == memplan.AUTO and total == -1:
+        total = DEFAULT_DEVICE_BATCH_SIZE * world_size
+
+    def plan_of(rows: int):
+        return plan_memory(dataclasses.replace(config, device_batch_size=rows, total_batch_size=total), model_config,
+                           world_size)
+
+    rows = memplan.resolve_device_batch_size(
+        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of, device,
+        allowed=lambda b: total == -1 or total % (b * world_size) == 0,
+        other_flags="--max-seq-len or --eval-batch-size")
+    return dataclasses.replace(config, device_batch_size=rows, total_batch_size=total)
+
+
 def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: int = 0, world_size: int = 1,
               tasks=None) -> dict:
     """Fine-tune `model` (loaded from `source`: {"dir", "step", "tag", "tokenizer_dir"}) per `config`.
@@ -277,6 +326,7 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     `tasks` = (train, val, gen_eval) overrides build_sft_tasks (tests). Returns a summary: metrics, series,
     checkpoint dir, steps. Every rank must call it (collectives inside)."""
     config.validate()
+    config = resolve_device_batch(config, model.config, device, world_size)
     start_time = time.perf_counter()
     base_dir = config.base_dir or get_base_dir()
     autocast = autocast_factory(device, get_compute_dtype(device))

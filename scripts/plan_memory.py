@@ -76,7 +76,7 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
     from reasoning.training import parse_script_args
 
     if stage == "base_train":
-        from reasoning.pretrain import config_from_args
+        from reasoning.pretrain import config_from_args, plan_memory
         from scripts.base_train import build_parser
 
         config = config_from_args(parse_script_args(build_parser(), stage_argv))
@@ -85,7 +85,7 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
         overrides = {} if config.head_dim is None else {"head_dim": config.head_dim}
         model_config = config_from_depth(config.depth, vocab, sequence_len=config.max_seq_len,
                                          aspect_ratio=config.aspect_ratio, **overrides)
-        return memplan.plan_pretrain(config, model_config, nproc, target)
+        return plan_memory(config, model_config, nproc, target)
     module = {"base_eval": "scripts.base_eval", "chat_sft": "scripts.chat_sft", "chat_rl": "scripts.chat_rl",
               "chat_eval": "scripts.chat_eval"}[stage]
     args = parse_script_args(__import__(module, fromlist=["build_parser"]).build_parser(), stage_argv)
@@ -97,16 +97,16 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
         return memplan.plan_chat_eval(args.batch_size, args.num_samples, args.max_tokens, model_config, target,
                                       prompt_tokens=prompt_tokens)
     if stage == "chat_sft":
-        from reasoning.sft import config_from_args
+        from reasoning.sft import config_from_args, plan_memory
 
         config = config_from_args(args)
         config.validate()
-        return memplan.plan_sft(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
-    from reasoning.rl import config_from_args
+        return plan_memory(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
+    from reasoning.rl import config_from_args, plan_memory
 
     config = config_from_args(args)
     config.validate()
-    return memplan.plan_rl(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
+    return plan_memory(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
 
 
 def build_parser():
