@@ -327,10 +327,13 @@ AUTO = -1  # --device-batch-size -1: chosen by the planner on CUDA, the stage's 
 ENV_SWITCH = "REASONING_MEMORY_PLAN"  # =0 turns the startup plan off (e.g. a GPU shared with something else)
 
 
-def planning_enabled(device) -> bool:
+def detected_gpu_memory(device) -> float | None:
+    """GiB of the CUDA device a stage runs on; None (no planning) off CUDA or with REASONING_MEMORY_PLAN=0."""
     import os
 
-    return torch.device(device).type == "cuda" and os.environ.get(ENV_SWITCH, "1") != "0"
+    if torch.device(device).type != "cuda" or os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / GIB
 
 
 def check_fits(plans: list[PhasePlan], gpu_memory_gib: float, flag_hint: str,
@@ -350,21 +353,21 @@ def summary_line(plans: list[PhasePlan], gpu_memory_gib: float) -> str:
         f" of {gpu_memory_gib:.0f} GiB per GPU"
 
 
-def resolve_device_batch_size(requested: int, default: int, plan_of, device, flag: str = "--device-batch-size",
-                              allowed=lambda b: True, other_flags: str = "") -> int:
+def resolve_device_batch_size(requested: int, default: int, plan_of, gpu: float | None,
+                              flag: str = "--device-batch-size", allowed=lambda b: True, other_flags: str = "") -> int:
     """The device batch size a stage runs with; plan_of(b) -> [PhasePlan] plans the stage at batch size b.
 
-    `requested` AUTO: off CUDA the stage's default; on CUDA the largest power of two <= default (and `allowed`)
-    whose plans all fit the GPU with headroom. An explicit value is used as given, and on CUDA it must fit.
-    Either way a configuration that cannot fit is refused with one line naming the flag(s) to change.
+    `gpu`: GiB per device to fit (detected_gpu_memory), None to not plan (off CUDA). `requested` AUTO: without a
+    GPU the stage's default; with one the largest power of two <= default (and `allowed`) whose plans all fit with
+    headroom. An explicit value is used as given, and with a GPU it must fit. A configuration that cannot fit is
+    refused with one line naming the flag(s) to change.
     """
     from reasoning.common import UserError, print0
 
     if requested != AUTO and requested < 1:
         raise UserError(f"{flag} {requested}: expected a positive number of rows or -1 (auto)")
-    if not planning_enabled(device):
+    if gpu is None:
         return default if requested == AUTO else requested
-    gpu = gpu_memory_gib(device)
     hint = flag + (f" (or {other_flags})" if other_flags else "")
     if requested != AUTO:
         plans = plan_of(requested)
@@ -389,16 +392,11 @@ def check_stage(plan, device, flag_hint: str) -> None:
     """On CUDA: plan the stage (plan() -> [PhasePlan]) and refuse, naming flag_hint, what would not fit."""
     from reasoning.common import print0
 
-    if planning_enabled(device):
-        gpu = gpu_memory_gib(device)
+    gpu = detected_gpu_memory(device)
+    if gpu is not None:
         plans = plan()
         check_fits(plans, gpu, flag_hint)
         print0(summary_line(plans, gpu))
-
-
-def gpu_memory_gib(device) -> float:
-    """Total memory of a CUDA device in GiB."""
-    return torch.cuda.get_device_properties(device).total_memory / GIB
 
 
 def measure_cpu_peak(fn) -> int:

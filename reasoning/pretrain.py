@@ -255,7 +255,8 @@ def plan_memory(config: TrainConfig, model_config, world_size: int = 1, target: 
                         lambda: s.train_steps([(B, T)] * memplan.micro_steps(accumulation)))]
 
 
-def resolve_device_batch(config: TrainConfig, model_config, device, world_size: int) -> TrainConfig:
+def resolve_device_batch(config: TrainConfig, model_config, device, world_size: int,
+                         gpu_memory_gib: float | None = None) -> TrainConfig:
     """The config with a concrete device batch size (reasoning.memplan: on CUDA the planner checks or chooses it).
 
     With --device-batch-size -1 and --total-batch-size -1 a step keeps the default's tokens (32 rows × context ×
@@ -272,7 +273,8 @@ def resolve_device_batch(config: TrainConfig, model_config, device, world_size: 
                            world_size)
 
     rows = memplan.resolve_device_batch_size(
-        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of, device,
+        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of,
+        gpu_memory_gib if gpu_memory_gib is not None else memplan.detected_gpu_memory(device),
         allowed=lambda b: total == -1 or total % (b * config.max_seq_len * data_ranks) == 0,
         other_flags="--max-seq-len or --depth")
     return dataclasses.replace(config, device_batch_size=rows, total_batch_size=total)

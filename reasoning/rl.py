@@ -413,7 +413,8 @@ def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str
     return plans
 
 
-def resolve_device_batch(config: RLConfig, model_config, device, world_size: int) -> RLConfig:
+def resolve_device_batch(config: RLConfig, model_config, device, world_size: int,
+                         gpu_memory_gib: float | None = None) -> RLConfig:
     """The config with a concrete device batch size (reasoning.memplan: on CUDA the planner plans the rollout,
     the update and the eval, and checks or chooses the micro-batch)."""
     from reasoning import memplan
@@ -422,7 +423,8 @@ def resolve_device_batch(config: RLConfig, model_config, device, world_size: int
         return plan_memory(dataclasses.replace(config, device_batch_size=rows), model_config, world_size)
 
     rows = memplan.resolve_device_batch_size(
-        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of, device,
+        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of,
+        gpu_memory_gib if gpu_memory_gib is not None else memplan.detected_gpu_memory(device),
         other_flags="--prompts-per-step, --num-samples, --max-new-tokens or --eval-batch-size")
     return dataclasses.replace(config, device_batch_size=rows)
 

@@ -299,7 +299,8 @@ def plan_memory(config: SFTConfig, model_config, world_size: int = 1, target: st
     return plans
 
 
-def resolve_device_batch(config: SFTConfig, model_config, device, world_size: int) -> SFTConfig:
+def resolve_device_batch(config: SFTConfig, model_config, device, world_size: int,
+                         gpu_memory_gib: float | None = None) -> SFTConfig:
     """The config with a concrete device batch size (reasoning.memplan: on CUDA the planner checks or chooses it).
     With -1 and --total-batch-size -1 a step keeps the default's rows (8 per rank) by accumulation."""
     from reasoning import memplan
@@ -313,7 +314,8 @@ def resolve_device_batch(config: SFTConfig, model_config, device, world_size: in
                            world_size)
 
     rows = memplan.resolve_device_batch_size(
-        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of, device,
+        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of,
+        gpu_memory_gib if gpu_memory_gib is not None else memplan.detected_gpu_memory(device),
         allowed=lambda b: total == -1 or total % (b * world_size) == 0,
         other_flags="--max-seq-len or --eval-batch-size")
     return dataclasses.replace(config, device_batch_size=rows, total_batch_size=total)

@@ -71,12 +71,13 @@ def source_config(args) -> GPTConfig:
 
 
 def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int, target: str,
-               prompt_tokens: int) -> list[memplan.PhasePlan]:
-    """Parse `stage_argv` with the stage's own parser and plan it."""
+               prompt_tokens: int, gpu_memory_gib: float) -> list[memplan.PhasePlan]:
+    """Parse `stage_argv` with the stage's own parser and plan it; --device-batch-size -1 (auto) is chosen for a
+    GPU of `gpu_memory_gib` exactly as the stage would choose it on one."""
     from reasoning.training import parse_script_args
 
     if stage == "base_train":
-        from reasoning.pretrain import config_from_args, plan_memory
+        from reasoning.pretrain import config_from_args, plan_memory, resolve_device_batch
         from scripts.base_train import build_parser
 
         config = config_from_args(parse_script_args(build_parser(), stage_argv))
@@ -85,6 +86,7 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
         overrides = {} if config.head_dim is None else {"head_dim": config.head_dim}
         model_config = config_from_depth(config.depth, vocab, sequence_len=config.max_seq_len,
                                          aspect_ratio=config.aspect_ratio, **overrides)
+        config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
         return plan_memory(config, model_config, nproc, target)
     module = {"base_eval": "scripts.base_eval", "chat_sft": "scripts.chat_sft", "chat_rl": "scripts.chat_rl",
               "chat_eval": "scripts.chat_eval"}[stage]
@@ -97,15 +99,17 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
         return memplan.plan_chat_eval(args.batch_size, args.num_samples, args.max_tokens, model_config, target,
                                       prompt_tokens=prompt_tokens)
     if stage == "chat_sft":
-        from reasoning.sft import config_from_args, plan_memory
+        from reasoning.sft import config_from_args, plan_memory, resolve_device_batch
 
         config = config_from_args(args)
         config.validate()
+        config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
         return plan_memory(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
-    from reasoning.rl import config_from_args, plan_memory
+    from reasoning.rl import config_from_args, plan_memory, resolve_device_batch
 
     config = config_from_args(args)
     config.validate()
+    config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
     return plan_memory(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
 
 
@@ -124,6 +128,7 @@ def build_parser():
                        help="cuda: a bf16-autocast GPU run; cpu: the fp32 CPU run")
     group.add_argument("--prompt-tokens", type=int, default=256,
                        help="prompt length the engine phases assume (MATH/GSM8K chat prompts are ~100-300 tokens)")
+    group.add_argument("--brief", action="store_true", help="one line per stage (runs/speedrun.sh --plan)")
     return parser
 
 
@@ -132,14 +137,22 @@ def main(argv: list[str] | None = None):
     args, stage_argv = parser.parse_known_args(argv)
     if args.nproc < 1 or args.prompt_tokens < 1 or args.gpu_memory_gib <= 0 or not 0 <= args.headroom < 1:
         raise UserError("--nproc, --prompt-tokens, --gpu-memory-gib: expected positive values; --headroom in [0, 1)")
-    plans = plan_stage(args.plan_stage, stage_argv, args.model, args.nproc, args.target, args.prompt_tokens)
+    plans = plan_stage(args.plan_stage, stage_argv, args.model, args.nproc, args.target, args.prompt_tokens,
+                       args.gpu_memory_gib)
+    worst = max(plans, key=lambda p: p.total)
+    fitting = sum(p.fits(args.gpu_memory_gib, args.headroom) for p in plans)
+    if args.brief:
+        print(f"[plan] {args.plan_stage}: " + " | ".join(
+            f"{p.phase} {', '.join(f'{k}={v}' for k, v in p.settings.items())} -> {p.total / memplan.GIB:.1f} GiB"
+            for p in plans) + f" | {fitting}/{len(plans)} fit {args.gpu_memory_gib:g} GiB")
+        if fitting < len(plans):
+            raise SystemExit(1)
+        return
     print(f"{args.plan_stage}: per rank of {args.nproc}, target {args.target}, "
           f"{args.gpu_memory_gib:g} GiB with {args.headroom:.0%} headroom")
     for p in plans:
         print(f"  {p.phase}: " + ", ".join(f"{k}={v}" for k, v in p.settings.items()))
     print(memplan.format_table(plans, args.gpu_memory_gib, args.headroom))
-    worst = max(plans, key=lambda p: p.total)
-    fitting = sum(p.fits(args.gpu_memory_gib, args.headroom) for p in plans)
     print_result({"fits": f"{fitting}/{len(plans)}", "worst_phase": f"{worst.stage}/{worst.phase}",
                   "worst_gib": round(worst.total / memplan.GIB, 2)})
     if fitting < len(plans):

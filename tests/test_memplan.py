@@ -95,19 +95,19 @@ def test_refusal_is_one_line_naming_the_flag():
     assert "\n" not in message and "--max-new-tokens" in message and "chat_rl rollout needs 90.0 GiB" in message
 
 
-def test_auto_device_batch_size_is_the_largest_power_of_two_that_fits(monkeypatch):
-    monkeypatch.setattr(memplan, "planning_enabled", lambda device: True)
-    monkeypatch.setattr(memplan, "gpu_memory_gib", lambda device: 10.0)
+def test_auto_device_batch_size_is_the_largest_power_of_two_that_fits():
     plan_of = lambda b: [memplan.PhasePlan("s", "train", {}, dict.fromkeys(memplan.CATEGORIES, 0)
                                            | {"activations": b * memplan.GIB})]
-    assert memplan.resolve_device_batch_size(memplan.AUTO, 32, plan_of, "cuda") == 8  # 8 GiB <= 9 GiB < 16
-    assert memplan.resolve_device_batch_size(memplan.AUTO, 32, plan_of, "cuda", allowed=lambda b: b != 8) == 4
-    assert memplan.resolve_device_batch_size(4, 32, plan_of, "cuda") == 4
-    with pytest.raises(UserError, match="--device-batch-size"):
-        memplan.resolve_device_batch_size(16, 32, plan_of, "cuda")
-    monkeypatch.setattr(memplan, "gpu_memory_gib", lambda device: 0.5)
+    resolve = memplan.resolve_device_batch_size
+    assert resolve(memplan.AUTO, 32, plan_of, 10.0) == 8  # 8 GiB <= 90% of 10 GiB < 16 GiB
+    assert resolve(memplan.AUTO, 32, plan_of, 10.0, allowed=lambda b: b != 8) == 4
+    assert resolve(4, 32, plan_of, 10.0) == 4
+    with pytest.raises(UserError, match="lower --device-batch-size"):
+        resolve(16, 32, plan_of, 10.0)
     with pytest.raises(UserError, match="even --device-batch-size 1 does not fit"):
-        memplan.resolve_device_batch_size(memplan.AUTO, 32, plan_of, "cuda")
+        resolve(memplan.AUTO, 32, plan_of, 0.5)
+    assert resolve(memplan.AUTO, 32, plan_of, None) == 32 and resolve(64, 32, plan_of, None) == 64  # no GPU
+    assert memplan.detected_gpu_memory(torch.device("cpu")) is None
 
 
 def test_cpu_stages_keep_their_defaults():
