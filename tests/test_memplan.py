@@ -131,3 +131,32 @@ def test_plan_memory_cli_and_qwen_presets(capsys):
         main(["chat_eval", "--model", "d2", "--gpu-memory-gib", "0.001", "--max-tokens", "16", "--batch-size", "2"])
     with pytest.raises(UserError, match="--model d0x"):
         main(["chat_eval", "--model", "d0x"])
+
+
+def test_attention_calls_are_counted_inside_the_model_forward():
+    from reasoning.flash_attention import CALLS
+
+    with torch.device("meta"):
+        model = GPT(TINY)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    before = dict(CALLS)
+    model(torch.zeros((1, 8), dtype=torch.long))
+    assert CALLS["sdpa"] - before["sdpa"] == TINY.n_layer and CALLS["fa3"] == before["fa3"]  # CPU: SDPA per layer
+
+
+def test_gpu_check_reads_the_stage_outputs():
+    from dev.gpu_check import check_row, parse_plan, parse_result, stage_commands
+
+    output = ("memory plan: rollout 3.2 GiB, train 61.5 GiB, eval 4.0 GiB of 80 GiB per GPU\n"
+              "RESULT accuracy=0.5 max_mem_gib=55.0000 attn_fa3=240 attn_sdpa=0\n")
+    assert parse_plan(output) == 61.5 and parse_plan("no plan") is None
+    result = parse_result(output)
+    assert result["attn_fa3"] == "240" and parse_result("") == {}
+    row = check_row("chat_sft", result, 61.5, cuda=True, hopper=True)
+    assert row["ok"] and abs(row["ratio"] - 55 / 61.5) < 1e-9
+    assert not check_row("chat_sft", result | {"max_mem_gib": "70"}, 61.5, True, True)["ok"]  # over the plan
+    assert not check_row("chat_sft", result | {"attn_sdpa": "3"}, 61.5, True, True)["ok"]  # SDPA inside the model
+    assert check_row("chat_sft", {"steps": "2"}, None, cuda=False, hopper=False)["ok"]  # CPU dry run: it ran
+    assert [stage for stage, _ in stage_commands(micro=False)] == ["base_train", "chat_sft", "chat_rl", "chat_eval"]
+    assert "--depth 20 --max-seq-len 2048" in stage_commands(micro=False)[0][1]
