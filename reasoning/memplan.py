@@ -206,7 +206,8 @@ def autocast_for(target: str):
 class Session:
     """A model (fake or real) + tracker; phases run one after the other and each gets its own peak."""
 
-    def __init__(self, model_config: GPTConfig, target: str = "cuda", fake: bool = True, fp8: bool = False):
+    def __init__(self, model_config: GPTConfig, target: str = "cuda", fake: bool = True,
+                 fp8_min_dim: int | None = None):
         if target not in TARGETS:
             raise ValueError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
         self.target, self.fake, self.config = target, fake, model_config
@@ -220,10 +221,10 @@ class Session:
             torch.manual_seed(0)
             self.model = GPT(model_config)
             self.model.init_weights()  # real values for the real-tensor validation run (non-finite checks)
-        if fp8:
+        if fp8_min_dim is not None:  # the stage's --fp8: its hidden linears as Float8Linear
             from reasoning.fp8 import convert_to_float8
 
-            convert_to_float8(self.model)
+            convert_to_float8(self.model, min_dim=fp8_min_dim)
         self.optimizer = None
         self._stack.enter_context(self.tracker)
         self.tracker.track_model(self.model)
@@ -236,6 +237,15 @@ class Session:
 
     def __exit__(self, *exc):
         self.close()
+
+    def add_frozen_copy(self) -> GPT:
+        """A second copy of the weights without gradients (RL's reference model for the KL penalty)."""
+        with torch.random.fork_rng(devices=[]):
+            copy = GPT(self.config)
+        for p in copy.parameters():
+            p.requires_grad_(False)
+            self.tracker.register(p, "params")
+        return copy
 
     @property
     def autocast(self):

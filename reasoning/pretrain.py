@@ -249,7 +249,7 @@ def plan_memory(config: TrainConfig, model_config, world_size: int = 1, target: 
     total = per_micro if config.total_batch_size == -1 else config.total_batch_size
     accumulation = max(1, total // per_micro) * config.simulate_ranks
     settings = {"device_batch_size": B, "max_seq_len": T, "accumulation": accumulation, "fp8": config.fp8}
-    with memplan.Session(model_config, target, fake, fp8=config.fp8) as s:
+    with memplan.Session(model_config, target, fake, config.fp8_min_dim if config.fp8 else None) as s:
         s.build_optimizer(**config.optimizer_args())
         return [s.phase("base_train", "train", settings,
                         lambda: s.train_steps([(B, T)] * memplan.micro_steps(accumulation)))]

@@ -396,10 +396,12 @@ def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str
                             torch.ones((rows_per_step, width)), [width] * rows_per_step)
         s.model.train()
         optimize_rollout(s.model, s.optimizer, data, torch.ones(rows_per_step), list(range(rows_per_step)),
-                         one_update, 0, 1.0, 0, 1, torch.device("cpu"), s.autocast or contextlib.nullcontext)
+                         one_update, 0, 1.0, 0, 1, torch.device("cpu"), s.autocast or contextlib.nullcontext,
+                         reference)
 
     with memplan.Session(model_config, target, fake) as s:
         s.build_optimizer(**config.optimizer_args(config.lr_scale))
+        reference = s.add_frozen_copy() if config.kl_coef > 0 else None  # the KL penalty's frozen model
         # the update first: it creates the optimizer state that every phase lives with from the second step on
         train = s.phase("chat_rl", "train", {"device_batch_size": rows, "width": width,
                                              "logprob_chunk_size": config.logprob_chunk_size},
