@@ -9,8 +9,9 @@ default: base_train needs two ranks to exercise the collectives; NPROC=1 on a si
      launched with torchrun exactly as runs/speedrun.sh launches it;
   3. from each stage's output: the memory plan it printed at startup (reasoning.memplan, the largest phase) against
      its `max_mem_gib` (torch.cuda.max_memory_allocated of rank 0, in its RESULT line), the FA3 and SDPA call counts
-     of the model's own attention (reasoning.flash_attention.CALLS: FA3 must have been taken inside the real
-     forward on Hopper), and base_train's tok/s and MFU;
+     of the model's own attention (reasoning.flash_attention.CALLS, eager forwards: a compiled forward is not
+     counted, so base_train also samples at the end; FA3 must have been taken, and SDPA never, on Hopper), and
+     base_train's tok/s and MFU;
   4. FA3 vs SDPA numerical parity on the same bf16 inputs (a direct call: parity only, not proof of use) and,
      with --engine, dev/bench_engine.py --device cuda.
 
@@ -65,7 +66,9 @@ def stage_commands(micro: bool) -> list[tuple[str, str]]:
         shape = "--depth 20 --max-seq-len 2048 --vocab-size 32768"
         sft_len, rl, evals = "--max-seq-len 2048", "--max-new-tokens 256 --prompts-per-step 16", "--max-tokens 256"
     return [
-        ("base_train", f"{shape} --tag gpucheck --num-iterations 12 --eval-every -1 --sample-every -1 --log-every 1"),
+        # --sample-every 0: greedy samples at the end, an eager forward (counted) even when training is compiled
+        ("base_train", f"{shape} --tag gpucheck --num-iterations 12 --eval-every -1 --sample-every 0 "
+                       "--sample-tokens 8 --log-every 1"),
         ("chat_sft", f"--stage base --tag gpucheck --task synthetic --pack {sft_len} --num-iterations 6 "
                      "--val-examples 16 --eval-every -1"),
         ("chat_rl", f"--stage sft --tag gpucheck --task synthetic {rl} --num-samples 8 --num-steps 3 "

@@ -28,6 +28,10 @@ README_QWEN = (
     (8, "chat_eval", "-a MATH-500 --max-tokens 4096 --num-samples 8 --temperature 0.6"),
     (8, "chat_rl", "--task GSM8K --prompts-per-step 64 --num-samples 8 --max-new-tokens 2048 --loss-type dapo "
                    "--clip-high 0.28 --filter-zero-variance --lr-scale 0.1 --eval-task MATH-500 --eval-max-tokens 4096"),
+    # the same with the micro-batch of 32 rows that was chat_rl's fixed default before the planner chose it
+    (8, "chat_rl", "--task GSM8K --prompts-per-step 64 --num-samples 8 --max-new-tokens 2048 --loss-type dapo "
+                   "--clip-high 0.28 --filter-zero-variance --lr-scale 0.1 --eval-task MATH-500 --eval-max-tokens 4096 "
+                   "--device-batch-size 32"),
     (1, "chat_eval", "--stage rl -a MATH-500 --max-tokens 4096"),
 )
 
@@ -40,10 +44,16 @@ def speedrun_commands(depth: int, nproc: int) -> list[tuple[str, str]]:
     return [m.groups() for line in out.splitlines() if (m := STAGE_COMMAND.search(line))]
 
 
-def plan_rows(jobs, gpu_gib: float, prompt_tokens: int) -> list[dict]:
+def plan_rows(jobs, gpu_gib: float, prompt_tokens: int, earlier: list[dict] | None = None) -> list[dict]:
+    """Plan every job for a GPU of gpu_gib; a job whose plan does not depend on the GPU size (no automatic device
+    batch size) reuses its plan from `earlier` (the same jobs planned for another size)."""
     rows = []
-    for label, nproc, model, stage, flags in jobs:
-        plans = plan_stage(stage, flags.split(), model, nproc, "cuda", prompt_tokens, gpu_gib)
+    for i, (label, nproc, model, stage, flags) in enumerate(jobs):
+        auto = stage in ("base_train", "chat_sft", "chat_rl") and "--device-batch-size" not in flags
+        if earlier is not None and not auto:
+            plans = earlier[i]["plans"]
+        else:
+            plans = plan_stage(stage, flags.split(), model, nproc, "cuda", prompt_tokens, gpu_gib)
         worst = max(plans, key=lambda p: p.total)
         rows.append({"label": label, "stage": stage, "plans": plans, "worst": worst,
                      "fits": all(p.fits(gpu_gib) for p in plans)})
@@ -81,7 +91,7 @@ def main(argv=None):
         gpus = args.gpu_memory_gib or [80.0]
     results = {}
     for gpu in gpus:
-        rows = plan_rows(jobs, gpu, args.prompt_tokens)
+        rows = plan_rows(jobs, gpu, args.prompt_tokens, results[gpus[0]] if results else None)
         print_rows(rows, gpu)
         results[gpu] = rows
     rows = results[gpus[0]]

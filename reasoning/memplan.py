@@ -389,8 +389,8 @@ def resolve_device_batch_size(requested: int, default: int, plan_of, gpu: float 
     for b in sorted((c for c in candidates if allowed(c)), reverse=True):
         plans = plan_of(b)
         if all(p.fits(gpu) for p in plans):
-            print0(f"{flag} {b} (auto: the largest that fits; {', '.join(tried) or 'the default'} did not) | "
-                   + summary_line(plans, gpu))
+            why = f"the largest that fits; {', '.join(tried)} did not" if tried else "the default fits"
+            print0(f"{flag} {b} (auto: {why}) | " + summary_line(plans, gpu))
             return b
         tried.append(str(b))
     raise UserError(f"memory plan: even {flag} 1 does not fit {gpu:.0f} GiB per GPU with "

@@ -86,7 +86,8 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
         overrides = {} if config.head_dim is None else {"head_dim": config.head_dim}
         model_config = config_from_depth(config.depth, vocab, sequence_len=config.max_seq_len,
                                          aspect_ratio=config.aspect_ratio, **overrides)
-        config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
+        if config.device_batch_size == -1:  # auto: what the stage would choose on this GPU (explicit: as given)
+            config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
         return plan_memory(config, model_config, nproc, target)
     module = {"base_eval": "scripts.base_eval", "chat_sft": "scripts.chat_sft", "chat_rl": "scripts.chat_rl",
               "chat_eval": "scripts.chat_eval"}[stage]
@@ -103,13 +104,15 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
 
         config = config_from_args(args)
         config.validate()
-        config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
+        if config.device_batch_size == -1:  # auto: what the stage would choose on this GPU (explicit: as given)
+            config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
         return plan_memory(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
     from reasoning.rl import config_from_args, plan_memory, resolve_device_batch
 
     config = config_from_args(args)
     config.validate()
-    config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
+    if config.device_batch_size == -1:  # auto: what the stage would choose on this GPU (explicit: as given)
+        config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
     return plan_memory(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
 
 

@@ -160,3 +160,17 @@ def test_gpu_check_reads_the_stage_outputs():
     assert check_row("chat_sft", {"steps": "2"}, None, cuda=False, hopper=False)["ok"]  # CPU dry run: it ran
     assert [stage for stage, _ in stage_commands(micro=False)] == ["base_train", "chat_sft", "chat_rl", "chat_eval"]
     assert "--depth 20 --max-seq-len 2048" in stage_commands(micro=False)[0][1]
+
+
+def test_attention_counter_never_makes_a_compiled_forward_recompile():
+    import torch._dynamo
+
+    from reasoning.flash_attention import CALLS, attention
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: attention(q, q, q), backend="eager", fullgraph=True)
+    before = dict(CALLS)
+    for _ in range(3):
+        compiled(torch.randn(1, 4, 2, 8))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert CALLS == before  # compiled calls are not counted (eager forwards are)
