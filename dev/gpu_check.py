@@ -2,8 +2,9 @@
 CPU-only tools predicted. Run through dev/gpu_check.sh; under 8 minutes on one 8×H100/H200 node (NPROC=2 by
 default: base_train needs two ranks to exercise the collectives; NPROC=1 on a single GPU).
 
-  1. data: the offline synthetic corpus and a tokenizer trained on it (the model's vocabulary padded to 32768, so the
-     lm_head costs what it costs in the speedrun);
+  1. data: the offline synthetic corpus and a 4096-token tokenizer trained on it (the model keeps that vocabulary:
+     a model padded past its tokenizer samples ids the tokenizer cannot decode, and RL/eval then stop with a
+     KeyError — seen in the dry run; so the lm_head is 8x smaller than the speedrun's 32768);
   2. `base_train` at the real depth-20 shape (2048 tokens per row, auto device batch size) for a few steps, then
      `chat_sft` (packed 2048-token rows), `chat_rl` and `chat_eval` (synthetic task) for a few steps each, every one
      launched with torchrun exactly as runs/speedrun.sh launches it;
@@ -58,12 +59,13 @@ def parse_plan(output: str) -> float | None:
 
 
 def stage_commands(micro: bool) -> list[tuple[str, str]]:
-    """(stage module, flags) in pipeline order; the model has the real depth-20 shape unless micro."""
+    """(stage module, flags) in pipeline order; the model has the speedrun's depth-20 shape (width, heads, 2048-token
+    rows) unless micro."""
     if micro:
-        shape = "--depth 2 --max-seq-len 128 --vocab-size 512 --device-batch-size 4"
+        shape = "--depth 2 --max-seq-len 128 --device-batch-size 4"
         sft_len, rl, evals = "--max-seq-len 128", "--max-new-tokens 16 --prompts-per-step 4", "--max-tokens 16"
     else:
-        shape = "--depth 20 --max-seq-len 2048 --vocab-size 32768"
+        shape = "--depth 20 --max-seq-len 2048"
         sft_len, rl, evals = "--max-seq-len 2048", "--max-new-tokens 256 --prompts-per-step 16", "--max-tokens 256"
     return [
         # --sample-every 0: greedy samples at the end, an eager forward (counted) even when training is compiled
