@@ -93,7 +93,8 @@ def check_row(stage: str, result: dict, planned: float | None, cuda: bool, hoppe
 
 
 def _fmt(value, spec: str) -> str:
-    return "na" if value is None else format(value, spec)
+    width = "".join(c for c in spec.split(".")[0] if c.isdigit())  # keep a column's width for "na"
+    return format("na", f">{width}") if value is None else format(value, spec)
 
 
 def run_stage(launcher: list[str], stage: str, flags: str, env: dict, log_dir: str) -> tuple[str, float]:
