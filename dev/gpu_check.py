@@ -1,69 +1,127 @@
-"""GPU check: attention-kernel parity, fp8-vs-bf16 training parity, pretraining tok/s and MFU, engine benchmark.
+"""GPU check for the first GPU: the real stages for a few steps each under torchrun (NCCL), checked against what the
+CPU-only tools predicted. Run through dev/gpu_check.sh; under 8 minutes on one 8×H100/H200 node (NPROC=2 by
+default: base_train needs two ranks to exercise the collectives; NPROC=1 on a single GPU).
 
-Run on a CUDA machine (through dev/gpu_check.sh) after any change to the GPU path; prints one table:
+  1. data: the offline synthetic corpus and a 4096-token tokenizer trained on it (the model keeps that vocabulary:
+     a model padded past its tokenizer samples ids the tokenizer cannot decode, and RL/eval then stop with a
+     KeyError — seen in the dry run; so the lm_head is 8x smaller than the speedrun's 32768);
+  2. `base_train` at the real depth-20 shape (2048 tokens per row, auto device batch size) for a few steps, then
+     `chat_sft` (packed 2048-token rows), `chat_rl` and `chat_eval` (synthetic task) for a few steps each, every one
+     launched with torchrun exactly as runs/speedrun.sh launches it;
+  3. from each stage's output: the memory plan it printed at startup (reasoning.memplan, the largest phase) against
+     its `max_mem_gib` (torch.cuda.max_memory_allocated of rank 0, in its RESULT line), the FA3 and SDPA call counts
+     of the model's own attention (reasoning.flash_attention.CALLS, eager forwards: a compiled forward is not
+     counted, so base_train also samples at the end; FA3 must have been taken, and SDPA never, on Hopper), and
+     base_train's tok/s and MFU;
+  4. FA3 vs SDPA numerical parity on the same bf16 inputs (a direct call: parity only, not proof of use) and,
+     with --engine, dev/bench_engine.py --device cuda.
 
-  1. FA3 vs SDPA: `flash_attention.attention` forward and q-gradient with each backend on the same bf16 inputs,
-     causal and sliding-window; max abs difference (FA3 needs the kernel hub: offline it reports "unavailable").
-  2. fp8 vs bf16: the same depth-12 pretraining run (reasoning.pretrain.train, compiled) with and without fp8;
-     mean loss of the last steps, relative difference.
-  3. Throughput: tok/s and MFU (bf16 peak, reasoning.mfu) of depth 12 and 20, bf16 and fp8, compiled, median-free
-     steady-state mean over the steps after compilation (what `train` reports).
-  4. `dev/bench_engine.py --device cuda` (on CPU in a dry run: --device cpu) in a subprocess, in the compute
-     dtype reasoning.common picks (bf16 on sm80+); the command is printed, the table shows its RESULT line.
-
-Data: the offline synthetic corpus and a tokenizer trained on it, written to a temp dir (or --data-dir and
---tokenizer-dir); the model vocabulary is padded to --vocab-size (default 65536) so lm_head costs what it costs in
-a real run. `--dry-run` runs every part at micro scale on whatever device there is (CPU: no compile, fp8 through
-the CPU `_scaled_mm`, no FA3), to check the script itself.
-
-    bash dev/gpu_check.sh                 # full check on a GPU (~10 min on one H100)
-    python -m dev.gpu_check --dry-run     # seconds-to-minutes on CPU
-Last line: RESULT fa3_max_diff=... fp8_loss_rel_diff=... d12_tok_s=... d12_mfu=... d20_tok_s=... d20_mfu=...
+    bash dev/gpu_check.sh                  # on a CUDA machine
+    NPROC=1 bash dev/gpu_check.sh          # one GPU
+    python -m dev.gpu_check --dry-run      # micro sizes on CPU with gloo ranks: checks the script itself
+Last line: RESULT stages_ok=<n>/<m> fa3_in_model=<yes|no|na> base_tok_s=... base_mfu=... mem_ratio_max=...
+(mem_ratio = measured peak / planned peak; the plan is an upper bound for RL, whose log-prob pass plans every
+position as a completion token.)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLAN_LINE = re.compile(r"memory plan: (.*) of ([\d.]+) GiB per GPU")
+PHASE = re.compile(r"(\w+) ([\d.]+) GiB")
 
 
-def prepare_data(workdir: str, data_dir: str | None, tokenizer_dir: str | None, num_shards: int) -> tuple[str, str]:
-    """(data_dir, tokenizer_dir): the given ones, or the synthetic corpus and a tokenizer trained on it."""
-    from reasoning.dataset import iter_documents
-    from reasoning.tokenizer import train_tokenizer
-    from tasks.synthetic import write_synthetic_corpus
-
-    if data_dir is None:
-        data_dir = os.path.join(workdir, "data")
-        write_synthetic_corpus(data_dir, num_shards=num_shards, docs_per_shard=2000, seed=0)
-    if tokenizer_dir is None:
-        tokenizer_dir = os.path.join(workdir, "tokenizer")
-        train_tokenizer(iter_documents(data_dir, split="train"), 4096).save(tokenizer_dir)
-    return data_dir, tokenizer_dir
+def parse_result(output: str) -> dict:
+    """key=value pairs of the last RESULT line of a stage's output ({} if none)."""
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        return {}
+    return dict(item.split("=", 1) for item in lines[-1][len("RESULT "):].split() if "=" in item)
 
 
-def attention_parity(seq_len: int) -> dict:
-    """Max |FA3 - SDPA| over outputs and q-gradients, causal and windowed; None when FA3 cannot run here."""
+def parse_plan(output: str) -> float | None:
+    """GiB of the largest phase in the last 'memory plan:' line a stage printed at startup (None: no plan ran)."""
+    lines = PLAN_LINE.findall(output)
+    if not lines:
+        return None
+    return max(float(gib) for _, gib in PHASE.findall(lines[-1][0]))
+
+
+def stage_commands(micro: bool) -> list[tuple[str, str]]:
+    """(stage module, flags) in pipeline order; the model has the speedrun's depth-20 shape (width, heads, 2048-token
+    rows) unless micro."""
+    if micro:
+        shape = "--depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 1024"
+        sft_len, rl, evals = "--max-seq-len 128", "--max-new-tokens 16 --prompts-per-step 4", "--max-tokens 16"
+    else:
+        shape = "--depth 20 --max-seq-len 2048"
+        sft_len, rl, evals = "--max-seq-len 2048", "--max-new-tokens 256 --prompts-per-step 16", "--max-tokens 256"
+    return [
+        # --sample-every 0: greedy samples at the end, an eager forward (counted) even when training is compiled
+        ("base_train", f"{shape} --tag gpucheck --num-iterations 12 --eval-every -1 --sample-every 0 "
+                       "--sample-tokens 8 --log-every 1"),
+        ("chat_sft", f"--stage base --tag gpucheck --task synthetic --pack {sft_len} --num-iterations 6 "
+                     "--val-examples 16 --eval-every -1"),
+        ("chat_rl", f"--stage sft --tag gpucheck --task synthetic {rl} --num-samples 8 --num-steps 3 "
+                    "--eval-every -1"),
+        ("chat_eval", f"--stage rl --tag gpucheck -a synthetic --max-problems 64 --batch-size 32 {evals}"),
+    ]
+
+
+def check_row(stage: str, result: dict, planned: float | None, cuda: bool, hopper: bool) -> dict:
+    """One stage's verdict: it ran (a RESULT line), memory measured vs planned (CUDA), FA3 inside the model (Hopper)."""
+    measured = float(result["max_mem_gib"]) if "max_mem_gib" in result else None
+    ratio = measured / planned if measured is not None and planned else None
+    # the plan models eager bf16 autocast with no allocator slack: a compiled run should land below it, an eager one
+    # near it; more than 10% above means the plan misses something (RL's plan is an upper bound: no lower limit)
+    memory_ok = not cuda or (ratio is not None and ratio <= 1.10 and (stage == "chat_rl" or ratio >= 0.3))
+    fa3, sdpa = int(result.get("attn_fa3", 0)), int(result.get("attn_sdpa", 0))
+    attention_ok = fa3 > 0 and sdpa == 0 if hopper else True
+    return {"stage": stage, "planned": planned, "measured": measured, "ratio": ratio, "fa3": fa3, "sdpa": sdpa,
+            "ok": bool(result) and memory_ok and attention_ok, "result": result}
+
+
+def _fmt(value, spec: str) -> str:
+    width = "".join(c for c in spec.split(".")[0] if c.isdigit())  # keep a column's width for "na"
+    return format("na", f">{width}") if value is None else format(value, spec)
+
+
+def run_stage(launcher: list[str], stage: str, flags: str, env: dict, log_dir: str) -> tuple[str, float]:
+    cmd = [*launcher, "-m", f"scripts.{stage}", "--", *shlex.split(flags)]
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - start
+    output = proc.stdout + proc.stderr
+    with open(os.path.join(log_dir, f"{stage}.log"), "w") as f:
+        f.write(output)
+    if proc.returncode != 0:
+        print(f"  {stage} failed (exit {proc.returncode}): " + " | ".join(output.strip().splitlines()[-3:]))
+    return output, seconds
+
+
+def attention_parity(seq_len: int) -> tuple[str, float | None]:
+    """Max |FA3 - SDPA| over outputs and q-gradients on the same bf16 inputs (a direct call: parity only)."""
     from reasoning import flash_attention as fa
 
     if not torch.cuda.is_available():
-        return {"status": "skipped (no CUDA)", "max_diff": None}
+        return "skipped (no CUDA)", None
     if fa.resolve_backend("cuda", torch.bfloat16) != "fa3":
-        return {"status": f"unavailable ({fa._fa3_error})", "max_diff": None}
+        return f"unavailable ({fa._fa3_error})", None
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shape_q, shape_kv = (2, seq_len, 8, 128), (2, seq_len, 2, 128)  # GQA: 8 query heads on 2 kv heads
-    q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, generator=gen)
-    grad_out = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn((2, seq_len, 8, 128), device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn((2, seq_len, 2, 128), device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
     worst = 0.0
     try:
         for window in (None, seq_len // 4):
@@ -72,128 +130,75 @@ def attention_parity(seq_len: int) -> dict:
                 fa.set_backend(backend)
                 q_leaf = q.clone().requires_grad_(True)
                 out = fa.attention(q_leaf, k, v, causal=True, window=window)
-                out.backward(grad_out)
+                out.float().square().sum().backward()
                 results.append((out.float(), q_leaf.grad.float()))
             (out_a, grad_a), (out_b, grad_b) = results
             worst = max(worst, (out_a - out_b).abs().max().item(), (grad_a - grad_b).abs().max().item())
     finally:
         fa.set_backend("auto")
-    # bf16 outputs of O(1) values: a few ulps (1/128 each) of disagreement is expected, not more
-    return {"status": "ok" if worst < 5e-2 else "MISMATCH", "max_diff": worst}
+    return ("ok" if worst < 5e-2 else "MISMATCH"), worst
 
 
-def pretrain_run(depth: int, fp8: bool, steps: int, args, data_dir: str, tokenizer_dir: str, workdir: str) -> dict:
-    from reasoning.pretrain import TrainConfig, train
-
-    cuda = torch.cuda.is_available()
-    config = TrainConfig(depth=depth, max_seq_len=args.seq_len, device_batch_size=args.device_batch_size,
-                         num_iterations=steps, vocab_size=args.vocab_size, compile=cuda and not args.no_compile,
-                         fp8=fp8, fp8_min_dim=16 if args.dry_run else 128, eval_every=-1, sample_every=-1,
-                         save_every=-1, log_every=max(1, steps // 5), data_dir=data_dir, tokenizer_dir=tokenizer_dir,
-                         base_dir=workdir, tag=f"gpu_check_d{depth}_{'fp8' if fp8 else 'bf16'}",
-                         warmdown_ratio=0.0)  # constant lr: the compared losses are not at a schedule's tail
-    summary = train(config)
-    tail = [loss for _, loss in summary["losses"][-max(1, steps // 10):]]
-    m = summary["metrics"]
-    if cuda:
-        torch.cuda.empty_cache()
-    return {"depth": depth, "fp8": fp8, "fp8_layers": summary["fp8_layers"], "tok_per_s": m["tok_per_s"],
-            "mfu": m["mfu"], "loss": sum(tail) / len(tail)}
-
-
-def engine_benchmark(dry_run: bool, device: str) -> str:
-    cmd = [sys.executable, "-m", "dev.bench_engine", "--device", device]
-    cmd += ["--prompts", "4", "--new-tokens", "8", "--rounds", "1", "--sequential-prompts", "2",
-            "--skip", "retirement"] if dry_run else ["--rounds", "3"]
-    print(f"engine benchmark: {shlex.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
-    if proc.returncode != 0 or not lines:
-        return f"failed (exit {proc.returncode}): {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
-    return lines[-1][len("RESULT "):]
-
-
-def _fmt(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="micro sizes on any device, to test the script")
-    parser.add_argument("--depths", type=int, nargs="+", default=None, help="throughput depths (default 12 20)")
-    parser.add_argument("--parity-depth", type=int, default=None, help="fp8-vs-bf16 depth (default 12)")
-    parser.add_argument("--parity-steps", type=int, default=None, help="steps of the parity runs (default 150)")
-    parser.add_argument("--speed-steps", type=int, default=None, help="steps of the throughput runs (default 30)")
-    parser.add_argument("--seq-len", type=int, default=None, help="default 2048")
-    parser.add_argument("--device-batch-size", type=int, default=None, help="default 16")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="model vocab, padded (default 65536; -1: the tokenizer's)")
-    parser.add_argument("--no-compile", action="store_true", help="eager mode (compile is on by default on CUDA)")
-    parser.add_argument("--skip-engine", action="store_true", help="leave out dev/bench_engine.py")
-    parser.add_argument("--data-dir", default=None, help="parquet shards (default: synthetic corpus in a temp dir)")
-    parser.add_argument("--tokenizer-dir", default=None, help="tokenizer (default: trained on the data)")
-    args = parser.parse_args()
-    micro = args.dry_run
-    defaults = dict(depths=[2] if micro else [12, 20], parity_depth=2 if micro else 12,
-                    parity_steps=12 if micro else 150, speed_steps=8 if micro else 30, seq_len=64 if micro else 2048,
-                    device_batch_size=4 if micro else 16, vocab_size=-1 if micro else 65536)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if not micro and not torch.cuda.is_available():
+    parser.add_argument("--dry-run", action="store_true", help="micro sizes on CPU with gloo ranks")
+    parser.add_argument("--nproc", type=int, default=int(os.environ.get("NPROC", "2")),
+                        help="ranks (default $NPROC or 2)")
+    parser.add_argument("--engine", action="store_true", help="also run dev/bench_engine.py --device cuda")
+    parser.add_argument("--keep", default=None, help="run folder to keep (default: a temp dir, removed)")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not args.dry_run and not cuda:
         sys.exit("error: no CUDA device: run on a GPU machine, or pass --dry-run to check the script on CPU")
+    hopper = cuda and torch.cuda.get_device_capability() == (9, 0)
+    print(f"gpu_check on {torch.cuda.get_device_name() if cuda else 'cpu'}, {args.nproc} rank(s)"
+          + (" (dry run: micro sizes)" if args.dry_run else ""), flush=True)
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"gpu_check on {device}{' (dry run: micro sizes)' if micro else ''}", flush=True)
-    rows = []  # (check, value, status)
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
-        data_dir, tokenizer_dir = prepare_data(workdir, args.data_dir, args.tokenizer_dir, 3 if micro else 8)
+    workdir = args.keep or tempfile.mkdtemp(prefix="gpu_check_")
+    os.makedirs(workdir, exist_ok=True)
+    env = os.environ | {"REASONING_BASE_DIR": workdir, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if args.dry_run:
+        env["REASONING_DEVICE"] = "cpu"
+    python = [sys.executable]
+    subprocess.run([*python, "-m", "reasoning.dataset", "--synthetic", "--num-shards", "3", "--docs-per-shard",
+                    "300" if args.dry_run else "2000"], cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run([*python, "-m", "scripts.tok_train", "--vocab-size", "400" if args.dry_run else "4096"],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    launcher = [*python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
 
-        attn = attention_parity(256 if micro else 2048)
-        rows.append(("FA3 vs SDPA max |diff| (out, dq)", _fmt(attn["max_diff"], ".2e"), attn["status"]))
+    rows = []
+    for stage, flags in stage_commands(args.dry_run):
+        output, seconds = run_stage(launcher, stage, flags, env, workdir)
+        row = check_row(stage, parse_result(output), parse_plan(output), cuda, hopper)
+        row["seconds"] = seconds
+        rows.append(row)
+    status, diff = attention_parity(2048) if cuda else ("skipped (no CUDA)", None)
+    engine = None
+    if args.engine and cuda:
+        proc = subprocess.run([*python, "-m", "dev.bench_engine", "--device", "cuda", "--rounds", "3"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=900)
+        engine = parse_result(proc.stdout)
 
-        runs = {}  # (depth, fp8) -> result; the parity runs double as the throughput runs of their depth
+    print(f"\n{'stage':<11} {'planned GiB':>11} {'max_mem GiB':>11} {'ratio':>6} {'fa3':>6} {'sdpa':>6} "
+          f"{'s':>5}  status")
+    for r in rows:
+        print(f"{r['stage']:<11} {_fmt(r['planned'], '11.2f')} {_fmt(r['measured'], '11.2f')} "
+              f"{_fmt(r['ratio'], '6.2f')} {r['fa3']:>6} {r['sdpa']:>6} {r['seconds']:5.0f}  "
+              f"{'ok' if r['ok'] else 'CHECK'}")
+    base = rows[0]["result"]
+    print(f"base_train: tok/s {base.get('tok_per_s', 'na')}, MFU {base.get('mfu', 'na')}")
+    print(f"FA3 vs SDPA parity (direct call): {status} {_fmt(diff, '.2e')}")
+    if engine:
+        print("engine: " + " ".join(f"{k}={v}" for k, v in engine.items()))
+    if not args.keep:
+        subprocess.run(["rm", "-rf", workdir])
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    fa3 = "na" if not cuda else ("yes" if all(r["fa3"] > 0 and r["sdpa"] == 0 for r in rows) else "no")
+    print(f"RESULT stages_ok={sum(r['ok'] for r in rows)}/{len(rows)} fa3_in_model={fa3} "
+          f"base_tok_s={base.get('tok_per_s', 'na')} base_mfu={base.get('mfu', 'na')} "
+          f"mem_ratio_max={_fmt(max(ratios) if ratios else None, '.3f')} fa3_parity={_fmt(diff, '.2e')}")
 
-        def run(depth: int, use_fp8: bool, steps: int) -> dict | None:
-            if (depth, use_fp8) not in runs:
-                try:
-                    runs[(depth, use_fp8)] = pretrain_run(depth, use_fp8, steps, args, data_dir, tokenizer_dir,
-                                                          workdir)
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    runs[(depth, use_fp8)] = None  # reported as OOM; lower --device-batch-size
-            return runs[(depth, use_fp8)]
-
-        bf16 = run(args.parity_depth, False, args.parity_steps)
-        fp8 = run(args.parity_depth, True, args.parity_steps)
-        rel = abs(fp8["loss"] - bf16["loss"]) / bf16["loss"] if bf16 and fp8 else None
-        rows.append((f"d{args.parity_depth} loss bf16 / fp8 ({args.parity_steps} steps)",
-                     f"{bf16['loss']:.4f} / {fp8['loss']:.4f} ({100 * rel:.2f}%)" if rel is not None else "OOM",
-                     "ok" if rel is not None and rel < 0.03 and fp8["fp8_layers"] > 0 else "CHECK"))
-        for depth in args.depths:
-            for use_fp8 in (False, True):
-                r = run(depth, use_fp8, args.speed_steps)
-                label = f"d{depth} {'fp8 ' if use_fp8 else 'bf16'} tok/s | MFU (bf16 peak)"
-                if r is None:
-                    rows.append((label, f"OOM at --device-batch-size {args.device_batch_size}", "CHECK"))
-                    continue
-                mfu_text = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-                rows.append((label, f"{_fmt(r['tok_per_s'], ',.0f')} | {mfu_text}",
-                             f"{r['fp8_layers']} fp8 layers" if use_fp8 else ""))
-
-    if not args.skip_engine:
-        engine_device = "cuda" if torch.cuda.is_available() else "cpu"
-        rows.append((f"dev/bench_engine.py --device {engine_device}", engine_benchmark(micro, engine_device), ""))
-
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'check':<{width}}  {'value':<36}  status")
-    for check, value, status in rows:
-        print(f"{check:<{width}}  {value:<36}  {status}")
-    figures = [f"fa3_max_diff={_fmt(attn['max_diff'], '.3e')}", f"fp8_loss_rel_diff={_fmt(rel, '.4f')}"]
-    for depth in args.depths:
-        r = runs.get((depth, False)) or {"tok_per_s": None, "mfu": None}
-        figures += [f"d{depth}_tok_s={_fmt(r['tok_per_s'], '.0f')}", f"d{depth}_mfu={_fmt(r['mfu'], '.4f')}"]
-    print("RESULT " + " ".join(figures))
 
 if __name__ == "__main__":
     main()

@@ -39,6 +39,17 @@ _backend = "auto"
 _fa3_module = None  # the loaded kernel module, once loaded
 _fa3_error: str | None = None  # why loading failed (so we try once, not every call)
 _notice_printed = False
+# Attention calls per kernel, counted inside attention()/attention_with_cache() themselves: the proof that the
+# model's own forward took FA3 (dev/gpu_check.py reads it from the stages' RESULT lines).
+CALLS = {"fa3": 0, "sdpa": 0}
+
+
+def _count_call(kernel: str) -> None:
+    # Eager calls only: inside torch.compile a traced `+= 1` on a global would guard on its value and recompile at
+    # every call (dynamo's reorderable_logging_functions are dropped inside inlined frames such as this one, checked
+    # on torch 2.13). A compiled forward takes the branch an eager one takes for the same dtypes.
+    if not torch.compiler.is_compiling():
+        CALLS[kernel] += 1
 
 
 def set_backend(name: str) -> None:
@@ -189,7 +200,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if q.size(2) % k.size(2) != 0:
         raise ValueError(f"attention: n_head={q.size(2)} must be a multiple of n_kv_head={k.size(2)}")
     if _use_fa3(q.device, q.dtype):
+        _count_call("fa3")
         return _first(_fa3_module.flash_attn_func(q, k, v, causal=causal, window_size=_fa3_window(window)))
+    _count_call("sdpa")
     T = q.size(1)
     if window is None or window >= T:
         return _sdpa(q, k, v, is_causal=causal)
@@ -262,11 +275,13 @@ def attention_with_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     if (k_new is None) != (v_new is None):
         raise ValueError("attention_with_cache: pass both k_new and v_new, or neither")
     if layout == "bshd" and _use_fa3(q.device, q.dtype) and k_cache.dtype == q.dtype:
+        _count_call("fa3")
         y = _fa3_module.flash_attn_with_kvcache(
             q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=cache_lengths.to(torch.int32),
             causal=True, window_size=_fa3_window(window))
         return _first(y)
 
+    _count_call("sdpa")
     # heads-first views (B, Hkv, max_len, D): free for "bhsd", strided for "bshd"
     k_heads = k_cache if layout == "bhsd" else k_cache.transpose(1, 2)
     v_heads = v_cache if layout == "bhsd" else v_cache.transpose(1, 2)

@@ -27,6 +27,7 @@ checkpoints already written are untouched, so the last one is good.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -46,6 +47,7 @@ from reasoning.training import (DEVICE_HELP, NonFiniteLossError, RunLog, RunProg
                                 lr_multiplier, option, save_training_checkpoint, start_run)
 
 STAGE = "base"
+DEFAULT_DEVICE_BATCH_SIZE = 32  # rows per micro-batch when --device-batch-size is -1 off CUDA (the tuned recipe)
 EMA_BETA = 0.9  # smoothing of the printed/reported train loss
 DEFAULT_TOTAL_BATCH_TOKENS = 2**19  # 256 rows of 2048 tokens: nanochat's d20 batch
 DEFAULT_SAMPLE_PROMPTS = (
@@ -69,8 +71,9 @@ class TrainConfig(TrainerConfig):
     vocab_size: int = field(default=-1, metadata=option(
         "model vocabulary (-1: the tokenizer's); a larger one pads the embedding, e.g. to a multiple of 128"))
     # batch and length of training
-    device_batch_size: int = field(default=32, metadata=option(
-        "rows per micro-batch per process: only sets how many micro-batches accumulate to --total-batch-size"))
+    device_batch_size: int = field(default=-1, metadata=option(
+        "rows per micro-batch per process (-1: 32, or on CUDA the largest power of two up to 32 that the memory "
+        "planner says fits the GPU); only sets how many micro-batches accumulate to --total-batch-size"))
     total_batch_size: int = field(default=DEFAULT_TOTAL_BATCH_TOKENS, metadata=option(
         "tokens per optimizer step, all ranks together, reached by gradient accumulation"))
     num_iterations: int = field(default=-1, metadata=option(
@@ -116,7 +119,7 @@ class TrainConfig(TrainerConfig):
     def validate(self) -> None:
         """Raise UserError naming the first bad setting (these values come from command-line flags)."""
         super().validate()
-        self.require_positive("depth", "aspect_ratio", "max_seq_len", "device_batch_size", "simulate_ranks",
+        self.require_positive("depth", "aspect_ratio", "max_seq_len", "simulate_ranks",
                               "eval_tokens", "fp8_min_dim")
         self.require_non_negative("target_param_data_ratio", "sample_tokens", "muon_momentum_warmup")
         self.require_fraction("warmdown_ratio", "adam_beta1", "adam_beta2", "muon_momentum_start",
@@ -124,6 +127,8 @@ class TrainConfig(TrainerConfig):
         if self.warmup_ratio + self.warmdown_ratio > 1:
             raise UserError(f"--warmup-ratio {self.warmup_ratio} + --warmdown-ratio {self.warmdown_ratio}: "
                             "expected a sum <= 1")
+        if self.device_batch_size != -1 and self.device_batch_size < 1:
+            raise UserError(f"--device-batch-size {self.device_batch_size}: expected rows > 0 or -1 (auto)")
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
             raise UserError(f"--head-dim {self.head_dim}: expected an even number >= 2")
         if self.total_batch_size < 1:
@@ -221,6 +226,41 @@ def _non_embedding_params(model) -> int:
     return model.num_params() - embedding
 
 
+def plan_memory(config: TrainConfig, model_config, world_size: int = 1, target: str = "cuda", fake: bool = True):
+    """Per-rank memory plan of the training step (reasoning.memplan): [PhasePlan "train"]."""
+    from reasoning import memplan
+
+    B, T = config.device_batch_size, config.max_seq_len
+    data_ranks = world_size * config.simulate_ranks
+    accumulation = max(1, config.total_batch_size // (B * T * data_ranks)) * config.simulate_ranks
+    settings = {"device_batch_size": B, "max_seq_len": T, "accumulation": accumulation, "fp8": config.fp8}
+    with memplan.Session(model_config, target, fake, config.fp8_min_dim if config.fp8 else None) as s:
+        s.build_optimizer(**config.optimizer_args())
+        return [s.phase("base_train", "train", settings,
+                        lambda: s.train_steps([(B, T)] * memplan.micro_steps(accumulation)))]
+
+
+def resolve_device_batch(config: TrainConfig, model_config, device, world_size: int,
+                         gpu_memory_gib: float | None = None) -> TrainConfig:
+    """The config with a concrete device batch size (reasoning.memplan: on CUDA the planner checks or chooses it).
+    The tokens per step (--total-batch-size) stay fixed: fewer rows per micro-batch mean more accumulation, so the
+    optimisation does not depend on the GPU."""
+    from reasoning import memplan
+
+    data_ranks = world_size * config.simulate_ranks
+    total = config.total_batch_size
+
+    def plan_of(rows: int):
+        return plan_memory(dataclasses.replace(config, device_batch_size=rows), model_config, world_size)
+
+    rows = memplan.resolve_device_batch_size(
+        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of,
+        gpu_memory_gib if gpu_memory_gib is not None else memplan.detected_gpu_memory(device),
+        allowed=lambda b: total % (b * config.max_seq_len * data_ranks) == 0,
+        other_flags="--max-seq-len or --depth")
+    return dataclasses.replace(config, device_batch_size=rows)
+
+
 def train(config: TrainConfig) -> dict:
     """Pretrain (or resume) a GPT per `config`; returns a summary (metrics, series, per-step losses, paths).
 
@@ -257,6 +297,7 @@ def train(config: TrainConfig) -> dict:
         raise UserError(f"--vocab-size {vocab_size}: smaller than the tokenizer's {tokenizer.vocab_size} tokens")
     model_config = config_from_depth(config.depth, vocab_size, sequence_len=config.max_seq_len,
                                      aspect_ratio=config.aspect_ratio, **overrides)
+    config = resolve_device_batch(config, model_config, device, world_size)  # before any weight is allocated
     with torch.device("meta"):
         model = GPT(model_config)
     model.to_empty(device=device)

@@ -40,6 +40,8 @@ Dr. GRPO, verl / TRL GRPOTrainer (minibatching, TIS), nanochat's chat_rl (the si
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ from reasoning.training import (DEVICE_HELP, FinetuneConfig, NonFiniteLossError,
 from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "rl"
+DEFAULT_DEVICE_BATCH_SIZE = 32  # rows per micro-batch when --device-batch-size is -1 off CUDA
 LOG_NAME = "chat_rl"
 
 
@@ -104,7 +107,9 @@ class RLConfig(FinetuneConfig):
         "give no loss to completions cut by the token budget (DAPO overlong filtering)"))
     ppo_epochs: int = field(default=1, metadata=option("optimisation passes over each rollout batch"))
     num_minibatches: int = field(default=1, metadata=option("optimizer steps per pass"))
-    device_batch_size: int = field(default=32, metadata=option("rows per forward/backward micro-batch"))
+    device_batch_size: int = field(default=-1, metadata=option(
+        "rows per forward/backward micro-batch (-1: 32, or on CUDA the largest power of two up to 32 that the memory "
+        "planner says fits the GPU; it changes only how the update is split, not the update)"))
     logprob_chunk_size: int = field(default=1024, metadata=option("token rows per chunk of the log-prob kernel"))
     # optimizer: FinetuneConfig's rates, scaled down (an RL update moves a fine-tuned model; SFT's scale is 1)
     lr_scale: float = field(default=0.05, metadata=option("multiplier on every learning rate below"))
@@ -124,8 +129,9 @@ class RLConfig(FinetuneConfig):
         """Raise UserError naming the first bad setting (they come from command-line flags)."""
         super().validate()
         self.require_positive("num_steps", "prompts_per_step", "num_samples", "max_new_tokens", "ppo_epochs",
-                              "num_minibatches", "device_batch_size", "logprob_chunk_size", "eval_problems",
-                              "eval_batch_size")
+                              "num_minibatches", "logprob_chunk_size", "eval_problems", "eval_batch_size")
+        if self.device_batch_size != -1 and self.device_batch_size < 1:
+            raise UserError(f"--device-batch-size {self.device_batch_size}: expected rows > 0 or -1 (auto)")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise UserError(f"--temperature {self.temperature}: expected a number > 0 (RL needs diverse samples)")
         if self.top_k is not None and self.top_k < 1:
@@ -370,6 +376,62 @@ def _mean_tail(points: list, n: int = 10):
     return sum(values) / len(values) if values else None
 
 
+def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str = "cuda", fake: bool = True,
+                prompt_tokens: int = 256):
+    """Per-rank memory plan (reasoning.memplan): rollout (the engine, KV cache up front), the update (chunked
+    log-probs + optimizer step, every position planned as a completion token: an upper bound) and the held-out
+    eval, each with the optimizer state alive: [PhasePlan "rollout", "train", "eval"]."""
+    from reasoning import memplan
+
+    prompts = max(1, config.prompts_per_step // world_size)
+    G = config.num_samples
+    width = min(prompt_tokens + config.max_new_tokens - 1, model_config.sequence_len)
+    rows = min(config.device_batch_size, prompts * G)
+    rows_per_step = rows * memplan.micro_steps(math.ceil(prompts * G / rows))
+    eval_tokens = config.max_new_tokens if config.eval_max_tokens == -1 else config.eval_max_tokens
+    one_update = dataclasses.replace(config, num_minibatches=1, ppo_epochs=1)
+
+    def update():
+        data = TrainingRows(torch.zeros((rows_per_step, width), dtype=torch.long),
+                            torch.zeros((rows_per_step, width), dtype=torch.long), torch.zeros((rows_per_step, width)),
+                            torch.ones((rows_per_step, width)), [width] * rows_per_step)
+        s.model.train()
+        optimize_rollout(s.model, s.optimizer, data, torch.ones(rows_per_step), list(range(rows_per_step)),
+                         one_update, 0, 1.0, 0, 1, torch.device("cpu"), s.autocast or contextlib.nullcontext,
+                         reference)
+
+    with memplan.Session(model_config, target, fake) as s:
+        s.build_optimizer(**config.optimizer_args(config.lr_scale))
+        reference = s.add_frozen_copy() if config.kl_coef > 0 else None  # the KL penalty's frozen model
+        # the update first: it creates the optimizer state that every phase lives with from the second step on
+        train = s.phase("chat_rl", "train", {"device_batch_size": rows, "width": width,
+                                             "logprob_chunk_size": config.logprob_chunk_size},
+                        lambda: [update() for _ in range(2)])
+        plans = [s.phase("chat_rl", "rollout", {"rows": prompts * G, "prompt_tokens": prompt_tokens,
+                                                "max_new_tokens": config.max_new_tokens},
+                         lambda: s.generate(prompts, prompt_tokens, G, config.max_new_tokens)), train]
+        if config.eval_every >= 0:
+            plans.append(s.phase("chat_rl", "eval", {"rows": config.eval_batch_size, "max_tokens": eval_tokens},
+                                 lambda: s.generate(config.eval_batch_size, prompt_tokens, 1, eval_tokens)))
+    return plans
+
+
+def resolve_device_batch(config: RLConfig, model_config, device, world_size: int,
+                         gpu_memory_gib: float | None = None) -> RLConfig:
+    """The config with a concrete device batch size (reasoning.memplan: on CUDA the planner plans the rollout,
+    the update and the eval, and checks or chooses the micro-batch)."""
+    from reasoning import memplan
+
+    def plan_of(rows: int):
+        return plan_memory(dataclasses.replace(config, device_batch_size=rows), model_config, world_size)
+
+    rows = memplan.resolve_device_batch_size(
+        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of,
+        gpu_memory_gib if gpu_memory_gib is not None else memplan.detected_gpu_memory(device),
+        other_flags="--prompts-per-step, --num-samples, --max-new-tokens or --eval-batch-size")
+    return dataclasses.replace(config, device_batch_size=rows)
+
+
 def train_rl(config: RLConfig, tasks=None) -> dict:
     """Run (or resume) GRPO-style RL per `config`; every rank must call it. `tasks` = (train, held-out or None)
     overrides build_rl_tasks (tests). Returns a summary: metrics, series, per-step records, checkpoint dir."""
@@ -387,6 +449,7 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     autocast = autocast_factory(device, get_compute_dtype(device))
     source = resolve_source(config, base_dir)
     model, tokenizer, source_meta = _load_policy(config, device, base_dir)
+    config = resolve_device_batch(config, model.config, device, world_size)  # on CUDA: plans every phase
     ref_model = _load_reference(config, device, base_dir) if config.kl_coef > 0 else None
     train_task, eval_task = tasks if tasks is not None else build_rl_tasks(config)
     reward = build_reward(config)

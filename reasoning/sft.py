@@ -28,6 +28,7 @@ position and RNG, and the metric history, so `resume=True` continues bitwise-ide
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -45,6 +46,7 @@ from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunP
 from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "sft"
+DEFAULT_DEVICE_BATCH_SIZE = 8  # rows per micro-batch when --device-batch-size is -1 off CUDA
 
 
 @dataclass
@@ -66,8 +68,9 @@ class SFTConfig(FinetuneConfig):
     # length and batch
     num_epochs: float = field(default=1.0, metadata=option("passes over the mixture when --num-iterations is -1"))
     num_iterations: int = field(default=-1, metadata=option("optimizer steps (-1: from --num-epochs)"))
-    device_batch_size: int = field(default=8, metadata=option(
-        "rows per micro-batch per process at most: only sets how many micro-batches accumulate to --total-batch-rows"))
+    device_batch_size: int = field(default=-1, metadata=option(
+        "rows per micro-batch per process at most (-1: 8, or on CUDA the largest power of two up to 8 that the "
+        "memory planner says fits the GPU); only sets how many micro-batches accumulate to --total-batch-rows"))
     total_batch_rows: int = field(default=32, metadata=option(
         "rows (conversations, or packed rows) per optimizer step, all ranks together; a multiple of the world size"))
     # evaluation
@@ -82,14 +85,16 @@ class SFTConfig(FinetuneConfig):
     def validate(self) -> None:
         """Raise UserError naming the first bad setting (they come from command-line flags)."""
         super().validate()
-        self.require_positive("max_seq_len", "device_batch_size", "total_batch_rows", "eval_problems",
-                              "eval_max_tokens", "eval_batch_size")
+        self.require_positive("max_seq_len", "total_batch_rows", "eval_problems", "eval_max_tokens",
+                              "eval_batch_size")
         self.require_non_negative("num_epochs", "val_examples")
         self.require_fraction("synthetic_answer_only")
         if self.num_iterations < -1:
             raise UserError(f"--num-iterations {self.num_iterations}: expected >= 0 or -1")
         if self.num_iterations == -1 and self.num_epochs <= 0:
             raise UserError("--num-iterations -1 needs --num-epochs > 0")
+        if self.device_batch_size != -1 and self.device_batch_size < 1:
+            raise UserError(f"--device-batch-size {self.device_batch_size}: expected rows > 0 or -1 (auto)")
         if self.task_size == 0 or self.task_size < -1:
             raise UserError(f"--task-size {self.task_size}: expected a positive number of examples or -1")
 
@@ -271,6 +276,45 @@ def _downsample(points: list, limit: int = 500) -> list:
     return points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
 
 
+def plan_memory(config: SFTConfig, model_config, world_size: int = 1, target: str = "cuda", fake: bool = True,
+                prompt_tokens: int = 256):
+    """Per-rank memory plan (reasoning.memplan): the training step with rows padded to max_seq_len (the worst
+    case) and the in-loop generative eval: [PhasePlan "train", "eval"]."""
+    from reasoning import memplan
+
+    B, T = config.device_batch_size, min(config.max_seq_len, model_config.sequence_len)
+    accumulation = max(1, math.ceil(config.total_batch_rows / (B * world_size)))
+    plans = []
+    with memplan.Session(model_config, target, fake) as s:
+        s.build_optimizer(**config.optimizer_args(config.lr_scale))
+        plans.append(s.phase("chat_sft", "train", {"device_batch_size": B, "max_seq_len": T,
+                                                   "accumulation": accumulation},
+                             lambda: s.train_steps([(B, T)] * memplan.micro_steps(accumulation))))
+        if config.eval_every >= 0:
+            plans.append(s.phase("chat_sft", "eval", {"rows": config.eval_batch_size,
+                                                      "max_tokens": config.eval_max_tokens},
+                                 lambda: s.generate(config.eval_batch_size, prompt_tokens, 1,
+                                                    config.eval_max_tokens)))
+    return plans
+
+
+def resolve_device_batch(config: SFTConfig, model_config, device, world_size: int,
+                         gpu_memory_gib: float | None = None) -> SFTConfig:
+    """The config with a concrete device batch size (reasoning.memplan: on CUDA the planner checks or chooses it).
+    The rows per step (--total-batch-rows) stay fixed: fewer rows per micro-batch mean more accumulation."""
+    from reasoning import memplan
+
+    def plan_of(rows: int):
+        return plan_memory(dataclasses.replace(config, device_batch_size=rows), model_config, world_size)
+
+    rows = memplan.resolve_device_batch_size(
+        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of,
+        gpu_memory_gib if gpu_memory_gib is not None else memplan.detected_gpu_memory(device),
+        allowed=lambda b: True,  # the last micro-batch of a step may be smaller
+        other_flags="--max-seq-len or --eval-batch-size")
+    return dataclasses.replace(config, device_batch_size=rows)
+
+
 def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: int = 0, world_size: int = 1,
               tasks=None) -> dict:
     """Fine-tune `model` (loaded from `source`: {"dir", "step", "tag", "tokenizer_dir"}) per `config`.
@@ -278,6 +322,7 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     `tasks` = (train, val, gen_eval) overrides build_sft_tasks (tests). Returns a summary: metrics, series,
     checkpoint dir, steps. Every rank must call it (collectives inside)."""
     config.validate()
+    config = resolve_device_batch(config, model.config, device, world_size)
     start_time = time.perf_counter()
     base_dir = config.base_dir or get_base_dir()
     autocast = autocast_factory(device, get_compute_dtype(device))

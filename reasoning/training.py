@@ -264,9 +264,24 @@ def _result_text(value) -> str:
     return format_metric(value) if value is None or isinstance(value, float) else str(value)
 
 
+def device_figures() -> dict:
+    """On a CUDA process: this rank's peak allocated memory and its attention calls per kernel (FA3 vs SDPA, counted
+    inside the model's attention), which dev/gpu_check.py compares with the memory plan. {} elsewhere."""
+    import torch
+
+    from reasoning.flash_attention import CALLS
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"max_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "attn_fa3": CALLS["fa3"],
+            "attn_sdpa": CALLS["sdpa"]}
+
+
 def print_result(values: dict, stopped_at: int | None = None) -> None:
     """The last line of a pipeline script, on rank 0: `RESULT key=value ...` (floats with 4 decimals, None as na,
-    anything else as given), then `stopped_at=STEP` for a run that --stop-at-step cut short."""
+    anything else as given), then `stopped_at=STEP` for a run that --stop-at-step cut short. On CUDA the
+    device figures (device_figures) are appended."""
+    values = values | device_figures()
     if is_master():
         stopped = "" if stopped_at is None else f" stopped_at={stopped_at}"
         print("RESULT " + " ".join(f"{k}={_result_text(v)}" for k, v in values.items()) + stopped, flush=True)

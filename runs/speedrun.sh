@@ -3,10 +3,13 @@
 #
 #   bash runs/speedrun.sh             # run it (a few hours at DEPTH=20)
 #   bash runs/speedrun.sh --dry-run   # print every command, in order, without running anything
+#   bash runs/speedrun.sh --plan      # the dry run, and under each GPU stage the memory plan and the settings the
+#                                     # planner chooses (python -m scripts.plan_memory; minutes of CPU, no GPU needed)
 #
 # Environment knobs:
 #   DEPTH=20                  model size dial (width, heads, batch derived from it)
 #   NPROC=8                   GPUs per node (torchrun --nproc_per_node)
+#   GPU_MEMORY_GIB=80         GPU memory --plan plans for (each stage plans the GPU it finds at startup itself)
 #   REASONING_BASE_DIR=...    run folder (default ~/.cache/reasoning/speedrun)
 #   WANDB_RUN=name            log to wandb under this run name (off when unset)
 #   NUM_SHARDS=240            pretraining shards to download (~100M chars each)
@@ -28,11 +31,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DRY_RUN=0
+PLAN=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
+        --plan) DRY_RUN=1; PLAN=1 ;;
         -h|--help) sed -n '2,/^[^#]/{/^#/p;}' "$0"; exit 0 ;;  # the comment header
-        *) echo "error: unknown argument '$arg' (expected --dry-run)" >&2; exit 2 ;;
+        *) echo "error: unknown argument '$arg' (expected --dry-run or --plan)" >&2; exit 2 ;;
     esac
 done
 
@@ -70,10 +75,21 @@ if [ "${FP8:-0}" = "1" ]; then FP8_FLAG="--fp8"; fi
 RUN_FLAG=""
 if [ -n "${WANDB_RUN:-}" ]; then RUN_FLAG="--run $WANDB_RUN"; fi
 
+GPU_MEMORY_GIB="${GPU_MEMORY_GIB:-80}"
+PLAN_PYTHON=python
+if [ -x .venv/bin/python ]; then PLAN_PYTHON=.venv/bin/python; fi
+PLAN_STATUS=0
 run() {
     # run "COMMAND LINE": print it, then evaluate it as one shell line (redirections, `&`, variables)
     echo "[speedrun] $*"
     if [ "$DRY_RUN" -eq 0 ]; then eval "$*"; fi
+    local stages="base_train|base_eval|chat_sft|chat_rl|chat_eval"
+    if [ "$PLAN" -eq 1 ] && [[ "$*" =~ -m\ scripts\.($stages)\ --\ (.*)$ ]]; then
+        # the stage's own flags, word-split as the stage receives them
+        # shellcheck disable=SC2086
+        "$PLAN_PYTHON" -m scripts.plan_memory "${BASH_REMATCH[1]}" --brief --model "d$DEPTH" --nproc "$NPROC" \
+            --gpu-memory-gib "$GPU_MEMORY_GIB" ${BASH_REMATCH[2]} || PLAN_STATUS=1
+    fi
 }
 
 if [ "$DRY_RUN" -eq 0 ]; then
@@ -110,3 +126,4 @@ run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a $FINAL_EVAL_TASK
 run "$TORCHRUN -m scripts.chat_eval -- --stage rl --tag $TAG -a $CHAT_EVAL_TASK $EVAL_ARGS $GSM8K_ARGS"
 run python -m reasoning.report generate
 echo "[speedrun] report: $REASONING_BASE_DIR/report/report.md"
+exit "$PLAN_STATUS"  # --plan: 1 when a stage would not fit

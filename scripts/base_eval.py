@@ -11,6 +11,7 @@ CORE (DCLM-style in-context tasks, reasoning.core_eval) runs only when the bundl
 import os
 import time
 
+from reasoning import memplan
 from reasoning.checkpoint import add_model_args, load_model_from_args
 from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_distributed, print0, run_main
 from reasoning.pretrain import DEFAULT_SAMPLE_PROMPTS, evaluate_val_bpb, sample_completions
@@ -18,7 +19,7 @@ from reasoning.report import log_stage
 from reasoning.training import add_run_args, parse_script_args, print_result, script_parser
 
 
-def main(argv: list[str] | None = None):
+def build_parser():
     parser = script_parser(__doc__)
     add_model_args(parser, default_stage="base")
     parser.add_argument("--data-dir", default=None, help="parquet shards (default $REASONING_DATA_DIR or "
@@ -31,6 +32,11 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--core-max-per-task", type=int, default=-1,
                         help="evaluate at most this many examples per CORE task (-1: all)")
     add_run_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    parser = build_parser()
     args = parse_script_args(parser, argv)
     for name in ("device_batch_size", "eval_tokens"):
         if getattr(args, name) < 1:
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None):
     seq_len = args.max_seq_len or model.config.sequence_len
     if seq_len < 1:
         raise UserError(f"--max-seq-len {seq_len}: expected a positive integer")
+    memplan.check_stage(lambda: memplan.plan_base_eval(args.device_batch_size, seq_len, model.config), info.device,
+                        "--device-batch-size")
     print0(f"checkpoint step {meta['step']}: {model.num_params():,} params, evaluating on {info.device}")
 
     bpb = evaluate_val_bpb(model, tokenizer, args.device_batch_size, seq_len, args.eval_tokens, args.data_dir,

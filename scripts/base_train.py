@@ -13,9 +13,14 @@ from reasoning.pretrain import add_train_args, config_from_args, train
 from reasoning.training import finish_training_script, format_metric, parse_script_args, run_trainer, script_parser
 
 
-def main(argv: list[str] | None = None):
+def build_parser():
     parser = script_parser(__doc__)
     add_train_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    parser = build_parser()
     config = config_from_args(parse_script_args(parser, argv))
     summary = run_trainer(train, config)
     m = summary["metrics"]

@@ -16,6 +16,7 @@ math500_<stage>, gsm8k_<stage>, ... with accuracy by level. Last line: RESULT ta
 import os
 import shutil
 
+from reasoning import memplan
 from reasoning.checkpoint import add_model_args, load_model_from_args
 from reasoning.common import UserError, get_base_dir, init_distributed, is_master, print0, run_main
 from reasoning.evaluation import (PROMPT_MODES, EvalSettings, evaluate_task, format_table, grader_description,
@@ -26,7 +27,7 @@ from tasks.registry import build_task, task_label
 from tasks.synthetic import DIFFICULTY as SYNTHETIC_DIFFICULTY
 
 
-def main(argv: list[str] | None = None):
+def build_parser():
     parser = script_parser(__doc__)
     add_model_args(parser, default_stage="sft")
     parser.add_argument("-a", "--task", default="synthetic",
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--fresh", action="store_true", help="discard earlier predictions instead of resuming")
     parser.add_argument("--no-report", action="store_true", help="do not write a report section")
     add_run_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    parser = build_parser()
     args = parse_script_args(parser, argv)
     if args.num_samples < 1 or args.batch_size < 1 or args.max_tokens < 1:
         raise UserError("--num-samples, --batch-size and --max-tokens: expected positive integers")
@@ -66,6 +72,8 @@ def main(argv: list[str] | None = None):
     base_dir = args.base_dir or get_base_dir()
     source = resolve_source(args, base_dir)
     model, tokenizer, meta = load_model_from_args(args, info.device, phase="eval", base_dir=base_dir)
+    memplan.check_stage(lambda: memplan.plan_chat_eval(args.batch_size, args.num_samples, args.max_tokens,
+                                                       model.config), info.device, "--batch-size or --max-tokens")
     stage = source["stage"]
     prompt_mode = args.prompt_mode or ("base" if stage == "base" else "chat")
     settings = EvalSettings(num_samples=args.num_samples, temperature=temperature, top_k=args.top_k,

@@ -21,10 +21,15 @@ from reasoning.rl import add_rl_args, config_from_args, train_rl
 from reasoning.training import finish_training_script, parse_script_args, run_trainer, script_parser
 
 
-def main(argv: list[str] | None = None):
+def build_parser():
     parser = script_parser(__doc__)
     add_model_args(parser, default_stage="sft")
     add_rl_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    parser = build_parser()
     config = config_from_args(parse_script_args(parser, argv))
     config.validate()
     seed_everything(config.seed)

@@ -21,11 +21,16 @@ from reasoning.sft import add_sft_args, config_from_args, train_sft
 from reasoning.training import add_run_args, finish_training_script, parse_script_args, run_trainer, script_parser
 
 
-def main(argv: list[str] | None = None):
+def build_parser():
     parser = script_parser(__doc__)
     add_model_args(parser, default_stage="base")
     add_sft_args(parser)
     add_run_args(parser, base_dir=False)  # --base-dir is an SFTConfig field
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    parser = build_parser()
     args = parse_script_args(parser, argv)
     config = config_from_args(args)
     config.validate()
