@@ -277,4 +277,5 @@ def test_chat_eval_math500_writes_levels_and_protocol(run_dir, tmp_path, capsys)
     assert summary["protocol"]["checkpoint"]["dir"].endswith(os.path.join("sft", "tiny"))
     section = json.load(open(run_dir / "report" / "math500_sft.json"))
     assert sum(row["n"] for row in section["tables"]["accuracy by level"]) == 6
-    assert list(section["metrics"])[:3] == ["accuracy", "pass@1", "maj@1"]
+    assert list(section["metrics"])[:4] == ["accuracy", "accuracy_se", "pass@1", "maj@1"]
+    assert section["metrics"]["accuracy_se"] == 0.0  # six wrong answers: no spread
