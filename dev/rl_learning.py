@@ -5,9 +5,10 @@ points and >= 5 standard errors, within <= 10 minutes of CPU RL -- and a negativ
 Runs the offline pipeline from scratch in one folder (default: a fresh temp dir; --base-dir DIR keeps it and, with
 --reuse, skips the corpus/tokenizer/base/SFT stages whose outputs are already there): synthetic corpus -> tokenizer
 -> base_train -> SFT -> greedy eval -> RL -> the same greedy eval, then the control (the same RL run with the
-advantages shuffled across the step's rows, or with learning rate 0) -> the same eval, through the library functions
-the scripts call. The defaults are runs/runcpu.sh's "clean" recipe (dev/LOG.md: "RL loop ... the RL sweep" and
-"runcpu's RL gain from clean SFT data").
+learning rate 0, or with the advantages shuffled across the step's rows) -> the same eval, through the library
+functions the scripts call. With --reuse a finished RL run of the same seed (and control) is reused too (its
+rl_minutes then come from its checkpoint, rl_cpu_minutes=na). The defaults are runs/runcpu.sh's "clean" recipe
+(dev/LOG.md: "RL loop ... the RL sweep" and "runcpu's RL gain from clean SFT data").
 
 Accuracies are greedy on the first --eval-problems (1000) test problems, each with its standard error over problems;
 `se` is the standard error of the gain (sqrt(se_sft^2 + se_rl^2): conservative, the pairing is ignored), and
@@ -16,7 +17,7 @@ twostep test split has ~90 distinct computations behind 1000 problems). Prints o
 minutes: the dev box is shared, so wall time is pessimistic) and as its last line
 `RESULT sft_acc=<x> rl_acc=<y> gain=<g> se=<s> ctrl_gain=<c> rl_minutes=<m> ...`.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m dev.rl_learning                       # clean recipe, shuffled control
+    OMP_NUM_THREADS=1 .venv/bin/python -m dev.rl_learning                       # clean recipe, lr-0 control
     OMP_NUM_THREADS=1 .venv/bin/python -m dev.rl_learning --base-dir /tmp/rlpipe --reuse --seed 1
     # the answer-only mixture instead (RL teaches the model to use its think span again: dev/LOG.md)
     OMP_NUM_THREADS=1 .venv/bin/python -m dev.rl_learning --difficulty easy --sft-steps 300 --sft-answer-only 0.5 \
@@ -134,9 +135,11 @@ def main():
     parser.add_argument("--rl-filter", action=argparse.BooleanOptionalAction, default=True,
                         help="drop zero-variance groups from the training batch")
     parser.add_argument("--rl-max-new-tokens", type=int, default=64)
-    parser.add_argument("--control", default="shuffle", choices=CONTROLS,
-                        help="negative control: the same RL run with advantages shuffled across the step's rows "
-                             "(shuffle) or with learning rate 0 (lr0); none skips it (ctrl_gain=na)")
+    parser.add_argument("--control", default="lr0", choices=CONTROLS,
+                        help="negative control: the same RL run with learning rate 0 (lr0: checks that the SFT and "
+                             "RL measurements agree when nothing is learned) or with advantages shuffled across the "
+                             "step's rows (shuffle: the same updates without the reward's direction; they wreck the "
+                             "model, dev/LOG.md); none skips it (ctrl_gain=na)")
     parser.add_argument("--seed", type=int, default=0, help="RL seed (the control uses the same one)")
     args = parser.parse_args()
     if args.eval_problems < 2:
@@ -197,7 +200,22 @@ def main():
     print(f"[rl_learning] SFT held-out accuracy {mean(sft_scores):.4f} ± {standard_error(sft_scores):.4f} (SE, "
           f"{len(sft_scores)} problems)", flush=True)
 
+    def finished_rl(out_tag: str) -> dict | None:
+        """--reuse: the metrics of a finished RL run of this tag (its last checkpoint is at --rl-steps), else None."""
+        ckpt_dir = ckpt.checkpoint_dir("rl", out_tag, base_dir)
+        step = ckpt.find_last_step(ckpt_dir)
+        if not args.reuse or step != args.rl_steps:
+            return None
+        meta = ckpt.load_checkpoint(ckpt_dir, step)[2]
+        values = [v for _, v in meta["history"]["reward"]]
+        return {"step": step, "metrics": {"initial_reward": mean(values[:10]), "mean_reward": mean(values[-10:])},
+                "seconds": meta.get("train_seconds"), "reused": True}
+
     def run_rl(out_tag: str, **overrides) -> dict:
+        done = finished_rl(out_tag)
+        if done is not None:
+            print(f"[rl_learning] reusing the finished RL run {out_tag}", flush=True)
+            return done
         config = RLConfig(
             stage="sft", tag=tag, task="synthetic", synthetic_difficulty=args.difficulty, num_steps=args.rl_steps,
             prompts_per_step=args.rl_prompts, num_samples=args.rl_samples, max_new_tokens=args.rl_max_new_tokens,
@@ -208,15 +226,20 @@ def main():
             setattr(config, key, value)
         return train_rl(config)
 
+    rl_tag = f"{tag}_seed{args.seed}"  # one RL run per seed (and control), so --reuse can skip a finished one
     with watch("rl"):
-        summary = run_rl(tag)
-    rl_minutes, rl_cpu_minutes = watch.rows[-1][1] / 60, watch.rows[-1][2] / 60
+        summary = run_rl(rl_tag)
+    if summary.get("reused"):
+        rl_minutes = f"{summary['seconds'] / 60:.2f}" if summary.get("seconds") else "na"
+        rl_cpu_minutes = "na"
+    else:
+        rl_minutes, rl_cpu_minutes = f"{watch.rows[-1][1] / 60:.2f}", f"{watch.rows[-1][2] / 60:.2f}"
     with watch("eval_rl"):
-        rl_scores = evaluate("rl", tag)
+        rl_scores = evaluate("rl", rl_tag)
 
     ctrl_scores = None
     if args.control != "none":
-        control_tag = f"{tag}_control"
+        control_tag = f"{rl_tag}_{args.control}"
         overrides = {"shuffle_advantages": True} if args.control == "shuffle" else {"lr_scale": 0.0}
         with watch(f"rl_control_{args.control}"):
             control_summary = run_rl(control_tag, **overrides)
@@ -237,8 +260,8 @@ def main():
           f"± {se_cluster * 100:.1f}) | RL reward {m['initial_reward']:.3f} -> {m['mean_reward']:.3f} over "
           f"{summary['step']} steps")
     fields = {"sft_acc": f"{sft_acc:.4f}", "rl_acc": f"{rl_acc:.4f}", "gain": f"{gain:.4f}", "se": f"{se:.4f}",
-              "ctrl_gain": "na", "rl_minutes": f"{rl_minutes:.2f}", "ctrl_se": "na",
-              "se_cluster": f"{se_cluster:.4f}", "rl_cpu_minutes": f"{rl_cpu_minutes:.2f}",
+              "ctrl_gain": "na", "rl_minutes": rl_minutes, "ctrl_se": "na",
+              "se_cluster": f"{se_cluster:.4f}", "rl_cpu_minutes": rl_cpu_minutes,
               "eval_problems": str(len(sft_scores)), "control": args.control}
     if ctrl_scores is not None:
         ctrl_gain, ctrl_se = mean(ctrl_scores) - sft_acc, gain_se(ctrl_scores, sft_scores)
