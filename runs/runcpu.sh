@@ -178,7 +178,8 @@ def metric(stage, key):
     found = value(stage, key)
     return "na" if found is None else (f"{found:.4f}" if isinstance(found, float) else str(found))
 # the gain's standard error treats the two evals as independent (conservative: they share their problems)
-sft, rl, sft_se, rl_se = (value(s, k) for s in ("chat_eval_sft", "chat_eval_rl") for k in ("accuracy", "accuracy_se"))
+sft, sft_se = value("chat_eval_sft", "accuracy"), value("chat_eval_sft", "accuracy_se")
+rl, rl_se = value("chat_eval_rl", "accuracy"), value("chat_eval_rl", "accuracy_se")
 gain = f"{rl - sft:.4f}" if None not in (sft, rl) else "na"
 se = f"{(sft_se ** 2 + rl_se ** 2) ** 0.5:.4f}" if None not in (sft_se, rl_se) else "na"
 print(f"[runcpu] report: {os.path.join(base, 'report', 'report.md')}")
