@@ -13,7 +13,7 @@ rl_minutes then come from its checkpoint, rl_cpu_minutes=na). The defaults are r
 Accuracies are greedy on the first --eval-problems (1000) test problems, each with its standard error over problems;
 `se` is the standard error of the gain (sqrt(se_sft^2 + se_rl^2): conservative, the pairing is ignored), and
 `se_cluster` the same gain's standard error when problems that share a computation count as one cluster (the
-twostep test split has ~90 distinct computations behind 1000 problems). Prints one line per stage (wall and CPU
+twostep test split has 48 distinct computations behind its first 1000 problems). Prints one line per stage (wall and CPU
 minutes: the dev box is shared, so wall time is pessimistic) and as its last line
 `RESULT sft_acc=<x> rl_acc=<y> gain=<g> se=<s> ctrl_gain=<c> rl_minutes=<m> ...`.
 
