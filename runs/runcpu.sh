@@ -12,7 +12,7 @@
 # Recipe (environment RECIPE, default clean): which SFT data the RL stage starts from.
 #   clean        every SFT example fully worked (preset twostep: two operations on operands <= 5); 30 SFT steps,
 #                then 450 GRPO steps at lr-scale 0.1, warmup 0.05, zero-variance groups filtered. The RL gain is RL
-#                improving the answers themselves (dev/LOG.md: +18 points over two seeds, ~5 CPU minutes of RL).
+#                improving the answers themselves (dev/LOG.md: +15 ± 2 points on 1000 problems, ~5 CPU min of RL).
 #   answer-only  half the SFT examples state the answer without worked steps (preset easy, 300 SFT steps, 100 RL
 #                steps at lr-scale 0.2): greedy SFT takes the shortcut, and RL's gain is mostly the model learning to
 #                use its think span again -- a real effect, but one this data choice creates (dev/LOG.md).
