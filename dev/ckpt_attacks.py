@@ -50,7 +50,7 @@ runpy.run_module("scripts.base_train", run_name="__main__")
 
 def run(repo, base, *flags, env=None, inject=False):
     """(exit code, stdout, stderr) of base_train from `repo` with tiny settings."""
-    argv = ["--depth", "1", "--aspect-ratio", "32", "--max-seq-len", "32", "--device-batch-size", "2",
+    argv = ["--depth", "1", "--aspect-ratio", "32", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "64",
             "--eval-every", "-1", "--sample-every", "-1", "--tag", "t", "--device", "cpu",
             "--data-dir", DATA, "--tokenizer-dir", TOKENIZER, "--base-dir", base, *flags]
     cmd = [sys.executable, "-c", INJECT] if inject else [sys.executable, "-m", "scripts.base_train"]

@@ -36,7 +36,7 @@ def _stage_cases():
                       lambda fake, cfg=cfg, mc=mc: pretrain_plan(cfg, mc, target="cpu", fake=fake)))
     for depth, vocab, B, T, acc in ((2, 512, 4, 64, 1), (3, 1024, 4, 128, 2), (4, 2048, 2, 256, 1)):
         mc = config_from_depth(depth, vocab, sequence_len=T)
-        cfg = SFTConfig(device_batch_size=B, max_seq_len=T, total_batch_size=B * acc, eval_every=-1)
+        cfg = SFTConfig(device_batch_size=B, max_seq_len=T, total_batch_rows=B * acc, eval_every=-1)
         cases.append((f"chat_sft d{depth} V{vocab} {B}x{T} acc{acc}",
                       lambda fake, cfg=cfg, mc=mc: sft_plan(cfg, mc, target="cpu", fake=fake)))
     for depth, vocab, P, G, new, rows in ((2, 512, 2, 4, 32, 4), (3, 1024, 4, 4, 64, 8), (4, 2048, 2, 8, 96, 8)):

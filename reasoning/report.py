@@ -4,8 +4,9 @@ Each stage calls `log_stage(name, config=..., metrics=..., series=..., seconds=.
 `<base>/report/<name>.json` atomically (a rerun of a stage replaces its own section, nothing else).
 `python -m reasoning.report generate` collects the sections into `<base>/report/report.md`: environment
 (git commit, hardware, torch), one table of stage -> key metrics, total wall time, and plots of the curves
-stages recorded (loss/bpb, SFT loss, RL reward/accuracy, MATH-500 accuracy by level). A stage without a
-section is listed as "not run" — numbers are never invented.
+stages recorded (loss/bpb, SFT loss, RL reward/accuracy, MATH-500 accuracy by level), and an RL section: what the
+gain measures, SFT vs RL held-out accuracy with standard errors, the reward curve. A stage without a section is
+listed as "not run" — numbers are never invented.
 """
 
 from __future__ import annotations
@@ -200,6 +201,68 @@ def _plot_series(sections: dict, out_dir: str) -> list[tuple[str, str]]:
     return plots
 
 
+def _rl_gain(sections: dict, out_dir: str) -> list[str]:
+    """The RL section's lines: what the gain measures (one sentence), SFT and RL held-out accuracy with their
+    standard errors, and a PNG of both with error bars beside the RL reward curve. Empty without both evals."""
+    sft, rl = (sections.get(name, {}).get("metrics", {}) for name in ("chat_eval_sft", "chat_eval_rl"))
+    if not (isinstance(sft.get("accuracy"), (int, float)) and isinstance(rl.get("accuracy"), (int, float))):
+        return []
+    task = sections["chat_eval_rl"].get("config", {}).get("protocol", {}).get("task", "task")
+    n = rl.get("num_problems", "the")
+    sft_config = sections.get("chat_sft", {}).get("config", {})
+    answer_only = sft_config.get("synthetic_answer_only") or 0.0
+    difficulty = f" (preset {sft_config['synthetic_difficulty']})" \
+        if task == "synthetic" and sft_config.get("synthetic_difficulty") else ""
+    lines = ["## RL: what the gain measures", "",
+             f"The gain is what RL added to the SFT model it started from: greedy accuracy on the same {n} held-out "
+             f"{task}{difficulty} test problems, drawn from the distribution RL trained on but never seen in "
+             f"training, after RL minus after SFT."]
+    if answer_only > 0:
+        lines[-1] += (f" Here {answer_only:.0%} of the SFT examples stated the answer without worked steps, so part "
+                      "of the gain is RL teaching the model to use its think span again (dev/LOG.md).")
+    elif task == "synthetic":
+        lines[-1] += " Every SFT example was fully worked, so the gain is RL improving the answers themselves."
+    sft_se, rl_se = sft.get("accuracy_se"), rl.get("accuracy_se")
+    gain = rl["accuracy"] - sft["accuracy"]
+    gain_se = math.hypot(sft_se, rl_se) if isinstance(sft_se, (int, float)) and isinstance(rl_se, (int, float)) \
+        else None
+
+    def pm(value, se):
+        return f"{value * 100:.1f}" + ("" if se is None else f" ± {se * 100:.1f}")
+    lines += ["", "| held-out greedy accuracy (%, ± 1 standard error) | value |", "|---|---|",
+              f"| after SFT | {pm(sft['accuracy'], sft_se)} |", f"| after RL | {pm(rl['accuracy'], rl_se)} |",
+              f"| gain (points; SE of two independent evals, conservative) | {'+' if gain >= 0 else ''}"
+              f"{pm(gain, gain_se)}" + ("" if not gain_se else f" ({gain / gain_se:.1f} SE)") + " |", ""]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return lines
+    reward = [p for p in sections.get("chat_rl", {}).get("series", {}).get("reward", [])
+              if isinstance(p, (list, tuple)) and len(p) == 2]
+    fig, axes = plt.subplots(1, 2 if reward else 1, figsize=(8.4 if reward else 4.2, 3.2), squeeze=False)
+    ax = axes[0][0]
+    ax.bar(["SFT", "RL"], [sft["accuracy"], rl["accuracy"]], color=["#999999", "#3b7dd8"],
+           yerr=[sft_se or 0.0, rl_se or 0.0], capsize=6)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.set_title(f"{n} {task} test problems (± 1 SE)", fontsize=9)
+    if reward:
+        xs, ys = [p[0] for p in reward], [p[1] for p in reward]
+        ax = axes[0][1]
+        ax.plot(xs, ys, alpha=0.3, linewidth=0.8, label="per step")
+        ax.plot(xs, _ema(ys, span=max(5, len(ys) // 20)), linewidth=1.8, label="EMA")
+        ax.set_title("RL reward (train prompts, sampled)", fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "rl_gain.png"), dpi=90)
+    plt.close(fig)
+    return lines + ["![RL gain](rl_gain.png)", ""]
+
+
 def generate(base_dir: str | None = None) -> str:
     """Write report.md (and PNGs) from the stage sections; returns the report path."""
     out_dir = report_dir(base_dir)
@@ -229,6 +292,7 @@ def generate(base_dir: str | None = None) -> str:
         lines.append(f"| {name} | done | {summary} | {wall} |")
     lines += ["", f"**Total wall time of recorded stages:** {total_seconds / 60:.1f} min", ""]
 
+    lines += _rl_gain(sections, out_dir)
     plots = _plot_series(sections, out_dir)
     if plots:
         lines += ["## Plots", ""] + [f"### {title}\n\n![{title}]({fname})\n" for title, fname in plots]

@@ -98,6 +98,9 @@ class RLConfig(FinetuneConfig):
         "divide advantages by the group std (GRPO); Dr. GRPO turns it off"))
     filter_zero_variance: bool = field(default=False, metadata=option(
         "drop groups whose rewards are all equal from the training batch (DAPO dynamic sampling)"))
+    shuffle_advantages: bool = field(default=False, metadata=option(
+        "negative control: permute the advantages across the step's trained rows (and so across groups), so they no "
+        "longer belong to the samples that earned them; every other part of the update is unchanged"))
     clip_low: float = field(default=0.2, metadata=option("PPO clip below: ratio >= 1 - clip_low"))
     clip_high: float = field(default=0.28, metadata=option("PPO clip above: ratio <= 1 + clip_high (DAPO clip-higher)"))
     kl_coef: float = field(default=0.0, metadata=option("k3 KL penalty to the frozen source model (0: no reference)"))
@@ -552,6 +555,20 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     }
 
 
+def shuffled_advantages(advantages: torch.Tensor, rows: list[int], seed: int, step: int, rank: int) -> torch.Tensor:
+    """A copy of `advantages` (N,) whose entries at `rows` are permuted among themselves (seeded by seed, step, rank).
+
+    The negative control of the RL experiment (dev/rl_learning.py): the update keeps its size, its rows, the same
+    multiset of advantages and every other setting, but an advantage no longer tells its row whether that sample
+    was rewarded, so whatever held-out gain remains is not learned from the reward."""
+    out = advantages.clone()
+    if len(rows) > 1:
+        index = torch.tensor(rows, dtype=torch.long)
+        order = np.random.default_rng(_seed_for(seed, step, rank, 0, 0xAD)).permutation(len(rows))
+        out[index] = advantages[index[torch.from_numpy(order)]]
+    return out
+
+
 def rl_step(model, optimizer, engine, tokenizer, stream: PromptStream, reward, config: RLConfig, step: int,
             rank: int, world_size: int, device, autocast, ref_model=None) -> dict:
     """Rollout -> reward -> advantages -> update for one step; returns the step's metrics (all ranks combined)."""
@@ -569,9 +586,11 @@ def rl_step(model, optimizer, engine, tokenizer, stream: PromptStream, reward, c
         rows = [i for i in range(len(rollout.generations)) if bool(keep[i])]
     else:
         rows = list(range(len(rollout.generations)))
+    advantages = shuffled_advantages(rollout.advantages, rows, config.seed, step, rank) \
+        if config.shuffle_advantages else rollout.advantages
     t1 = time.perf_counter()
     lr_mult = config.lr_multiplier(step, config.num_steps)
-    result = optimize_rollout(model, optimizer, data, rollout.advantages, rows, config, step, lr_mult, rank,
+    result = optimize_rollout(model, optimizer, data, advantages, rows, config, step, lr_mult, rank,
                               world_size, device, autocast, ref_model)
     t_train = time.perf_counter() - t1
 

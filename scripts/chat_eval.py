@@ -111,8 +111,10 @@ def main(argv: list[str] | None = None):
         k = settings.num_samples
         headline = {"accuracy": summary["accuracy"], f"pass@{k}": summary[f"pass@{k}"],
                     f"maj@{k}": summary[f"maj@{k}"]}
+        se = summary["accuracy_se"]
         print(f"{label}: {summary['num_problems']} problems x {k} samples | "
-              + " | ".join(f"{key} {value:.4f}" for key, value in headline.items())
+              + " | ".join(f"{key} {value:.4f}" + (f" ± {se:.4f} (SE)" if key == "accuracy" and se else "")
+                           for key, value in headline.items())
               + f" | no answer {summary['no_answer_frac']:.3f} | mean length {summary['mean_completion_tokens']:.1f} "
               f"tokens | " + (f"{summary['tokens_per_s']:.0f} tok/s" if summary["tokens_per_s"] else "nothing new"))
         if summary["by_level"]:
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None):
         print(f"predictions and summary: {out_dir}", flush=True)
         if not args.no_report:
             # headline numbers first: the report's summary table shows a section's first metrics
-            metrics = dict(headline, no_answer_frac=summary["no_answer_frac"])
+            metrics = {"accuracy": summary["accuracy"], "accuracy_se": summary["accuracy_se"], **headline,
+                       "no_answer_frac": summary["no_answer_frac"]}
             metrics.update({key: value for key, value in summary.items()
                             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in metrics})
             tables = {"accuracy by level": summary["by_level"], "accuracy by subject": summary["by_subject"]}

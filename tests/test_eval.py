@@ -14,8 +14,8 @@ import pytest
 from helpers_models import save_tiny_checkpoint, train_small_tokenizer
 from reasoning.checkpoint import load_model
 from reasoning.evaluation import (BASE_TEMPLATE, TEMPLATE_SLOT, EvalSettings, answer_classes, build_prompt,
-                                  evaluate_task, grade_completion, majority_index, pass_at_k, section_name, summarize,
-                                  template_text)
+                                  evaluate_task, grade_completion, majority_index, pass_at_k, section_name,
+                                  standard_error, summarize, template_text)
 from tasks.registry import build_task
 from tasks.synthetic import SyntheticReasoning
 
@@ -95,6 +95,17 @@ def test_majority_groups_equivalent_answers():
     assert summary["pass@1"] == summary["accuracy"] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert summary["pass@2"] == pytest.approx((pass_at_k(4, 2, 2) + pass_at_k(4, 1, 2)) / 2)
     assert summary["pass@4"] == 1.0 and summary["no_answer_frac"] == 1 / 8
+    # the standard error is over problems (scores 2/4 and 1/4), not over the 8 completions
+    assert summary["accuracy_se"] == pytest.approx(math.sqrt(((0.5 - 0.375) ** 2 + (0.25 - 0.375) ** 2) / 1 / 2))
+
+
+def test_standard_error_of_a_greedy_accuracy_is_the_binomial_one():
+    scores = [1.0] * 300 + [0.0] * 700
+    assert standard_error(scores) == pytest.approx(math.sqrt(0.3 * 0.7 / 999))
+    assert standard_error([1.0, 1.0, 1.0]) == 0.0 and standard_error([1.0]) is None and standard_error([]) is None
+    records = [dict(index=i, sample=0, extracted="1", correct=i < 3, num_tokens=1, stop_reason="stop")
+               for i in range(10)]
+    assert summarize(records, 1)["accuracy_se"] == pytest.approx(standard_error([1.0] * 3 + [0.0] * 7))
 
 
 def test_section_names():
@@ -286,4 +297,5 @@ def test_chat_eval_math500_writes_levels_and_protocol(run_dir, tmp_path, capsys)
     assert summary["protocol"]["checkpoint"]["dir"].endswith(os.path.join("sft", "tiny"))
     section = json.load(open(run_dir / "report" / "math500_sft.json"))
     assert sum(row["n"] for row in section["tables"]["accuracy by level"]) == 6
-    assert list(section["metrics"])[:3] == ["accuracy", "pass@1", "maj@1"]
+    assert list(section["metrics"])[:4] == ["accuracy", "accuracy_se", "pass@1", "maj@1"]
+    assert section["metrics"]["accuracy_se"] == 0.0  # six wrong answers: no spread

@@ -146,7 +146,7 @@ def _reference(main, argv, base_dir, monkeypatch, capsys):
 def test_base_train_survives_sigkill(tiny_corpus, tmp_path, monkeypatch, capsys):
     from scripts.base_train import main
 
-    argv = ["--depth", "1", "--aspect-ratio", "32", "--max-seq-len", "32", "--device-batch-size", "2",
+    argv = ["--depth", "1", "--aspect-ratio", "32", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "64",
             "--num-iterations", "12", "--warmup-ratio", "0.2", "--eval-every", "-1", "--sample-every", "-1",
             "--save-every", "1", "--tag", "k", "--data-dir", tiny_corpus.data_dir,
             "--tokenizer-dir", tiny_corpus.tokenizer_dir, "--device", "cpu"]
@@ -172,7 +172,7 @@ def tiny_tokenizer_dir(tmp_path_factory):
 def test_chat_sft_survives_sigkill(tiny_tokenizer_dir, tmp_path, monkeypatch, capsys):
     from scripts.chat_sft import main
 
-    argv = ["--num-iterations", "10", "--eval-every", "-1", "--device-batch-size", "2", "--max-seq-len", "96",
+    argv = ["--num-iterations", "10", "--eval-every", "-1", "--device-batch-size", "2", "--total-batch-rows", "2", "--max-seq-len", "96",
             "--task-size", "40", "--val-examples", "0", "--save-every", "1", "--warmup-ratio", "0.2",
             "--device", "cpu"]
     runs = {}

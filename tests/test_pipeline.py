@@ -31,7 +31,7 @@ SCRIPT_KNOBS = (
     "VOCAB_SIZE", "SEQ_LEN", "BASE_STEPS", "SFT_STEPS", "RL_STEPS", "EVAL_PROBLEMS", "MATH500_PATH", "NUM_SHARDS",
     "DOCS_PER_SHARD", "TOK_ARGS", "BASE_ARGS", "BASE_EVAL_ARGS", "SFT_ARGS", "RL_ARGS", "EVAL_ARGS", "MATH500_ARGS",
     "GSM8K_ARGS", "DATA_ARGS", "NPROC", "SFT_TASKS", "RL_TASK", "MAJ_K", "TORCHRUN", "SYNTHETIC", "CHAT_EVAL_TASK",
-    "FINAL_EVAL_TASK", "FP8",
+    "FINAL_EVAL_TASK", "FP8", "RECIPE", "SFT_ANSWER_ONLY", "SYNTHETIC_DIFFICULTY", "RL_LR_SCALE",
 )
 
 # Micro sizes per stage, shared by both pipelines (appended flags: later ones win over the scripts' own).
@@ -231,6 +231,23 @@ def test_runcpu_dry_run_and_bad_stage(tmp_path):
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "--stage chat_lr: unknown stage" in bad.stderr, bad.stderr
 
+    # the default recipe: clean SFT data (every example worked), the twostep RL recipe, 1000-problem evals
+    lines = {name: line for line in proc.stdout.splitlines() for name in RUNCPU_STAGES if f"===== {name}:" in line}
+    assert "--synthetic-answer-only 0 " in lines["chat_sft"] + " " and "--num-iterations 30 " in lines["chat_sft"]
+    for name in ("chat_sft", "chat_eval_sft", "chat_rl", "chat_eval_rl"):
+        assert "--synthetic-difficulty twostep" in lines[name], lines[name]
+    for flags in ("--num-steps 450", "--lr-scale 0.1", "--warmup-ratio 0.05", "--filter-zero-variance"):
+        assert flags in lines["chat_rl"], lines["chat_rl"]
+    assert "--max-problems 1000" in lines["chat_eval_sft"] and "--max-problems 1000" in lines["chat_eval_rl"]
+    # the answer-only mixture stays one knob away; an unknown recipe is a one-line error
+    answer_only = run_script("runcpu.sh", "--dry-run", env=dict(env, RECIPE="answer-only"), timeout=30).stdout
+    assert "--synthetic-difficulty easy --num-iterations 300" in answer_only
+    assert "--synthetic-answer-only 0.5" in answer_only and "--lr-scale 0.2 --eval-every" in answer_only
+    bad = subprocess.run(["bash", "runs/runcpu.sh", "--dry-run"], cwd=REPO, env=dict(env, RECIPE="dirty"),
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "error: RECIPE=dirty: unknown recipe (expected clean or answer-only)", bad.stderr
+
 
 # ----------------------------------------------------------------------------------------------- runcpu.sh
 
@@ -280,6 +297,12 @@ def test_runcpu_runs_every_stage_and_writes_the_report_card(runcpu):
     assert result["val_bpb"] == f"{train['val_bpb']:.4f}"
     assert float(result["sft_acc"]) == pytest.approx(section(base, "chat_eval_sft")["metrics"]["accuracy"], abs=1e-4)
     assert float(result["rl_acc"]) == pytest.approx(section(base, "chat_eval_rl")["metrics"]["accuracy"], abs=1e-4)
+    # every held-out accuracy comes with its standard error; the gain's is the two combined
+    sft_se, rl_se = (section(base, f"chat_eval_{s}")["metrics"]["accuracy_se"] for s in ("sft", "rl"))
+    assert float(result["sft_se"]) == pytest.approx(sft_se, abs=1e-4)
+    assert float(result["rl_se"]) == pytest.approx(rl_se, abs=1e-4)
+    assert float(result["gain"]) == pytest.approx(float(result["rl_acc"]) - float(result["sft_acc"]), abs=2e-4)
+    assert float(result["se"]) == pytest.approx(math.hypot(sft_se, rl_se), abs=1e-4)
 
 
 @pytest.mark.slow

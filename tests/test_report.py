@@ -58,3 +58,38 @@ def test_ema_is_bias_corrected_and_tracks_a_step():
     assert _ema([3.0, 3.0, 3.0], span=9) == pytest.approx([3.0, 3.0, 3.0])  # a constant stays put from the start
     smooth = _ema([0.0] * 50 + [1.0] * 50, span=5)
     assert smooth[49] == pytest.approx(0.0) and 0.3 < smooth[50] < 0.4 and smooth[-1] == pytest.approx(1.0, abs=1e-6)
+
+
+def _eval_section(base, stage, accuracy, se, n=1000):
+    report.log_stage(f"chat_eval_{stage}", config={"protocol": {"task": "synthetic"}},
+                     metrics={"accuracy": accuracy, "accuracy_se": se, "num_problems": n}, base_dir=base)
+
+
+@pytest.mark.parametrize("answer_only", [0.0, 0.5])
+def test_rl_section_says_what_the_gain_measures_with_error_bars(tmp_path, answer_only):
+    base = str(tmp_path)
+    report.log_stage("chat_sft", config={"task": "synthetic", "synthetic_difficulty": "twostep",
+                                         "synthetic_answer_only": answer_only}, metrics={"train_loss": 1.0},
+                     base_dir=base)
+    _eval_section(base, "sft", 0.362, 0.0152)
+    _eval_section(base, "rl", 0.542, 0.0158)
+    reward = [[i, 0.2 + i / 1000] for i in range(1, 61)]
+    report.log_stage("chat_rl", metrics={"accuracy": 0.5}, series={"reward": reward}, base_dir=base)
+    path = report.generate(base)
+    text = open(path).read()
+    assert "## RL: what the gain measures" in text
+    assert "greedy accuracy on the same 1000 held-out synthetic (preset twostep) test problems" in text
+    assert "| after SFT | 36.2 ± 1.5 |" in text and "| after RL | 54.2 ± 1.6 |" in text
+    se = (0.0152 ** 2 + 0.0158 ** 2) ** 0.5
+    assert f"| +18.0 ± {se * 100:.1f} ({0.18 / se:.1f} SE) |" in text
+    # the sentence names the SFT data the gain depends on
+    assert ("think span again" in text) == (answer_only > 0)
+    assert ("Every SFT example was fully worked" in text) == (answer_only == 0)
+    assert "![RL gain](rl_gain.png)" in text and _is_png(os.path.join(base, "report", "rl_gain.png"))
+
+
+def test_no_rl_section_without_both_evals(tmp_path):
+    base = str(tmp_path)
+    _eval_section(base, "sft", 0.362, 0.0152)
+    text = open(report.generate(base)).read()
+    assert "what the gain measures" not in text and not os.path.exists(os.path.join(base, "report", "rl_gain.png"))

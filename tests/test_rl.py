@@ -167,7 +167,7 @@ def synthetic_sft(tmp_path_factory):
     summary = None
     for answer_only, steps, lr_scale in ((0.0, 400, 2.0), (0.5, 100, 1.0)):
         train = SyntheticReasoning("train", size=20_000, difficulty=SYNTHETIC, answer_only_frac=answer_only)
-        config = SFTConfig(num_iterations=steps, lr_scale=lr_scale, device_batch_size=16, max_seq_len=256,
+        config = SFTConfig(num_iterations=steps, lr_scale=lr_scale, device_batch_size=16, total_batch_rows=16, max_seq_len=256,
                            eval_every=-1, log_every=1000, seed=int(answer_only > 0), base_dir=str(root),
                            out_tag=f"synthetic_ao{answer_only}")
         summary = train_sft(config, model, tokenizer, source, torch.device("cpu"), tasks=(train, None, None))
@@ -295,6 +295,43 @@ def test_grpo_scaling_matches_one_big_batch(tiny_sft):
             grads.append(captured["grad"])
         assert grads[0].abs().max() > 0
         torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_shuffled_advantages_permute_only_the_trained_rows():
+    """The negative control's advantages: the same values on the same rows, reassigned among them (seeded)."""
+    advantages = torch.linspace(-1.5, 1.5, 16)
+    rows = [0, 2, 3, 5, 7, 8, 11, 12, 15]
+    shuffled = rl.shuffled_advantages(advantages, rows, seed=0, step=3, rank=0)
+    others = [i for i in range(16) if i not in rows]
+    assert torch.equal(shuffled[others], advantages[others])                 # untrained rows untouched
+    assert sorted(shuffled[rows].tolist()) == sorted(advantages[rows].tolist())
+    assert not torch.equal(shuffled[rows], advantages[rows])
+    assert torch.equal(shuffled, rl.shuffled_advantages(advantages, rows, seed=0, step=3, rank=0))
+    assert not torch.equal(shuffled, rl.shuffled_advantages(advantages, rows, seed=0, step=4, rank=0))
+    assert torch.equal(advantages, torch.linspace(-1.5, 1.5, 16))           # the input is not modified
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shuffle_advantages_flag_feeds_the_update_a_permutation(tiny_sft, monkeypatch, shuffle):
+    base_dir, ckpt_dir = tiny_sft
+    seen = {}
+    collect, optimize = rl.collect_rollout, rl.optimize_rollout
+
+    def collect_and_keep(*args, **kwargs):
+        seen["rollout"] = collect(*args, **kwargs)
+        return seen["rollout"]
+
+    def optimize_and_keep(model, optimizer, data, advantages, rows, *args, **kwargs):
+        seen["advantages"], seen["rows"] = advantages.clone(), list(rows)
+        return optimize(model, optimizer, data, advantages, rows, *args, **kwargs)
+    monkeypatch.setattr(rl, "collect_rollout", collect_and_keep)
+    monkeypatch.setattr(rl, "optimize_rollout", optimize_and_keep)
+    config = small_config(base_dir, ckpt_dir, out_tag=f"shuffle{int(shuffle)}", num_steps=1, shuffle_advantages=shuffle)
+    train_rl(config, tasks=_tasks())
+    original, used, rows = seen["rollout"].advantages, seen["advantages"], seen["rows"]
+    assert original.abs().sum() > 0, "the rollout should have groups with a learning signal"
+    assert sorted(used[rows].tolist()) == sorted(original[rows].tolist())
+    assert torch.equal(used, original) != shuffle
 
 
 # ----------------------------------------------------------------------------------------------- resume, reference

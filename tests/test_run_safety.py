@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(corpus, base_dir, **overrides) -> TrainConfig:
-    values = dict(depth=1, aspect_ratio=32, max_seq_len=32, device_batch_size=2, num_iterations=4, eval_every=-1,
+    values = dict(depth=1, aspect_ratio=32, max_seq_len=32, device_batch_size=2, total_batch_size=64, num_iterations=4, eval_every=-1,
                   sample_every=-1, log_every=100, data_dir=corpus.data_dir, tokenizer_dir=corpus.tokenizer_dir,
                   base_dir=str(base_dir), device="cpu", tag="t")
     values.update(overrides)
@@ -25,7 +25,7 @@ def tiny(corpus, base_dir, **overrides) -> TrainConfig:
 
 
 def base_argv(corpus, base_dir, *extra):
-    return ["--depth", "1", "--aspect-ratio", "32", "--max-seq-len", "32", "--device-batch-size", "2",
+    return ["--depth", "1", "--aspect-ratio", "32", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "64",
             "--eval-every", "-1", "--sample-every", "-1", "--data-dir", corpus.data_dir, "--tokenizer-dir",
             corpus.tokenizer_dir, "--base-dir", str(base_dir), "--device", "cpu", "--tag", "t", *extra]
 
@@ -107,7 +107,7 @@ def test_fine_tuning_refuses_an_occupied_out_tag(tiny_corpus, tmp_path):
     task = SyntheticReasoning("train", size=8, seed=1)
 
     def run(**kw):
-        config = SFTConfig(num_iterations=2, device_batch_size=2, max_seq_len=96, eval_every=-1, base_dir=str(tmp_path),
+        config = SFTConfig(num_iterations=2, device_batch_size=2, total_batch_rows=2, max_seq_len=96, eval_every=-1, base_dir=str(tmp_path),
                            out_tag="ft", **kw)
         model = tiny_model(tokenizer.vocab_size, depth=1, n_embd=32, sequence_len=128)
         return train_sft(config, model, tokenizer, {"dir": "src", "step": 0}, torch.device("cpu"),

@@ -21,7 +21,7 @@ def test_base_train_with_run_name_writes_an_offline_wandb_run(tiny_corpus, tmp_p
                WANDB_DISABLE_GIT="true", PYTHONPATH=REPO)
     env.pop("WANDB_API_KEY", None)
     run_name = "tiny-offline-check"
-    argv = ["--depth", "1", "--aspect-ratio", "32", "--max-seq-len", "32", "--device-batch-size", "2",
+    argv = ["--depth", "1", "--aspect-ratio", "32", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "64",
             "--num-iterations", "3", "--eval-every", "-1", "--sample-every", "-1", "--save-every", "-1",
             "--data-dir", tiny_corpus.data_dir, "--tokenizer-dir", tiny_corpus.tokenizer_dir,
             "--base-dir", str(tmp_path / "base"), "--device", "cpu", "--run", run_name]
