@@ -2,14 +2,15 @@
 # The full pipeline on one 8×GPU node (H100/H200 class): tokenizer -> pretrain -> SFT -> GRPO -> MATH-500.
 #
 #   bash runs/speedrun.sh             # run it (a few hours at DEPTH=20)
-#   bash runs/speedrun.sh --dry-run   # print every command, in order, without running anything
-#   bash runs/speedrun.sh --plan      # the dry run, and under each GPU stage the memory plan and the settings the
-#                                     # planner chooses (python -m scripts.plan_memory; minutes of CPU, no GPU needed)
+#   bash runs/speedrun.sh --dry-run   # print every command, in order, without running anything, and under each
+#                                     # GPU stage its memory plan and the settings the planner chooses for
+#                                     # GPU_MEMORY_GIB (python -m scripts.plan_memory; minutes of CPU, no GPU needed)
+#   bash runs/speedrun.sh --commands  # only the commands (instant); --plan is another name for --dry-run
 #
 # Environment knobs:
 #   DEPTH=20                  model size dial (width, heads, batch derived from it)
 #   NPROC=8                   GPUs per node (torchrun --nproc_per_node)
-#   GPU_MEMORY_GIB=80         GPU memory --plan plans for (each stage plans the GPU it finds at startup itself)
+#   GPU_MEMORY_GIB=80         GPU memory --dry-run plans for (each stage plans the GPU it finds at startup itself)
 #   REASONING_BASE_DIR=...    run folder (default ~/.cache/reasoning/speedrun)
 #   WANDB_RUN=name            log to wandb under this run name (off when unset)
 #   NUM_SHARDS=240            pretraining shards to download (~100M chars each)
@@ -34,12 +35,13 @@ DRY_RUN=0
 PLAN=0
 for arg in "$@"; do
     case "$arg" in
-        --dry-run) DRY_RUN=1 ;;
-        --plan) DRY_RUN=1; PLAN=1 ;;
+        --dry-run|--plan) DRY_RUN=1; PLAN=1 ;;
+        --commands) DRY_RUN=1; COMMANDS_ONLY=1 ;;
         -h|--help) sed -n '2,/^[^#]/{/^#/p;}' "$0"; exit 0 ;;  # the comment header
-        *) echo "error: unknown argument '$arg' (expected --dry-run or --plan)" >&2; exit 2 ;;
+        *) echo "error: unknown argument '$arg' (expected --dry-run, --commands or --plan)" >&2; exit 2 ;;
     esac
 done
+if [ "${COMMANDS_ONLY:-0}" -eq 1 ]; then PLAN=0; fi
 
 export REASONING_BASE_DIR="${REASONING_BASE_DIR:-$HOME/.cache/reasoning/speedrun}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

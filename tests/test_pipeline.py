@@ -181,7 +181,7 @@ def test_run_scripts_are_shellcheck_clean():
 
 def test_speedrun_dry_run_lists_the_stages_in_order(tmp_path):
     base = tmp_path / "speedrun"
-    proc = run_script("speedrun.sh", "--dry-run", env=script_env(tmp_path, REASONING_BASE_DIR=base), timeout=30)
+    proc = run_script("speedrun.sh", "--commands", env=script_env(tmp_path, REASONING_BASE_DIR=base), timeout=30)
     commands = [line[len("[speedrun] "):] for line in proc.stdout.splitlines() if line.startswith("[speedrun] ")]
     expected = [  # (command prefix, must contain), in pipeline order
         ("python -m reasoning.report reset", ""),
@@ -207,7 +207,7 @@ def test_speedrun_dry_run_lists_the_stages_in_order(tmp_path):
     assert not base.exists(), "a dry run must not create the run folder"
 
     # the CPU knobs: synthetic corpus instead of the download, the launcher and tasks swapped
-    proc = run_script("speedrun.sh", "--dry-run", env=script_env(
+    proc = run_script("speedrun.sh", "--commands", env=script_env(
         tmp_path, REASONING_BASE_DIR=base, SYNTHETIC=1, DEPTH=1, TORCHRUN="torchrun --nproc_per_node=2",
         SFT_TASKS="synthetic", RL_TASK="synthetic", CHAT_EVAL_TASK="synthetic", FINAL_EVAL_TASK="MATH-500",
         MATH500_ARGS="--data-path x.json"), timeout=30)
@@ -216,6 +216,33 @@ def test_speedrun_dry_run_lists_the_stages_in_order(tmp_path):
     assert proc.stdout.count("torchrun --nproc_per_node=2 -m scripts.") == 8
     assert "-a synthetic" in proc.stdout and "-a GSM8K" not in proc.stdout and "--task MATH " not in proc.stdout
     assert proc.stdout.count("-a MATH-500") == 2 and proc.stdout.count("--data-path x.json") == 2
+
+
+def test_speedrun_dry_run_shows_each_gpu_stage_plan_and_chosen_batch(tmp_path):
+    """--dry-run = the commands + under each GPU stage the memory planner's line (scripts.plan_memory --brief) with
+    the settings it chose for GPU_MEMORY_GIB; --commands alone prints no plan. A tiny depth keeps planning quick."""
+    base = tmp_path / "speedrun"
+    env = script_env(tmp_path, REASONING_BASE_DIR=base, SYNTHETIC=1, DEPTH=2, SFT_TASKS="synthetic",
+                     RL_TASK="synthetic", CHAT_EVAL_TASK="synthetic", FINAL_EVAL_TASK="synthetic", GPU_MEMORY_GIB=80)
+    out = run_script("speedrun.sh", "--dry-run", env=env, timeout=600).stdout
+    lines = out.splitlines()
+    stages = [line for line in lines if line.startswith("[speedrun] ") and " -m scripts." in line and " -- " in line]
+    plans = [line for line in lines if line.startswith("[plan] ")]
+    assert len(stages) >= 5 and len(plans) == len(stages), out
+    current = None  # each GPU stage's plan line comes after its command, before the next command
+    for line in lines:
+        if line in stages:
+            current = line.split(" -m scripts.")[1].split()[0]
+        elif line.startswith("[speedrun] "):
+            current = None
+        elif line.startswith("[plan] "):
+            assert current and line.startswith(f"[plan] {current}: ") and "fit 80 GiB" in line, (current, line)
+            current = None
+    train = next(line for line in plans if line.startswith("[plan] base_train: "))
+    assert "device_batch_size=" in train and "accumulation=" in train  # the batch the planner chose
+    assert not base.exists(), "a dry run must not create the run folder"
+    quick = run_script("speedrun.sh", "--commands", env=env, timeout=60).stdout
+    assert "[plan]" not in quick and quick.count("[speedrun] ") == out.count("[speedrun] ")
 
 
 def test_runcpu_dry_run_and_bad_stage(tmp_path):
@@ -350,7 +377,7 @@ def speedrun(tmp_path_factory):
         BASE_EVAL_ARGS=MICRO_BASE_EVAL, SFT_TASKS="synthetic", SFT_ARGS=f"--num-iterations {STEPS['sft']} {MICRO_SFT}",
         RL_TASK="synthetic", RL_ARGS=f"--num-steps {STEPS['rl']} {MICRO_RL}", CHAT_EVAL_TASK="synthetic",
         EVAL_ARGS=f"--max-problems {EVAL_PROBLEMS} {MICRO_EVAL}", MAJ_K=2, **final_eval)
-    dry = run_script("speedrun.sh", "--dry-run", env=env, timeout=30).stdout
+    dry = run_script("speedrun.sh", "--commands", env=env, timeout=30).stdout
     start = time.perf_counter()
     proc = run_script("speedrun.sh", env=env)
     print(f"speedrun.sh micro chain under torchrun x2: {time.perf_counter() - start:.1f} s")
