@@ -17,7 +17,7 @@ import re
 import subprocess
 
 from reasoning import memplan
-from reasoning.training import print_result
+from reasoning.cli import print_result
 from scripts.plan_memory import plan_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

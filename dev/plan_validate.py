@@ -23,7 +23,7 @@ from reasoning.rl import RLConfig
 from reasoning.rl import plan_memory as rl_plan
 from reasoning.sft import SFTConfig
 from reasoning.sft import plan_memory as sft_plan
-from reasoning.training import print_result
+from reasoning.cli import print_result
 
 
 def _stage_cases():

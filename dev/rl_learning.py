@@ -149,9 +149,11 @@ def main():
 
     from reasoning.common import seed_everything
     from reasoning.evaluation import standard_error
-    from reasoning.pretrain import TrainConfig, train
+    from reasoning.pretrain import TrainConfig
     from reasoning.rl import RLConfig, train_rl
-    from reasoning.sft import SFTConfig, train_sft
+    from reasoning.sft import SFTConfig
+    from scripts.base_train import train
+    from scripts.chat_sft import train as train_sft
 
     base_dir = args.base_dir or tempfile.mkdtemp(prefix="rl_learning_")
     os.makedirs(base_dir, exist_ok=True)
@@ -190,7 +192,7 @@ def main():
             train_sft(SFTConfig(task="synthetic", synthetic_difficulty=args.difficulty, num_iterations=args.sft_steps,
                                 synthetic_answer_only=args.sft_answer_only,
                                 device_batch_size=16, total_batch_rows=16, max_seq_len=256, eval_every=-1, log_every=50,
-                                base_dir=base_dir, overwrite=True), model, tokenizer, source, torch.device("cpu"))
+                                base_dir=base_dir, overwrite=True), model, tokenizer, source)
 
     def evaluate(stage: str, out_tag: str) -> list[float]:
         model, tokenizer, _ = ckpt.load_model(stage, out_tag, device="cpu", base_dir=base_dir)

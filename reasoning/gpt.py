@@ -524,9 +524,11 @@ class GPT(nn.Module):
             groups["lm_head"] = [self.lm_head.weight]
         return groups
 
-    def setup_optimizer(self, **kwargs):
-        """Muon (hidden matrices) + AdamW (the rest) over param_groups(); kwargs go to optim.build_optimizer."""
-        from reasoning.optim import build_optimizer  # deferred: optim is only needed by training scripts
+    def setup_optimizer(self, settings=None, **run_options):
+        """Muon (hidden matrices) + AdamW (the rest) over param_groups(): optim.build_optimizer with `settings`
+        (optim.OptimizerSettings, default its defaults) at this model's width; run_options = distributed, shard,
+        compile_backend."""
+        from reasoning.optim import OptimizerSettings, build_optimizer  # deferred: only training needs optim
 
-        kwargs.setdefault("model_dim", self.config.n_embd)  # scales the embedding/lm_head learning rates
-        return build_optimizer(self.param_groups(), **kwargs)
+        return build_optimizer(self.param_groups(), settings or OptimizerSettings(),
+                               model_dim=self.config.n_embd, **run_options)  # the width scales some learning rates

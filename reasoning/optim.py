@@ -40,6 +40,7 @@ All collectives go through reasoning.distributed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -387,18 +388,33 @@ class MuonAdamW(torch.optim.Optimizer):
 GROUP_KEYS = ("matrix", "embedding", "lm_head", "scalar")
 
 
-def build_optimizer(model_param_groups: dict[str, list[torch.Tensor]], matrix_lr: float = 0.02,
-                    embedding_lr: float = 0.2, lm_head_lr: float = 0.004, scalar_lr: float = 0.5,
-                    weight_decay: float = 0.0, betas: tuple[float, float] = (0.8, 0.95),
-                    muon_momentum: float = 0.95, model_dim: int = 768, *, adamw_weight_decay: float = 0.0,
-                    adamw_eps: float = 1e-10, ns_method: str = "polar_express", ns_steps: int = 5,
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer's hyperparameters, as a trainer's config sets them (reasoning.training.TrainerConfig.
+    optimizer_settings). `weight_decay` applies to the Muon matrices; the AdamW groups use `adamw_weight_decay`
+    (0: decaying embeddings and gains toward zero is not what a language model wants)."""
+    matrix_lr: float = 0.02
+    embedding_lr: float = 0.2
+    lm_head_lr: float = 0.004
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.8, 0.95)  # AdamW
+    muon_momentum: float = 0.95
+    adamw_weight_decay: float = 0.0
+    adamw_eps: float = 1e-10
+    ns_method: str = "polar_express"
+    ns_steps: int = 5
+
+
+def build_optimizer(model_param_groups: dict[str, list[torch.Tensor]],
+                    settings: OptimizerSettings = OptimizerSettings(), model_dim: int = 768, *,
                     distributed: bool | None = None, shard: bool = False,
                     compile_backend: str | Callable | None = None) -> MuonAdamW:
     """MuonAdamW from `GPT.param_groups()`: {"matrix", "embedding", "lm_head" (absent when tied), "scalar"}.
 
-    `weight_decay` applies to the Muon matrices; the AdamW groups use `adamw_weight_decay` (0 by default: decaying
-    embeddings and gains toward zero is not what a language model wants). The embedding and lm_head lrs are
-    multiplied by (model_dim / 768) ** -0.5 (see the module docstring). Empty groups are left out.
+    `settings` are the hyperparameters; `model_dim` the model's width: the embedding and lm_head lrs are multiplied
+    by (model_dim / 768) ** -0.5 (see the module docstring); `distributed`, `shard` and `compile_backend` are how
+    the run executes it (MuonAdamW). Empty groups are left out.
     """
     unknown = sorted(set(model_param_groups) - set(GROUP_KEYS))
     if unknown:
@@ -406,13 +422,14 @@ def build_optimizer(model_param_groups: dict[str, list[torch.Tensor]], matrix_lr
     if model_dim <= 0:
         raise ValueError(f"model_dim={model_dim}: expected a positive width")
     width_scale = (model_dim / 768) ** -0.5
-    adamw = dict(kind="adamw", betas=tuple(betas), eps=adamw_eps, weight_decay=adamw_weight_decay)
+    adamw = dict(kind="adamw", betas=tuple(settings.betas), eps=settings.adamw_eps,
+                 weight_decay=settings.adamw_weight_decay)
     specs = {
-        "matrix": dict(kind="muon", lr=matrix_lr, momentum=muon_momentum, weight_decay=weight_decay,
-                       ns_method=ns_method, ns_steps=ns_steps),
-        "embedding": dict(adamw, lr=embedding_lr * width_scale),
-        "lm_head": dict(adamw, lr=lm_head_lr * width_scale),
-        "scalar": dict(adamw, lr=scalar_lr),
+        "matrix": dict(kind="muon", lr=settings.matrix_lr, momentum=settings.muon_momentum,
+                       weight_decay=settings.weight_decay, ns_method=settings.ns_method, ns_steps=settings.ns_steps),
+        "embedding": dict(adamw, lr=settings.embedding_lr * width_scale),
+        "lm_head": dict(adamw, lr=settings.lm_head_lr * width_scale),
+        "scalar": dict(adamw, lr=settings.scalar_lr),
     }
     groups = [dict(specs[key], name=key, params=list(model_param_groups[key]))
               for key in GROUP_KEYS if model_param_groups.get(key)]

@@ -1,4 +1,6 @@
-"""Pretraining as a library: `TrainConfig` + `train(config) -> summary`; scripts/base_train.py is its CLI.
+"""Pretraining's parts: `TrainConfig`, the schedules, the model and data set-up, evaluation, memory plan.
+
+The loop itself reads top to bottom in scripts/base_train.py (`train(config) -> summary`).
 
 One optimizer step = `total_batch_size` tokens (fixed: 2**19 by default, nanochat's d20 batch), gathered as
 micro-batches of `device_batch_size` rows on every data-parallel rank and accumulated; the device batch size only
@@ -28,27 +30,19 @@ checkpoints already written are untouched, so the last one is good.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from reasoning import checkpoint as ckpt
-from reasoning.common import (UserError, autocast_context, get_base_dir, get_compute_dtype, init_distributed,
-                              print0, seed_everything)
-from reasoning.flash_attention import resolve_backend
-from reasoning.mfu import model_flops_utilization, peak_flops
-from reasoning.training import (DEVICE_HELP, NonFiniteLossError, RunLog, RunProgress, TrainerConfig,
-                                accumulate_gradients, autocast_factory, check_weights_finite, diverged_message,
-                                format_eta, gather_objects, load_optimizer_state, load_resume_checkpoint,
-                                lr_multiplier, option, save_training_checkpoint, start_run)
+from reasoning.cli import DEVICE_HELP, option
+from reasoning.common import UserError, autocast_context, print0
+from reasoning.mfu import model_flops_utilization
+from reasoning.optim import OptimizerSettings
+from reasoning.training import TrainerConfig, lr_multiplier, set_learning_rate
 
 STAGE = "base"
 DEFAULT_DEVICE_BATCH_SIZE = 32  # rows per micro-batch when --device-batch-size is -1 off CUDA (the tuned recipe)
-EMA_BETA = 0.9  # smoothing of the printed/reported train loss
 DEFAULT_TOTAL_BATCH_TOKENS = 2**19  # 256 rows of 2048 tokens: nanochat's d20 batch
 DEFAULT_SAMPLE_PROMPTS = (
     "The capital of France is",
@@ -140,6 +134,11 @@ class TrainConfig(TrainerConfig):
         if self.num_iterations == -1 and self.target_param_data_ratio <= 0:
             raise UserError("--num-iterations -1 needs --target-param-data-ratio > 0")
 
+    def optimizer_settings(self, lr_scale: float = 1.0) -> OptimizerSettings:
+        """TrainerConfig's rates plus pretraining's AdamW betas and the Muon momentum the ramp ends at."""
+        return dataclasses.replace(super().optimizer_settings(lr_scale), betas=(self.adam_beta1, self.adam_beta2),
+                                   muon_momentum=self.muon_momentum_end)
+
 
 add_train_args = TrainConfig.add_args  # one --flag per field (reasoning.training); scripts/base_train.py
 config_from_args = TrainConfig.from_args
@@ -156,22 +155,12 @@ def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, warmup_step
 def apply_schedules(optimizer, step: int, config: TrainConfig, num_iterations: int) -> float:
     """Write this step's lr (and Muon momentum) into the param groups; returns the lr multiplier."""
     mult = lr_multiplier(step, num_iterations, config.warmup_ratio, config.warmdown_ratio, config.final_lr_frac)
+    set_learning_rate(optimizer, mult)
     momentum = muon_momentum(step, config.muon_momentum_start, config.muon_momentum_end, config.muon_momentum_warmup)
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * mult
         if group.get("kind") == "muon":
             group["momentum"] = momentum
     return mult
-
-
-# -------------------------------------------------------------------------------------------- one step
-
-def _grad_norm(parameters) -> torch.Tensor:
-    """Global L2 norm of the gradients (0-d float32); computing it is also the finiteness check."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -218,7 +207,7 @@ def sample_completions(model, tokenizer, prompts, max_tokens: int) -> list[dict]
     return [{"prompt": p, "completion": tokenizer.decode(g.tokens)} for p, g in zip(prompts, generations)]
 
 
-# -------------------------------------------------------------------------------------------- the loop
+# -------------------------------------------------------------------------------------------- set-up
 
 def _non_embedding_params(model) -> int:
     # the embedding table is a lookup, not a matmul: Chinchilla-style token budgets count the other weights
@@ -235,7 +224,7 @@ def plan_memory(config: TrainConfig, model_config, world_size: int = 1, target: 
     accumulation = max(1, config.total_batch_size // (B * T * data_ranks)) * config.simulate_ranks
     settings = {"device_batch_size": B, "max_seq_len": T, "accumulation": accumulation, "fp8": config.fp8}
     with memplan.Session(model_config, target, fake, config.fp8_min_dim if config.fp8 else None) as s:
-        s.build_optimizer(**config.optimizer_args())
+        s.build_optimizer(settings=config.optimizer_settings())
         return [s.phase("base_train", "train", settings,
                         lambda: s.train_steps([(B, T)] * memplan.micro_steps(accumulation)))]
 
@@ -261,229 +250,116 @@ def resolve_device_batch(config: TrainConfig, model_config, device, world_size: 
     return dataclasses.replace(config, device_batch_size=rows)
 
 
-def train(config: TrainConfig) -> dict:
-    """Pretrain (or resume) a GPT per `config`; returns a summary (metrics, series, per-step losses, paths).
 
-    Raises NonFiniteLossError when the loss or gradient norm stops being finite, UserError on bad settings.
-    """
-    from reasoning.dataloader import Prefetcher, build_train_loader, packing_stats
-    from reasoning.gpt import GPT, config_from_depth
+
+def load_tokenizer(config: TrainConfig, base_dir: str):
+    """(tokenizer, its folder): --tokenizer-dir, else <base>/tokenizer."""
     from reasoning.tokenizer import Tokenizer, get_tokenizer
 
-    config.validate()
-    start_time = time.perf_counter()
-    info = init_distributed(config.device)
-    rank, world_size, device = info.rank, info.world_size, info.device
-    master = rank == 0
-    base_dir = config.base_dir or get_base_dir()
     if config.tokenizer_dir:
-        tokenizer_path = config.tokenizer_dir
-        if not os.path.isdir(tokenizer_path):
-            raise UserError(f"--tokenizer-dir {tokenizer_path} does not exist")
-        tokenizer = Tokenizer.load(tokenizer_path)
-    else:
-        tokenizer = get_tokenizer(base_dir)
-        tokenizer_path = os.path.join(base_dir, "tokenizer")
-    dtype = get_compute_dtype(device)
-    autocast = autocast_factory(device, dtype)
-    tag = config.tag or f"d{config.depth}"
-    ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)
+        if not os.path.isdir(config.tokenizer_dir):
+            raise UserError(f"--tokenizer-dir {config.tokenizer_dir} does not exist")
+        return Tokenizer.load(config.tokenizer_dir), config.tokenizer_dir
+    return get_tokenizer(base_dir), os.path.join(base_dir, "tokenizer")
 
-    # ---- model (same seed on every rank: identical init without a broadcast)
-    seed_everything(config.seed)
+
+def model_config_of(config: TrainConfig, tokenizer):
+    """The GPTConfig the flags describe: --depth sizes it; the vocabulary is the tokenizer's unless --vocab-size
+    pads it."""
+    from reasoning.gpt import config_from_depth
+
     overrides = {} if config.head_dim is None else {"head_dim": config.head_dim}
     vocab_size = tokenizer.vocab_size if config.vocab_size == -1 else config.vocab_size
     if vocab_size < tokenizer.vocab_size:
         raise UserError(f"--vocab-size {vocab_size}: smaller than the tokenizer's {tokenizer.vocab_size} tokens")
-    model_config = config_from_depth(config.depth, vocab_size, sequence_len=config.max_seq_len,
-                                     aspect_ratio=config.aspect_ratio, **overrides)
-    config = resolve_device_batch(config, model_config, device, world_size)  # before any weight is allocated
+    return config_from_depth(config.depth, vocab_size, sequence_len=config.max_seq_len,
+                             aspect_ratio=config.aspect_ratio, **overrides)
+
+
+def build_model(model_config, device):
+    """A freshly initialised GPT on `device` (built on the meta device first: no throw-away CPU copy). The caller
+    seeds the RNG: the same seed on every rank gives the same weights without a broadcast."""
+    from reasoning.gpt import GPT
+
     with torch.device("meta"):
         model = GPT(model_config)
     model.to_empty(device=device)
     model.init_weights()
+    return model
 
-    # ---- resume (every data rank saved its loader position)
-    data_ranks = world_size * config.simulate_ranks
-    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, data_ranks, "loader_states",
-                                         meta_types={"ema_loss": float}) if config.resume else None
 
-    fp8_layers = 0
-    if config.fp8:
-        from reasoning.fp8 import convert_to_float8
+def convert_to_fp8(model, config: TrainConfig) -> int:
+    """--fp8: the hidden linear layers train in fp8 (reasoning.fp8); returns how many were converted (0 without)."""
+    if not config.fp8:
+        return 0
+    from reasoning.fp8 import convert_to_float8
 
-        fp8_layers = convert_to_float8(model, min_dim=config.fp8_min_dim)
-        print0(f"fp8: {fp8_layers} linear layers converted (layers with a dim < {config.fp8_min_dim} stay high "
-               "precision, as does lm_head)")
-    optimizer = model.setup_optimizer(
-        **config.optimizer_args(), betas=(config.adam_beta1, config.adam_beta2), muon_momentum=config.muon_momentum_end,
-        shard=config.shard_optimizer,
-        compile_backend=config.optimizer_compile_backend(device))
-    if resume_meta is not None:
-        load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
-    attention_backend = resolve_backend(device, dtype)  # loads FA3 (once) outside any compiled region
-    compiled = config.compile_model(model, device)  # fixed (B, T) rows: dynamic=False
+    layers = convert_to_float8(model, min_dim=config.fp8_min_dim)
+    print0(f"fp8: {layers} linear layers converted (layers with a dim < {config.fp8_min_dim} stay high "
+           "precision, as does lm_head)")
+    return layers
 
-    # ---- batch geometry and length of training
+
+def accumulation_steps(config: TrainConfig, data_ranks: int) -> int:
+    """Micro-batches per optimizer step and data rank: --total-batch-size tokens in rows of --device-batch-size x
+    --max-seq-len on every data rank."""
     tokens_per_micro_step = config.device_batch_size * config.max_seq_len * data_ranks
-    total_batch = config.total_batch_size
-    if total_batch % tokens_per_micro_step:
-        raise UserError(f"--total-batch-size {total_batch}: expected a multiple of device_batch_size × max_seq_len × "
-                        f"data ranks = {config.device_batch_size} × {config.max_seq_len} × {data_ranks} "
-                        f"= {tokens_per_micro_step}")
-    grad_accum = total_batch // tokens_per_micro_step
-    num_params = model.num_params()
-    if config.num_iterations >= 0:
-        num_iterations = config.num_iterations
-    else:
-        target_tokens = config.target_param_data_ratio * _non_embedding_params(model)
-        num_iterations = max(1, round(target_tokens / total_batch))
-    flops_per_token = model.estimate_flops()
-    peak = peak_flops(device)
+    if config.total_batch_size % tokens_per_micro_step:
+        raise UserError(f"--total-batch-size {config.total_batch_size}: expected a multiple of device_batch_size × "
+                        f"max_seq_len × data ranks = {config.device_batch_size} × {config.max_seq_len} × "
+                        f"{data_ranks} = {tokens_per_micro_step}")
+    return config.total_batch_size // tokens_per_micro_step
 
-    # ---- data (one loader per data rank this process plays)
-    progress = RunProgress(resume_meta, num_iterations, config.stop_at_step, "--num-iterations", start_time)
-    loader_states = [None] * config.simulate_ranks
+
+def training_steps(config: TrainConfig, model) -> int:
+    """--num-iterations, else the steps that give --target-param-data-ratio tokens per non-embedding parameter."""
+    if config.num_iterations >= 0:
+        return config.num_iterations
+    target_tokens = config.target_param_data_ratio * _non_embedding_params(model)
+    return max(1, round(target_tokens / config.total_batch_size))
+
+
+def build_train_loaders(config: TrainConfig, tokenizer, rank: int, world_size: int, device,
+                        resume_meta: dict | None) -> tuple[list, list]:
+    """(loaders, their states): one packed-row loader per data rank this process plays (--simulate-ranks), each
+    on its own thread one batch ahead of the step (identical batches, reasoning.dataloader.Prefetcher), continuing
+    from the checkpoint's positions on resume."""
+    from reasoning.dataloader import Prefetcher, build_train_loader
+
+    data_ranks = world_size * config.simulate_ranks
+    states = [None] * config.simulate_ranks
     if resume_meta is not None:
         first = rank * config.simulate_ranks
-        loader_states = resume_meta["loader_states"][first:first + config.simulate_ranks]
-    # each loader on its own thread, one batch ahead of the step (identical batches, see Prefetcher)
+        states = resume_meta["loader_states"][first:first + config.simulate_ranks]
     loaders = [Prefetcher(build_train_loader(tokenizer, config.device_batch_size, config.max_seq_len,
                                              config.data_dir, rank=rank * config.simulate_ranks + j,
-                                             world_size=data_ranks, device=device, resume_state=loader_states[j]))
+                                             world_size=data_ranks, device=device, resume_state=states[j]))
                for j in range(config.simulate_ranks)]
-    history = {"val_bpb": [], "train_loss": []} if resume_meta is None else resume_meta["history"]
-    ema_loss = 0.0 if resume_meta is None else resume_meta.get("ema_loss", 0.0)
-    if resume_meta is not None:
-        ckpt.set_rng_state(resume_meta["rng"][rank])
+    return loaders, states
 
-    # settings are checked by now: the tag's owner and the folder's writability are next, before any training
-    run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--tag")
-    log = RunLog.for_run(base_dir, f"{STAGE}_{tag}", config, progress.resumed_at)
-    print0(f"model: depth {config.depth}, width {model_config.n_embd}, {model_config.n_head} heads, "
-           f"{num_params:,} params, {flops_per_token:.3e} FLOPs/token | vocab {tokenizer.vocab_size}")
-    print0(f"batch: {total_batch:,} tokens/step = {config.device_batch_size} rows × {config.max_seq_len} tokens × "
-           f"{data_ranks} data ranks × {grad_accum} accumulation | {num_iterations} steps "
-           f"({num_iterations * total_batch:,} tokens) | device {device} {str(dtype).replace('torch.', '')}, "
-           f"attention {attention_backend}{', compiled' if config.compile_on(device) else ''}"
-           + progress.resumed_note)
 
-    def save(step: int):
-        meta = {
-            "train_config": config.to_dict(), "tokenizer_dir": tokenizer_path, "num_iterations": num_iterations,
-            "history": history, "ema_loss": ema_loss, "train_seconds": progress.seconds(),
-            "loader_states": [s for states in gather_objects(loader_states) for s in states],
-        }
-        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last, run_id, config.overwrite)
+def next_micro_batches(loaders: list, loader_states: list, accumulation: int) -> list:
+    """One optimizer step's micro-batches of this process: `accumulation` rounds over its loaders, [(inputs (B, T),
+    targets (B, T)), ...]; `loader_states` is updated in place to the position after them (what a save records)."""
+    micro_batches = []
+    for _ in range(accumulation):
+        for j, loader in enumerate(loaders):
+            inputs, targets, loader_states[j] = next(loader)
+            micro_batches.append((inputs, targets))
+    return micro_batches
 
-    losses: list[tuple[int, float]] = []
-    step_times: list[float] = []
-    samples: list[dict] = []
-    step = progress.start_step
-    try:
-        while True:
-            at = progress.at(step)
-            if at.evaluate_due(config.eval_every):
-                bpb = evaluate_val_bpb(compiled, tokenizer, config.device_batch_size, config.max_seq_len,
-                                       config.eval_tokens, config.data_dir, device, dtype, rank, world_size)
-                history["val_bpb"].append([step, bpb])
-                print0(f"step {step:05d} | val bpb {bpb:.4f}")
-                log.log({"step": step, "val_bpb": bpb})
-            if at.fresh and master and config.sample_every >= 0 and (
-                    at.finished or (config.sample_every > 0 and step > 0 and step % config.sample_every == 0)):
-                samples = sample_completions(model, tokenizer, config.sample_prompts, config.sample_tokens)
-                for s in samples:
-                    print0(f"  {s['prompt']!r} -> {s['completion']!r}")
-            if config.save_every >= 0 and at.save_due(config.save_every):
-                save(step)
-            if at.last:
-                break
 
-            # ---- one optimizer step
-            t0 = time.perf_counter()
-            micro_batches = []
-            for _ in range(grad_accum):
-                for j, loader in enumerate(loaders):
-                    inputs, targets, loader_states[j] = next(loader)
-                    micro_batches.append((inputs, targets))
-            loss = accumulate_gradients(compiled, micro_batches, autocast)
-            optimizer.reduce_gradients()  # average across ranks now (no-op alone) to measure and clip the norm
-            norm = _grad_norm(model.parameters()).to(loss.device)
-            loss_value, norm_value = torch.stack([loss.float(), norm.float()]).tolist()  # one host sync
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                raise NonFiniteLossError(diverged_message(step, f"loss {loss_value}, gradient norm {norm_value}",
-                                                          ckpt_dir, run_id, "stopped before the update"))
-            if config.grad_clip > 0 and norm_value > config.grad_clip:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(config.grad_clip / (norm_value + 1e-6))
-            lr_mult = apply_schedules(optimizer, step, config, num_iterations)
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-            check_weights_finite(model, step, ckpt_dir, run_id)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            step += 1
+def sample_due(at, every: int) -> bool:
+    """Whether the greedy samples are printed at this step boundary: every N steps (N > 0) and at the end (0: only
+    at the end, < 0: never); not again at the step a resumed run starts from."""
+    return at.fresh and every >= 0 and (at.finished or (every > 0 and at.step > 0 and at.step % every == 0))
 
-            # ---- bookkeeping
-            losses.append((step, loss_value))
-            ema_loss = EMA_BETA * ema_loss + (1 - EMA_BETA) * loss_value
-            smooth = ema_loss / (1 - EMA_BETA ** step)  # debiased
-            history["train_loss"].append([step, loss_value])
-            step_times.append(dt)
-            tok_per_s = total_batch / dt
-            mfu = model_flops_utilization(flops_per_token, tok_per_s, peak, world_size)
-            eta = (num_iterations - step) * statistics.median(step_times[-20:])  # median: ignores the compile step
-            # share of the packed documents' tokens that reached a row (the rest were cropped), this process's
-            # loaders since the start of the run
-            pack = packing_stats([loader.counts for loader in loaders])["token_utilization"]
-            log.log({"step": step, "loss": loss_value, "smooth_loss": smooth, "lr_mult": lr_mult,
-                     "grad_norm": norm_value, "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu, "pack_util": pack})
-            if step % config.log_every == 0 or step == num_iterations:
-                mfu_text = f"{100 * mfu:.2f}%" if mfu is not None else "n/a"
-                print0(f"step {step:05d}/{num_iterations} | loss {loss_value:.4f} (ema {smooth:.4f}) | "
-                       f"lr× {lr_mult:.3f} | gnorm {norm_value:.3f} | {dt * 1000:.0f} ms | {tok_per_s:,.0f} tok/s | "
-                       f"mfu {mfu_text} | pack {100 * pack:.1f}% | eta {format_eta(eta)}")
-    finally:
-        log.close()
-        for loader in loaders:
-            loader.close()
 
-    # the first steps pay for compilation and warm-up; leave them out of the throughput figure when there are more
+def steady_throughput(step_times: list[float], tokens_per_step: int, flops_per_token: float, peak,
+                      world_size: int) -> tuple[float | None, float | None]:
+    """(tokens/s, MFU) of the run's steady steps: the first steps pay for compilation and warm-up, so they are left
+    out when there are more."""
     steady = step_times[min(5, len(step_times) // 2):] if step_times else []
-    tok_per_s = total_batch * len(steady) / sum(steady) if steady else None
+    tok_per_s = tokens_per_step * len(steady) / sum(steady) if steady else None
     mfu = model_flops_utilization(flops_per_token, tok_per_s, peak, world_size) if tok_per_s else None
-    all_counts = [counts for rank_counts in gather_objects([loader.counts for loader in loaders])
-                  for counts in rank_counts]  # every data rank's packing counters (a collective: all ranks call it)
-    packing = packing_stats(all_counts)
-    val = [v for _, v in history["val_bpb"]]
-    train_losses = [v for _, v in history["train_loss"]]
-    metrics = {
-        "initial_val_bpb": val[0] if val else None,
-        "val_bpb": val[-1] if val else None,
-        "min_val_bpb": min(val) if val else None,
-        "train_loss": ema_loss / (1 - EMA_BETA ** len(train_losses)) if train_losses else None,
-        "tok_per_s": tok_per_s,
-        "mfu": mfu,
-        "pack_utilization": packing["token_utilization"] if packing["tokens_taken"] else None,
-        "params": num_params,
-        "flops_per_token": flops_per_token,
-        "tokens": step * total_batch,
-    }
-    return {
-        "step": step,
-        "num_iterations": num_iterations,
-        "finished": step == num_iterations,
-        "metrics": metrics,
-        "series": history,
-        "losses": losses,  # (step, loss) of the steps trained in this call
-        "samples": samples,
-        "seconds": progress.seconds(),
-        "checkpoint_dir": ckpt_dir,
-        "config": config.to_dict(),
-        "model_config": model_config.to_dict(),
-        "world_size": world_size,
-        "device": str(device),
-        "fp8_layers": fp8_layers,
-    }
+    return tok_per_s, mfu

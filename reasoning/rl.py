@@ -53,9 +53,11 @@ from reasoning import checkpoint as ckpt
 from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_distributed, print0
 from reasoning.grpo import LOSS_TYPES, chunked_token_logprobs, policy_loss
 from reasoning.rollout import PromptStream, TrainingRows, collect_rollout, training_rows
-from reasoning.training import (DEVICE_HELP, FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, all_reduce_sum,
-                                autocast_factory, check_weights_finite, load_optimizer_state, load_resume_checkpoint,
-                                option, save_training_checkpoint, start_run)
+from reasoning.cli import DEVICE_HELP, option
+from reasoning.distributed import all_reduce_sum
+from reasoning.resume import load_optimizer_state, load_resume_checkpoint, save_training_checkpoint, start_run
+from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, autocast_factory,
+                                check_weights_finite)
 from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "rl"
@@ -162,7 +164,9 @@ def add_rl_args(parser) -> None:
     RLConfig.add_args(parser, negatable_booleans=True)
 
 
-config_from_args = RLConfig.from_args
+def config_from_args(args) -> RLConfig:
+    """The config of the parsed flags; the model-source fields come from reasoning.checkpoint.add_model_args."""
+    return RLConfig.from_args(args, stage=args.stage, tag=args.tag, step=args.step, init_from=args.init_from)
 
 
 # ----------------------------------------------------------------------------------------------- tasks, rewards
@@ -404,7 +408,7 @@ def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str
                          reference)
 
     with memplan.Session(model_config, target, fake) as s:
-        s.build_optimizer(**config.optimizer_args(config.lr_scale))
+        s.build_optimizer(settings=config.optimizer_settings())
         reference = s.add_frozen_copy() if config.kl_coef > 0 else None  # the KL penalty's frozen model
         # the update first: it creates the optimizer state that every phase lives with from the second step on
         train = s.phase("chat_rl", "train", {"device_batch_size": rows, "width": width,
@@ -462,7 +466,7 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     # ---- resume: weights, optimizer, cursor, RNG and history from our own last checkpoint
     resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "rng", str(source["dir"]),
                                          meta_types={"cursor": int, "records": list}) if config.resume else None
-    optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale),
+    optimizer = model.setup_optimizer(config.optimizer_settings(),
                                       compile_backend=config.optimizer_compile_backend(device))
     if config.compile_on(device):
         # only the log-prob passes of the update go through the compiled forward (rows of varying length:

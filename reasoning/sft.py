@@ -1,5 +1,6 @@
-"""Supervised fine-tuning as a library: `SFTConfig` + `train_sft(config, model, tokenizer, ...)`;
-scripts/chat_sft.py is its CLI.
+"""Supervised fine-tuning's parts: `SFTConfig`, the conversation stream and its micro-batches, evaluation, memory plan.
+
+The loop itself reads top to bottom in scripts/chat_sft.py (`train(config, model, tokenizer, source) -> summary`).
 
 Data: a task mixture (tasks.registry spec, e.g. "synthetic" or "GSM8K,MATH,SmolTalk,customjson:FILE") rendered with
 `tokenizer.render_conversation` -> (ids, mask). Training targets are the next tokens where the mask says the
@@ -30,19 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from reasoning import checkpoint as ckpt
-from reasoning.common import UserError, get_base_dir, get_compute_dtype, get_rank, get_world_size, print0
-from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, accumulate_gradients,
-                                all_reduce_sum, autocast_factory, check_weights_finite, diverged_message,
-                                gather_objects, load_optimizer_state, load_resume_checkpoint, option,
-                                save_training_checkpoint, start_run)
+from reasoning.cli import option
+from reasoning.common import UserError, get_rank, get_world_size
+from reasoning.distributed import all_reduce_sum
+from reasoning.training import FinetuneConfig, final_train_loss
 from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "sft"
@@ -193,46 +190,6 @@ class ConversationStream:
         return sum(lengths) / len(lengths)
 
 
-# ----------------------------------------------------------------------------------------------- tasks
-
-def build_sft_tasks(config: SFTConfig):
-    """(train task, validation task or None, generative eval task or None) for the config.
-
-    Validation: the test splits of the mixture's tasks, capped at val_examples. A task without a test split
-    (customjson, a single local file, a folder holding only the train file) is left out with a notice; a
-    mixture with none left gets no validation loss."""
-    from tasks.common import TaskMixture
-    from tasks.registry import build_mixture, build_task, parse_mixture
-
-    options = {"synthetic": {"difficulty": config.synthetic_difficulty}}
-    size = None if config.task_size == -1 else config.task_size
-    train_options = {"synthetic": dict(options["synthetic"], answer_only_frac=config.synthetic_answer_only)}
-    train = build_mixture(config.task, split="train", data_path=config.data_path, seed=config.seed, size=size,
-                          task_options=train_options)
-    val = None
-    if config.val_examples > 0:
-        held_out = []
-        for name, times, path in parse_mixture(config.task):
-            path = path or config.data_path
-            if name.startswith("customjson:") or (path and os.path.isfile(path) and name != "synthetic"):
-                print0(f"validation: {name} has no test split here; left out of the validation loss")
-                continue
-            try:
-                task = build_task(name, split="test", data_path=path, seed=config.seed, **options.get(name, {}))
-            except UserError as e:
-                print0(f"validation: {name} test split unavailable ({e}); left out of the validation loss")
-                continue
-            held_out.extend([task] * times)
-        if held_out:
-            val = (held_out[0] if len(held_out) == 1 else TaskMixture(held_out, seed=config.seed))
-            val = val[:config.val_examples]
-    gen_eval = None
-    if config.eval_every >= 0 and config.eval_task:
-        gen_eval = build_task(config.eval_task, split="test", data_path=config.data_path, seed=config.seed,
-                              size=config.eval_problems, **options.get(config.eval_task.lower(), {}))
-    return train, val, gen_eval
-
-
 # ----------------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -267,9 +224,10 @@ def generative_accuracy(model, tokenizer, task, config: SFTConfig) -> float:
     return summary["accuracy"]
 
 
-# ----------------------------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------------------------- set-up
 
-def _downsample(points: list, limit: int = 500) -> list:
+def downsample(points: list, limit: int = 500) -> list:
+    """At most about `limit` of a curve's points, evenly strided, the last one kept (the report's curves)."""
     if len(points) <= limit:
         return points
     stride = math.ceil(len(points) / limit)
@@ -286,7 +244,7 @@ def plan_memory(config: SFTConfig, model_config, world_size: int = 1, target: st
     accumulation = max(1, math.ceil(config.total_batch_rows / (B * world_size)))
     plans = []
     with memplan.Session(model_config, target, fake) as s:
-        s.build_optimizer(**config.optimizer_args(config.lr_scale))
+        s.build_optimizer(settings=config.optimizer_settings())
         plans.append(s.phase("chat_sft", "train", {"device_batch_size": B, "max_seq_len": T,
                                                    "accumulation": accumulation},
                              lambda: s.train_steps([(B, T)] * memplan.micro_steps(accumulation))))
@@ -315,147 +273,54 @@ def resolve_device_batch(config: SFTConfig, model_config, device, world_size: in
     return dataclasses.replace(config, device_batch_size=rows)
 
 
-def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: int = 0, world_size: int = 1,
-              tasks=None) -> dict:
-    """Fine-tune `model` (loaded from `source`: {"dir", "step", "tag", "tokenizer_dir"}) per `config`.
+def micro_batch_rows(config: SFTConfig, world_size: int) -> list[int]:
+    """The rows of each micro-batch of this rank in one optimizer step: its share of --total-batch-rows cut into
+    micro-batches of at most --device-batch-size rows (the last one may be smaller)."""
+    if config.total_batch_rows % world_size:
+        raise UserError(f"--total-batch-rows {config.total_batch_rows}: expected a multiple of the world size "
+                        f"{world_size}")
+    rank_rows = config.total_batch_rows // world_size
+    return [min(config.device_batch_size, rank_rows - start) for start in range(0, rank_rows, config.device_batch_size)]
 
-    `tasks` = (train, val, gen_eval) overrides build_sft_tasks (tests). Returns a summary: metrics, series,
-    checkpoint dir, steps. Every rank must call it (collectives inside)."""
-    config.validate()
-    config = resolve_device_batch(config, model.config, device, world_size)
-    start_time = time.perf_counter()
-    base_dir = config.base_dir or get_base_dir()
-    autocast = autocast_factory(device, get_compute_dtype(device))
-    train_task, val_task, eval_task = tasks if tasks is not None else build_sft_tasks(config)
-    tag = config.out_tag or source.get("tag") or f"d{model.config.n_layer}"
-    ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)
 
-    # ---- resume: weights, optimizer, stream positions, RNG and history from our own last checkpoint
-    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "positions", str(source.get("dir"))) \
-        if config.resume else None
-    optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale),
-                                      compile_backend=config.optimizer_compile_backend(device))
-    compiled = config.compile_model(model, device, dynamic=None)  # padded rows: the length varies per micro-batch
-    if resume_meta is not None:
-        load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
+def next_micro_batches(stream: ConversationStream, micro_rows: list[int], device) -> list:
+    """One optimizer step's micro-batches of this rank: [(inputs (B, T), targets (B, T)), ...] on `device`."""
+    return [tuple(t.to(device) for t in stream.next_batch(rows)) for rows in micro_rows]
 
-    # ---- batch geometry and length
-    total_rows = config.total_batch_rows
-    if total_rows % world_size:
-        raise UserError(f"--total-batch-rows {total_rows}: expected a multiple of the world size {world_size}")
-    rank_rows = total_rows // world_size
-    micro_rows = [min(config.device_batch_size, rank_rows - start)  # the last micro-batch may be smaller
-                  for start in range(0, rank_rows, config.device_batch_size)]
-    grad_accum = len(micro_rows)
-    position = 0 if resume_meta is None else resume_meta["positions"][rank]
-    stream = ConversationStream(train_task, tokenizer, config.max_seq_len, rank, world_size, config.seed,
-                                config.pack, position)
-    if stream.trainable_fraction() == 0:  # every reply cut off: not one token to learn from
-        full = [len(tokenizer.render_conversation(train_task[k])[0]) for k in range(min(64, len(train_task)))]
-        raise UserError(f"--max-seq-len {config.max_seq_len}: the conversations are cut before any assistant token "
-                        f"(uncut they are {min(full)}-{max(full)} tokens); expected a longer one")
+
+def check_trainable(stream: ConversationStream, config: SFTConfig) -> None:
+    """UserError when --max-seq-len cuts every sampled conversation before its first assistant token (nothing to
+    learn from)."""
+    if stream.trainable_fraction() > 0:
+        return
+    task, tokenizer = stream.task, stream.tokenizer
+    full = [len(tokenizer.render_conversation(task[k])[0]) for k in range(min(64, len(task)))]
+    raise UserError(f"--max-seq-len {config.max_seq_len}: the conversations are cut before any assistant token "
+                    f"(uncut they are {min(full)}-{max(full)} tokens); expected a longer one")
+
+
+def training_steps(config: SFTConfig, stream: ConversationStream) -> int:
+    """--num-iterations, else the steps of --num-epochs passes over the mixture (packed rows hold a data-dependent
+    number of conversations: estimated from a sample)."""
     if config.num_iterations >= 0:
-        num_iterations = config.num_iterations
-    else:
-        conversations_per_row = 1.0
-        if config.pack:  # estimated from a sample: packed rows hold a data-dependent number of conversations
-            conversations_per_row = max(1.0, (config.max_seq_len + 1) / stream.mean_rendered_length())
-        num_iterations = max(1, math.ceil(config.num_epochs * len(train_task) / (total_rows * conversations_per_row)))
-    progress = RunProgress(resume_meta, num_iterations, config.stop_at_step, "--num-iterations", start_time)
-    history = {"train_loss": [], "val_loss": [], "accuracy": []} if resume_meta is None else resume_meta["history"]
-    if resume_meta is not None:
-        ckpt.set_rng_state(resume_meta["rng"][rank])
+        return config.num_iterations
+    conversations_per_row = 1.0
+    if config.pack:
+        conversations_per_row = max(1.0, (config.max_seq_len + 1) / stream.mean_rendered_length())
+    return max(1, math.ceil(config.num_epochs * len(stream.task) / (config.total_batch_rows * conversations_per_row)))
 
-    # settings are checked by now: the tag's owner and the folder's writability are next, before any training
-    run_id = start_run(ckpt_dir, resume_meta, config.overwrite, "--out-tag")
-    log = RunLog.for_run(base_dir, f"{STAGE}_{tag}", config, progress.resumed_at)
-    print0(f"sft: {len(train_task):,} conversations ({config.task}), {num_iterations} steps of {total_rows} rows "
-           f"({world_size} ranks x {grad_accum} micro-batches of <= {config.device_batch_size} rows, "
-           f"{'packed' if config.pack else 'padded'}, <= {config.max_seq_len} tokens) | from {source.get('dir')} "
-           f"step {source.get('step')} -> {ckpt_dir}{progress.resumed_note}")
 
-    def save(step: int):
-        meta = {
-            "sft_config": config.to_dict(), "stage": STAGE, "tokenizer_dir": source.get("tokenizer_dir"),
-            "source": {"dir": source.get("dir"), "step": source.get("step")}, "num_iterations": num_iterations,
-            "history": history, "train_seconds": progress.seconds(), "positions": gather_objects(stream.position),
-        }
-        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last, run_id, config.overwrite)
-
-    def evaluate(step: int):
-        record = {"step": step}
-        if val_task is not None and len(val_task):
-            record["val_loss"] = validation_loss(model, tokenizer, val_task, config.max_seq_len,
-                                                 config.device_batch_size, device, autocast)
-            history["val_loss"].append([step, record["val_loss"]])
-        if eval_task is not None and len(eval_task):
-            record["accuracy"] = generative_accuracy(model, tokenizer, eval_task, config)
-            history["accuracy"].append([step, record["accuracy"]])
-        if len(record) > 1:
-            print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
-            log.log(record)
-
-    step = progress.start_step
-    losses: list[tuple[int, float]] = []
-    model.train()
-    try:
-        while True:
-            at = progress.at(step)
-            if at.evaluate_due(config.eval_every):
-                evaluate(step)
-            if at.save_due(config.save_every):
-                save(step)
-            if at.last:
-                break
-
-            t0 = time.perf_counter()
-            micro_batches = [tuple(t.to(device) for t in stream.next_batch(rows)) for rows in micro_rows]
-            valid = sum(int((t >= 0).sum()) for _, t in micro_batches)
-            loss = accumulate_gradients(compiled, micro_batches, autocast)
-            optimizer.reduce_gradients()  # average across ranks now (no-op alone) to measure and clip the norm
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0
-                                                  else float("inf"))
-            loss_value, norm_value = float(loss), float(norm)
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                raise NonFiniteLossError(diverged_message(step, f"loss {loss_value}, gradient norm {norm_value}",
-                                                          ckpt_dir, run_id, "stopped before the update",
-                                                          "a lower --lr-scale"))
-            lr_mult = config.lr_multiplier(step, num_iterations)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_mult
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-            check_weights_finite(model, step, ckpt_dir, run_id)
-            dt = time.perf_counter() - t0
-            step += 1
-            losses.append((step, loss_value))
-            history["train_loss"].append([step, loss_value])
-            log.log({"step": step, "loss": loss_value, "lr_mult": lr_mult, "grad_norm": norm_value,
-                     "valid_tokens": valid, "epoch": stream.epoch(), "dt": dt})
-            if step % config.log_every == 0 or step == num_iterations:
-                print0(f"step {step:05d}/{num_iterations} | loss {loss_value:.4f} | lr x {lr_mult:.3f} | "
-                       f"gnorm {norm_value:.3f} | epoch {stream.epoch():.2f} | {valid} tokens (rank 0) | "
-                       f"{dt * 1000:.0f} ms")
-    finally:
-        log.close()
-
-    train_losses = [v for _, v in history["train_loss"]]
-    tail = train_losses[-max(1, min(20, len(train_losses) // 5)):] if train_losses else []
+def sft_metrics(history: dict, step: int, epochs: float) -> dict:
+    """The summary's metrics of a run's history (every time slice): final train loss, first/last val loss and
+    accuracy, steps, epochs."""
     val_losses = [v for _, v in history["val_loss"]]
     accuracies = [v for _, v in history["accuracy"]]
-    metrics = {
-        "train_loss": sum(tail) / len(tail) if tail else None,  # mean of the last steps: one batch is noisy
+    return {
+        "train_loss": final_train_loss(history["train_loss"]),
         "val_loss": val_losses[-1] if val_losses else None,
         "initial_val_loss": val_losses[0] if val_losses else None,
         "accuracy": accuracies[-1] if accuracies else None,
         "initial_accuracy": accuracies[0] if accuracies else None,
         "steps": step,
-        "epochs": stream.epoch(),
+        "epochs": epochs,
     }
-    return {
-        "step": step, "num_iterations": num_iterations, "finished": step == num_iterations, "metrics": metrics,
-        "series": {name: _downsample(points) for name, points in history.items()}, "losses": losses,
-        "seconds": progress.seconds(), "checkpoint_dir": ckpt_dir,
-        "config": config.to_dict(), "tag": tag, "world_size": world_size,
-    }
-

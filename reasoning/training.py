@@ -1,29 +1,25 @@
-"""What the three trainers (reasoning/pretrain.py, sft.py, rl.py) and the stage scripts share.
+"""The trainer loop's parts, shared by pretraining, SFT and RL (scripts/base_train.py, chat_sft.py, chat_rl.py).
 
-Why its own module: pretraining, SFT and RL differ in their data and in what one step does, not in the scaffolding
-around the step. One copy of that scaffolding keeps their command lines, logs and checkpoints consistent:
-  - configs: `TrainerConfig`, the dataclass fields every trainer has (optimizer rates, the ends of the LR schedule,
-    logging, checkpoint keeping, run folder), `FinetuneConfig`, those SFT and RL add (a source checkpoint and an
-    output tag), and the dataclass <-> argparse plumbing: one --flag per field, named after it;
-  - stage scripts (the eval scripts too): the parser that accepts torchrun's `--`, --device / --base-dir, the
-    report section and the closing `RESULT key=value ...` line;
-  - the loop: exact gradient accumulation, the LR schedule, `NonFiniteLossError`, `RunLog` (metrics JSONL, wandb),
-    collectives that are no-ops in a single process, `RunProgress` / `StepBoundary` (where a time-sliced run
-    stands: when to evaluate, save and stop, its training seconds);
-  - checkpoints: `load_resume_checkpoint` / `load_optimizer_state` / `save_training_checkpoint`, what a resumable,
-    time-sliced run needs (weights, optimizer, every process's RNG state, the trainer's own meta).
+Why its own module: the stages differ in their data and in what one step does, not in the scaffolding around the
+step. One copy of that scaffolding keeps their settings, logs and numbers consistent:
+  - settings: `TrainerConfig`, the fields every trainer has (optimizer rates, the ends of the LR schedule, clipping,
+    logging, checkpoint keeping, run folder, compilation), `FinetuneConfig`, those SFT and RL add (a source
+    checkpoint, an LR scale, an output tag); their --flags come from reasoning.cli.FlagConfig;
+  - the step: exact gradient accumulation (`accumulate_gradients`), the LR multiplier written into the optimizer
+    (`lr_multiplier`, `set_learning_rate`), the gradient norm and clipping (`clip_gradients`), the divergence checks
+    (`check_step_finite`, `check_weights_finite`, `NonFiniteLossError`);
+  - around the step: `RunProgress` / `StepBoundary` (where a time-sliced run stands: when to evaluate, save and
+    stop, its training seconds), `RunLog` (metrics JSONL, wandb), `final_train_loss` (the summary's figure).
+Run checkpoints (resume, save) are reasoning.resume's; the command-line plumbing is reasoning.cli's.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
@@ -31,12 +27,12 @@ from typing import Callable, ContextManager
 import torch
 
 from reasoning import checkpoint as ckpt
-from reasoning.common import (UserError, atomic_write_text, autocast_context, die, get_rank, get_world_size, is_master,
-                              make_dir, print0)
-from reasoning.distributed import all_gather_object, all_reduce_sum, barrier  # noqa: F401 (re-exported)
+from reasoning.cli import BASE_DIR_HELP, FlagConfig, flag_name, option
+from reasoning.common import (UserError, atomic_write_text, autocast_context, die, get_rank, get_world_size, make_dir,
+                              print0)
+from reasoning.distributed import all_reduce_sum
+from reasoning.optim import OptimizerSettings
 
-DEVICE_HELP = "cuda | cpu | mps (default: autodetect)"
-BASE_DIR_HELP = "run folder (default $REASONING_BASE_DIR)"
 LR_FIELDS = ("matrix_lr", "embedding_lr", "lm_head_lr", "scalar_lr")
 # the optimizers keep learning rates in float32 param-group tensors: 3.5e38 is finite here and inf there
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -47,7 +43,7 @@ class NonFiniteLossError(RuntimeError):
     an update made non-finite (the run stopped before any checkpoint could hold them)."""
 
 
-# -------------------------------------------------------------------------------------------- configs
+# -------------------------------------------------------------------------------------------- settings
 
 def check_compile_backend(name: str) -> None:
     """A torch.compile backend dynamo knows, checked up front: an unknown one would otherwise surface as an
@@ -61,18 +57,8 @@ def check_compile_backend(name: str) -> None:
                         f"{', '.join(torch._dynamo.list_backends())} (or, for debugging, {', '.join(debug)})")
 
 
-def option(help_text: str, **extra) -> dict:
-    """Field metadata: the --flag help text (cli=False for a field that has no flag of its own; choices=(...) for
-    a field with a fixed set of values, checked by argparse and by `validate`)."""
-    return {"help": help_text, **extra}
-
-
-def flag_name(name: str) -> str:
-    return name.replace("_", "-")
-
-
 @dataclass
-class TrainerConfig:
+class TrainerConfig(FlagConfig):
     """The settings every trainer has. A trainer's config subclasses it; in --help and `to_dict` the trainer's own
     fields come first, these after them."""
     # optimizer: Muon for the hidden matrices, AdamW for the rest; LR warmup and the multiplier at the last step
@@ -107,27 +93,7 @@ class TrainerConfig:
         self.require_float32_rates()
         if self.compile:
             check_compile_backend(self.compile_backend)
-        for f in dataclasses.fields(self):  # fields declared with option(..., choices=...)
-            choices = f.metadata.get("choices")
-            if choices is not None and getattr(self, f.name) not in choices:
-                raise UserError(f"--{flag_name(f.name)} {getattr(self, f.name)!r}: expected one of "
-                                f"{', '.join(map(str, choices))}")
-
-    def _require(self, names, ok: Callable, expected: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            if not ok(value):
-                raise UserError(f"--{flag_name(name)} {value}: expected {expected}")
-
-    def require_positive(self, *names: str) -> None:
-        self._require(names, lambda v: v >= 1, "a positive integer")
-
-    def require_non_negative(self, *names: str) -> None:
-        self._require(names, lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-                      "a finite number >= 0")
-
-    def require_fraction(self, *names: str) -> None:
-        self._require(names, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        self.check_choices()
 
     def require_float32_rates(self, lr_scale: float = 1.0) -> None:
         """Every learning rate (times lr_scale) below the largest float32: above it the optimizer's rate is inf."""
@@ -155,56 +121,12 @@ class TrainerConfig:
         elementwise kernels costs more than it saves)."""
         return self.compile_backend if self.compile_on(device) and torch.device(device).type == "cuda" else None
 
-    def optimizer_args(self, lr_scale: float = 1.0) -> dict:
-        """The learning rates (each times lr_scale) and weight decay for `model.setup_optimizer`."""
-        return {"matrix_lr": self.matrix_lr * lr_scale, "embedding_lr": self.embedding_lr * lr_scale,
-                "lm_head_lr": self.lm_head_lr * lr_scale, "scalar_lr": self.scalar_lr * lr_scale,
-                "weight_decay": self.weight_decay}
-
-    @classmethod
-    def _ordered_fields(cls) -> list:
-        """The config's own fields first, then those of the shared configs it builds on, nearest first (each group in
-        declaration order). A field a subclass redefines (another default) stays where it was first declared."""
-        classes = [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]  # RLConfig, FinetuneConfig, ...
-        names = [{f.name for f in dataclasses.fields(c)} for c in classes]
-        return sorted(dataclasses.fields(cls), key=lambda f: max(i for i, n in enumerate(names) if f.name in n))
-
-    @classmethod
-    def add_args(cls, parser, negatable_booleans: bool = False) -> None:
-        """One --flag per field (its name with dashes), default and help from the dataclass; fields with
-        cli=False are left out. Booleans are switches (store_true), or --flag / --no-flag pairs."""
-        for f in cls._ordered_fields():
-            if not f.metadata.get("cli", True):
-                continue
-            flag = f"--{flag_name(f.name)}"
-            kind = str(f.type)
-            if kind == "bool | None":  # three states: --flag, --no-flag, or neither (None: decided at run time)
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                    help=f.metadata["help"])
-                continue
-            if kind == "bool":
-                if negatable_booleans:
-                    parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                        help=f.metadata["help"])
-                else:
-                    parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-                continue
-            parse = int if kind.startswith("int") else float if kind.startswith("float") else str
-            default_text = "" if f.default is None else f" (default {f.default})"
-            parser.add_argument(flag, type=parse, default=f.default, choices=f.metadata.get("choices"),
-                                help=f.metadata["help"] + default_text)
-
-    @classmethod
-    def from_args(cls, args):
-        """The config of parsed flags. A cli=False field takes a parsed value when the parser has one (RLConfig's
-        model source comes from reasoning.checkpoint.add_model_args), else its default."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                      if f.metadata.get("cli", True) or hasattr(args, f.name)})
-
-    def to_dict(self) -> dict:
-        """JSON-ready (tuples become lists), in --help order."""
-        values = {f.name: getattr(self, f.name) for f in self._ordered_fields()}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    def optimizer_settings(self, lr_scale: float = 1.0) -> OptimizerSettings:
+        """The optimizer's hyperparameters of this config: its learning rates (each times lr_scale), weight decay;
+        the rest at reasoning.optim's defaults unless a trainer's config sets them (pretraining's betas)."""
+        return OptimizerSettings(matrix_lr=self.matrix_lr * lr_scale, embedding_lr=self.embedding_lr * lr_scale,
+                                 lm_head_lr=self.lm_head_lr * lr_scale, scalar_lr=self.scalar_lr * lr_scale,
+                                 weight_decay=self.weight_decay)
 
 
 @dataclass
@@ -224,92 +146,17 @@ class FinetuneConfig(TrainerConfig):
         self.require_non_negative("lr_scale")
         self.require_float32_rates(self.lr_scale)
 
+    def optimizer_settings(self, lr_scale: float | None = None) -> OptimizerSettings:
+        """Every learning rate times --lr-scale."""
+        return super().optimizer_settings(self.lr_scale if lr_scale is None else lr_scale)
+
     def lr_multiplier(self, step: int, num_steps: int) -> float:
         """Linear warmup, then linear decay to final_lr_frac at the last step (no constant phase)."""
         return lr_multiplier(step, num_steps, self.warmup_ratio, 1.0 - self.warmup_ratio, self.final_lr_frac)
 
 
-# -------------------------------------------------------------------------------------------- stage scripts
 
-def script_parser(doc: str) -> argparse.ArgumentParser:
-    """The parser of a stage script: its module docstring (usage examples) kept as written above the flags."""
-    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def parse_script_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse `argv` (default sys.argv[1:]); a leading `--` is dropped: `torchrun ... -m scripts.X -- --flags`
-    passes its separator through."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    return parser.parse_args(argv)
-
-
-def add_run_args(parser, base_dir: bool = True) -> None:
-    """--device (and --base-dir) for a script whose config does not already have them."""
-    parser.add_argument("--device", default=None, help=DEVICE_HELP)
-    if base_dir:
-        parser.add_argument("--base-dir", default=None, help=BASE_DIR_HELP)
-
-
-NOT_MEASURED = "na"  # a RESULT value that was not measured (runs/runcpu.sh prints the same); nan means diverged
-
-
-def format_metric(value, spec: str = ".4f") -> str:
-    """A metric for a RESULT line: None (not measured, e.g. no evaluation was run) prints as `na`."""
-    return NOT_MEASURED if value is None else format(value, spec)
-
-
-def _result_text(value) -> str:
-    return format_metric(value) if value is None or isinstance(value, float) else str(value)
-
-
-def device_figures() -> dict:
-    """On a CUDA process: this rank's peak allocated memory and its attention calls per kernel (FA3 vs SDPA, counted
-    inside the model's attention), which dev/gpu_check.py compares with the memory plan. {} elsewhere."""
-    import torch
-
-    from reasoning.flash_attention import CALLS
-
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return {}
-    return {"max_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "attn_fa3": CALLS["fa3"],
-            "attn_sdpa": CALLS["sdpa"]}
-
-
-def print_result(values: dict, stopped_at: int | None = None) -> None:
-    """The last line of a pipeline script, on rank 0: `RESULT key=value ...` (floats with 4 decimals, None as na,
-    anything else as given), then `stopped_at=STEP` for a run that --stop-at-step cut short. On CUDA the
-    device figures (device_figures) are appended."""
-    values = values | device_figures()
-    if is_master():
-        stopped = "" if stopped_at is None else f" stopped_at={stopped_at}"
-        print("RESULT " + " ".join(f"{k}={_result_text(v)}" for k, v in values.items()) + stopped, flush=True)
-
-
-def run_trainer(train_fn: Callable, *args, **kwargs) -> dict:
-    """Call a trainer; a run that diverged (NonFiniteLossError) exits with its one-line message and code 3."""
-    try:
-        return train_fn(*args, **kwargs)
-    except NonFiniteLossError as e:
-        die(str(e), code=3)
-
-
-def finish_training_script(name: str, summary: dict, result: dict, config: dict, metrics: dict,
-                           base_dir: str | None, tables: dict | None = None) -> None:
-    """The end of a training script, on rank 0: a finished run's report section `name` (curves that have points),
-    then the RESULT line of `result` (print_result; stopped_at= when the run stopped early)."""
-    if not is_master():
-        return
-    if summary["finished"]:
-        from reasoning.report import log_stage
-
-        log_stage(name, config=config, metrics=metrics, series={k: v for k, v in summary["series"].items() if v},
-                  seconds=summary["seconds"], tables=tables, base_dir=base_dir)
-    print_result(result, stopped_at=None if summary["finished"] else summary["step"])
-
-
-# -------------------------------------------------------------------------------------------- the loop
+# -------------------------------------------------------------------------------------------- the step
 
 def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
                   final_lr_frac: float) -> float:
@@ -328,8 +175,6 @@ def autocast_factory(device, dtype: torch.dtype) -> Callable[[], ContextManager]
     """A function making a fresh mixed-precision context per use (a context manager cannot be entered twice)."""
     return functools.partial(autocast_context, device, dtype)
 
-
-gather_objects = all_gather_object  # [obj of rank 0, obj of rank 1, ...] on every rank (reasoning.distributed)
 
 
 def accumulate_gradients(model, micro_batches, autocast: Callable[[], ContextManager] | None = None) -> torch.Tensor:
@@ -359,6 +204,69 @@ def accumulate_gradients(model, micro_batches, autocast: Callable[[], ContextMan
         total += loss_sum.detach().float()
     return all_reduce_sum(total) / count
 
+
+def set_learning_rate(optimizer, multiplier: float) -> None:
+    """This step's learning rates: every param group's initial rate times the schedule's multiplier (written as a
+    plain float: the optimizer's compiled kernels read it as a tensor, so a new value never recompiles)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * multiplier
+
+
+def gradient_norm(model) -> torch.Tensor:
+    """Global L2 norm of the gradients (0-d float32), with one fused norm per gradient list and no host sync."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
+def clip_gradients(model, max_norm: float, host_norm: float | None = None):
+    """Scale the gradients so that their global L2 norm is at most `max_norm` (0: no clipping); returns the norm
+    before clipping.
+
+    Two ways to compute the scale, kept because each stage's numbers are pinned (the two differ in the last bit):
+      - host_norm None (SFT, RL): torch.nn.utils.clip_grad_norm_, the norm and the scale stay on the device;
+      - host_norm given (pretraining, which has already read the norm to the host together with the loss in one
+        transfer, `gradient_norm`): the scale is computed on the host in float64, gradients are scaled only when
+        the norm exceeds max_norm.
+    """
+    if host_norm is None:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    if max_norm > 0 and host_norm > max_norm:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (host_norm + 1e-6))
+    return host_norm
+
+
+def check_step_finite(step: int, loss: float, grad_norm: float, ckpt_dir: str, run_id: str,
+                      hint: str = "a lower learning rate") -> None:
+    """Before the optimizer step: NonFiniteLossError when the loss or the gradient norm is NaN/inf (the update is
+    not applied; the message names this run's last good checkpoint)."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteLossError(diverged_message(step, f"loss {loss}, gradient norm {grad_norm}", ckpt_dir, run_id,
+                                                  "stopped before the update", hint))
+
+
+def check_weights_finite(model, step: int, ckpt_dir: str, run_id: str) -> None:
+    """After an optimizer step: NonFiniteLossError naming the step when a weight is inf/NaN, before any checkpoint
+    could save it. One fused max-abs norm per parameter list and one host sync (a max, unlike a 2-norm, cannot
+    overflow on finite weights)."""
+    norms = torch._foreach_norm([p.detach() for p in model.parameters()], ord=float("inf"))
+    if not math.isfinite(float(torch.stack([n.float() for n in norms]).max())):
+        raise NonFiniteLossError(diverged_message(step, "the update made weights inf/NaN", ckpt_dir, run_id,
+                                                  "stopped before saving them"))
+
+
+def diverged_message(step: int, what: str, ckpt_dir: str, run_id: str, stopped: str, hint: str = "a lower "
+                     "learning rate") -> str:
+    """The one-line divergence error: the step, what went non-finite, and this run's last good checkpoint."""
+    last = ckpt.find_last_step(ckpt_dir, run_id)
+    where = f"last good checkpoint: {ckpt_dir} step {last}" if last >= 0 else "no checkpoint of this run was written"
+    return f"step {step}: {what}: training diverged; {stopped} ({where}). Try {hint}."
+
+
+# -------------------------------------------------------------------------------------------- around the step
 
 @dataclass(frozen=True)
 class StepBoundary:
@@ -417,6 +325,16 @@ class RunProgress:
 
     def seconds(self) -> float:
         return self.seconds_before + (time.perf_counter() - self.start_time)
+
+
+def final_train_loss(history: list) -> float | None:
+    """The training loss a run reports: the mean over its last steps (a fifth of them, 1 to 20), since one batch's
+    loss is noisy. `history` = [[step, loss], ...] of the whole run (every time slice); None before any step."""
+    losses = [loss for _, loss in history]
+    if not losses:
+        return None
+    tail = losses[-max(1, min(20, len(losses) // 5)):]
+    return sum(tail) / len(tail)
 
 
 def format_eta(seconds: float) -> str:
@@ -489,129 +407,11 @@ class RunLog:
             self.wandb = None
 
 
-# -------------------------------------------------------------------------------------------- checkpoints
-
-# what every trainer's meta holds, checked on resume (a hand-edited meta is a one-line error, not a traceback)
-RESUME_META_TYPES = {"rng": list, "history": dict, "train_seconds": float, "run_id": str}
-
-
-def load_resume_checkpoint(ckpt_dir: str, model, device, ranks: int, ranks_key: str,
-                           source: str | None = None, meta_types: dict | None = None) -> dict | None:
-    """--resume: load the last checkpoint of `ckpt_dir` into `model`; returns its meta, None if there is none.
-
-    The last checkpoint is that of the run that wrote last (reasoning.checkpoint: run identity); the caller keeps its
-    run id (`meta["run_id"]`, see `start_run`). `source` is where a fine-tuning run started from: with no
-    checkpoint yet it starts there again; pretraining (source None) has nothing else to start from, so that is an
-    error. The checkpoint must hold the same model and one saved state per rank (`meta[ranks_key]` has `ranks`
-    entries), since each rank continues from its own. `meta_types` = {key: type} of the trainer's own meta keys.
-    """
-    last = ckpt.find_last_step(ckpt_dir)
-    if last < 0:
-        if source is None:
-            raise UserError(f"--resume: no complete checkpoint in {ckpt_dir} (train without --resume first)")
-        print0(f"--resume: no checkpoint in {ckpt_dir} yet; starting from {source}")
-        return None
-    model_state, _, meta = ckpt.load_checkpoint(ckpt_dir, last, device=device)
-    meta_path = os.path.join(ckpt_dir, f"meta_{last:06d}.json")
-    ckpt.check_meta_types(meta, meta_path, {**RESUME_META_TYPES, ranks_key: list, **(meta_types or {})})
-    model_config = model.config.to_dict()
-    if meta.get("model_config") != model_config:
-        if source is None:  # pretraining: the flags define the model
-            raise UserError(f"--resume: checkpoint {ckpt_dir} step {last} has model {meta.get('model_config')} but "
-                            f"the flags give {model_config}; use the same --depth/--max-seq-len")
-        raise UserError(f"--resume: {ckpt_dir} step {last} holds a different model than {source}")
-    saved = len(meta.get(ranks_key, []))
-    if saved != ranks:
-        if source is None:  # pretraining counts data ranks: processes x simulated ranks
-            raise UserError(f"--resume: checkpoint was written by {saved} data ranks but this run has {ranks} "
-                            "(nproc_per_node × simulate_ranks); resume with the same layout")
-        raise UserError(f"--resume: checkpoint was written by {saved} ranks but this run has {ranks}; resume with "
-                        "the same number of processes")
-    if len(meta.get("rng", [])) != get_world_size():
-        raise UserError(f"checkpoint metadata {meta_path}: 'rng' holds {len(meta.get('rng', []))} states, expected "
-                        f"one per process ({get_world_size()})")
-    current = ckpt.rng_state()
-    try:  # a malformed RNG state fails now, with the file's name, not at the trainer's set_rng_state
-        ckpt.set_rng_state(meta["rng"][get_rank()])
-    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError) as e:
-        raise UserError(f"checkpoint metadata {meta_path}: 'rng' is malformed ({type(e).__name__})") from None
-    finally:
-        ckpt.set_rng_state(current)
-    model.load_state_dict(model_state)
-    return meta
+def run_trainer(train_fn: Callable, *args, **kwargs) -> dict:
+    """Call a trainer; a run that diverged (NonFiniteLossError) exits with its one-line message and code 3."""
+    try:
+        return train_fn(*args, **kwargs)
+    except NonFiniteLossError as e:
+        die(str(e), code=3)
 
 
-def start_run(ckpt_dir: str, resume_meta: dict | None, overwrite: bool, tag_flag: str) -> str:
-    """The run id of this run (the same on every rank): a resumed run keeps its checkpoint's, a fresh one gets a new
-    one. A fresh run refuses a tag that holds another run's checkpoints, unless `overwrite` (then they go at this
-    run's first save: `save_training_checkpoint(replace_other_runs=True)`), and clears what killed saves left in a
-    tag without checkpoints. The folder must be writable: found out now, not after hours of training."""
-    make_dir(ckpt_dir, "checkpoint folder", writable=True)
-    if resume_meta is not None:
-        return resume_meta.get("run_id", "")
-    runs = ckpt.checkpoint_runs(ckpt_dir)
-    if runs and not overwrite:
-        steps = sorted(s for run_steps in runs.values() for s in run_steps)
-        shown = ", ".join(map(str, steps[-3:]))
-        raise UserError(f"checkpoint tag {os.path.basename(ckpt_dir)} ({ckpt_dir}) already holds another run's "
-                        f"checkpoints (steps {'..., ' if len(steps) > 3 else ''}{shown}); pass --resume to continue "
-                        f"that run, or --overwrite to replace it, or pick another {tag_flag}")
-    if runs:
-        print0(f"--overwrite: the checkpoints in {ckpt_dir} (another run) are deleted at this run's first save")
-    elif get_rank() == 0:
-        removed = ckpt.remove_leftovers(ckpt_dir)
-        if removed:
-            print0(f"{ckpt_dir}: removed {removed} leftover file(s) of a killed save (no complete checkpoint)")
-    return gather_objects(ckpt.new_run_id())[0]  # rank 0's id, everywhere
-
-
-def check_weights_finite(model, step: int, ckpt_dir: str, run_id: str) -> None:
-    """After an optimizer step: NonFiniteLossError naming the step when a weight is inf/NaN, before any checkpoint
-    could save it. One fused max-abs norm per parameter list and one host sync (a max, unlike a 2-norm, cannot
-    overflow on finite weights)."""
-    norms = torch._foreach_norm([p.detach() for p in model.parameters()], ord=float("inf"))
-    if not math.isfinite(float(torch.stack([n.float() for n in norms]).max())):
-        raise NonFiniteLossError(diverged_message(step, "the update made weights inf/NaN", ckpt_dir, run_id,
-                                                  "stopped before saving them"))
-
-
-def diverged_message(step: int, what: str, ckpt_dir: str, run_id: str, stopped: str, hint: str = "a lower "
-                     "learning rate") -> str:
-    """The one-line divergence error: the step, what went non-finite, and this run's last good checkpoint."""
-    last = ckpt.find_last_step(ckpt_dir, run_id)
-    where = f"last good checkpoint: {ckpt_dir} step {last}" if last >= 0 else "no checkpoint of this run was written"
-    return f"step {step}: {what}: training diverged; {stopped} ({where}). Try {hint}."
-
-
-def _optimizer_rank(optimizer) -> int:
-    # a sharded optimizer's state is one file per rank; unsharded state is the same everywhere: rank 0's serves all
-    return get_rank() if getattr(optimizer, "shard", False) else 0
-
-
-def load_optimizer_state(ckpt_dir: str, meta: dict, optimizer, device) -> None:
-    """The optimizer state of the checkpoint whose meta `load_resume_checkpoint` returned (this rank's share)."""
-    _, state, _ = ckpt.load_checkpoint(ckpt_dir, meta["step"], device=device, load_optimizer=True,
-                                       rank=_optimizer_rank(optimizer))
-    optimizer.load_state_dict(state)
-
-
-def save_training_checkpoint(ckpt_dir: str, step: int, model, optimizer, meta: dict, keep_last: int, run_id: str,
-                             replace_other_runs: bool = False) -> None:
-    """Every rank calls it. `meta` (the trainer's own) gets what `load_resume_checkpoint` checks and restores:
-    "model_config" and "rng", every process's RNG state (gathered). Ranks of a sharded optimizer write their own
-    optimizer file first and pass its checksum to rank 0, which writes meta last; that completes the checkpoint
-    (reasoning.checkpoint). keep_last 0 keeps every checkpoint of this run; other runs' are kept unless
-    `replace_other_runs` (--overwrite)."""
-    meta = {"model_config": model.config.to_dict(), **meta, "rng": gather_objects(ckpt.rng_state())}
-    optim_rank = _optimizer_rank(optimizer)
-    written = {}
-    if optim_rank != 0:
-        written = ckpt.save_checkpoint(ckpt_dir, step, None, optimizer.state_dict(), rank=optim_rank, run_id=run_id)
-    # a collective: every optimizer file exists before rank 0 writes meta, which records their checksums
-    other_files = {name: entry for files in gather_objects(written) for name, entry in files.items()}
-    if get_rank() == 0:
-        ckpt.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta=meta, rank=0,
-                             keep_last=keep_last or None, run_id=run_id, other_files=other_files,
-                             replace_other_runs=replace_other_runs)
-    if get_world_size() > 1:
-        barrier()

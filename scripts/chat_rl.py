@@ -18,7 +18,8 @@ section (initial/final held-out accuracy, mean reward, reward and accuracy curve
 from reasoning.checkpoint import add_model_args
 from reasoning.common import run_main, seed_everything
 from reasoning.rl import add_rl_args, config_from_args, train_rl
-from reasoning.training import finish_training_script, parse_script_args, run_trainer, script_parser
+from reasoning.cli import finish_training_script, parse_script_args, script_parser
+from reasoning.training import run_trainer
 
 
 def build_parser():

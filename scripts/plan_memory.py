@@ -23,7 +23,7 @@ import os
 from reasoning import memplan
 from reasoning.common import UserError, get_base_dir, run_main
 from reasoning.gpt import GPTConfig, config_from_depth
-from reasoning.training import print_result
+from reasoning.cli import print_result
 
 STAGES = ("base_train", "base_eval", "chat_sft", "chat_rl", "chat_eval")
 SPEEDRUN_VOCAB = 32768  # runs/speedrun.sh's VOCAB_SIZE: the vocabulary of a model planned before its tokenizer exists
@@ -74,7 +74,7 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
                prompt_tokens: int, gpu_memory_gib: float) -> list[memplan.PhasePlan]:
     """Parse `stage_argv` with the stage's own parser and plan it; --device-batch-size -1 (auto) is chosen for a
     GPU of `gpu_memory_gib` exactly as the stage would choose it on one."""
-    from reasoning.training import parse_script_args
+    from reasoning.cli import parse_script_args
 
     if stage == "base_train":
         from reasoning.pretrain import config_from_args, plan_memory, resolve_device_batch

@@ -102,7 +102,7 @@ def test_prefetcher_raises_the_loaders_error_and_stops_at_the_end():
 @pytest.mark.slow
 def test_compiled_sft_matches_eager(tmp_path):
     from helpers_models import tiny_model, train_small_tokenizer
-    from reasoning.sft import train_sft
+    from scripts.chat_sft import train as train_sft
     from tasks.synthetic import SyntheticReasoning
 
     tokenizer = train_small_tokenizer(str(tmp_path / "tok"))
@@ -114,8 +114,7 @@ def test_compiled_sft_matches_eager(tmp_path):
                            log_every=1000, base_dir=str(tmp_path / str(compile_flag)), out_tag="t",
                            compile=compile_flag, compile_backend="aot_eager")
         with mock.patch("torch.compile", wraps=torch.compile) as spy:
-            out = train_sft(config, model, tokenizer, {"dir": "test", "step": 0}, torch.device("cpu"),
-                            tasks=(train, None, None))
+            out = train_sft(config, model, tokenizer, {"dir": "test", "step": 0}, tasks=(train, None, None))
         assert spy.called == compile_flag
         curves[compile_flag] = [loss for _, loss in out["losses"]]
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)

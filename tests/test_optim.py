@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from reasoning.optim import MuonAdamW, build_optimizer, orthogonalize
+from reasoning.optim import MuonAdamW, OptimizerSettings, build_optimizer, orthogonalize
 
 # Stated bands for the singular values of orthogonalize(G), 5 iterations, G with aspect ratio 2 (so its own
 # singular values are bounded away from 0). Measured: quintic [0.68, 1.13], polar express [0.86, 1.14].
@@ -127,7 +127,7 @@ def set_grads(groups, step, rank=0):
 
 def test_state_dict_roundtrip_gives_identical_updates():
     groups = mixed_setup()
-    opt = build_optimizer(groups, weight_decay=0.05, model_dim=32)
+    opt = build_optimizer(groups, OptimizerSettings(weight_decay=0.05), model_dim=32)
     for step in range(3):
         set_grads(groups, step)
         opt.step()
@@ -138,7 +138,7 @@ def test_state_dict_roundtrip_gives_identical_updates():
     for step in range(3, 6):
         set_grads(groups, step)
         opt.step()
-    resumed = build_optimizer(resumed_groups, weight_decay=0.05, model_dim=32)
+    resumed = build_optimizer(resumed_groups, OptimizerSettings(weight_decay=0.05), model_dim=32)
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer))
     for step in range(3, 6):
@@ -148,7 +148,7 @@ def test_state_dict_roundtrip_gives_identical_updates():
         for a, b in zip(groups[key], resumed_groups[key]):
             assert torch.equal(a, b)
     # the loaded state mattered: a fresh optimizer from the same weights ends elsewhere
-    fresh = build_optimizer(fresh_groups, weight_decay=0.05, model_dim=32)
+    fresh = build_optimizer(fresh_groups, OptimizerSettings(weight_decay=0.05), model_dim=32)
     for step in range(3, 6):
         set_grads(fresh_groups, step)
         fresh.step()
@@ -159,8 +159,9 @@ def test_state_dict_roundtrip_gives_identical_updates():
 def test_build_optimizer_groups_and_lr_scaling():
     groups = mixed_setup()
     groups["lm_head"] = [torch.nn.Parameter(torch.randn(64, 32))]
-    opt = build_optimizer(groups, matrix_lr=0.02, embedding_lr=0.2, lm_head_lr=0.004, scalar_lr=0.5,
-                          weight_decay=0.1, betas=(0.8, 0.95), muon_momentum=0.9, model_dim=3072)
+    settings = OptimizerSettings(matrix_lr=0.02, embedding_lr=0.2, lm_head_lr=0.004, scalar_lr=0.5, weight_decay=0.1,
+                                 betas=(0.8, 0.95), muon_momentum=0.9)
+    opt = build_optimizer(groups, settings, model_dim=3072)
     by_name = {g["name"]: g for g in opt.param_groups}
     assert set(by_name) == {"matrix", "embedding", "lm_head", "scalar"}
     assert by_name["matrix"]["kind"] == "muon" and by_name["matrix"]["momentum"] == 0.9
@@ -229,7 +230,7 @@ def test_muon_adamw_learns_a_linear_map():
     gain = torch.nn.Parameter(torch.ones(16))
     target = torch.randn(64, 16)
     opt = build_optimizer({"matrix": [w1, w2], "embedding": [table], "scalar": [gain]},
-                          matrix_lr=0.02, embedding_lr=0.05, scalar_lr=0.01, model_dim=32)
+                          OptimizerSettings(matrix_lr=0.02, embedding_lr=0.05, scalar_lr=0.01), model_dim=32)
 
     def loss_fn():
         return ((table @ w1.T @ w2.T * gain - target) ** 2).mean()
@@ -281,7 +282,7 @@ def _dist_worker(rank, init_file, out_dir):
     try:
         for mode in MODES:
             groups = dist_params()
-            opt = build_optimizer(groups, weight_decay=0.1, model_dim=32, distributed=True,
+            opt = build_optimizer(groups, OptimizerSettings(weight_decay=0.1), model_dim=32, distributed=True,
                                   shard=mode in ("shard", "prereduced"))
             if mode == "per_tensor":
                 opt.bucket_bytes = 1
@@ -314,7 +315,7 @@ def test_two_rank_gloo_equals_one_process_with_averaged_grads(tmp_path):
 
     # one process, gradients averaged by hand (a missing grad on one rank counts as zeros)
     groups = dist_params()
-    opt = build_optimizer(groups, weight_decay=0.1, model_dim=32, distributed=False)
+    opt = build_optimizer(groups, OptimizerSettings(weight_decay=0.1), model_dim=32, distributed=False)
     initial_never = groups["scalar"][-1].detach().clone()
     for step in range(STEPS):
         per_rank = []

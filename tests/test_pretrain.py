@@ -11,8 +11,9 @@ import torch
 from reasoning import checkpoint as ckpt
 from reasoning.common import UserError, run_main
 from reasoning.gpt import GPT, config_from_depth
-from reasoning.pretrain import TrainConfig, add_train_args, config_from_args, muon_momentum, train
+from reasoning.pretrain import TrainConfig, add_train_args, config_from_args, muon_momentum
 from reasoning.training import NonFiniteLossError, StepBoundary, accumulate_gradients, lr_multiplier
+from scripts.base_train import train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -208,9 +209,9 @@ def test_learning_drops_val_bpb(trained_run):
 
 def _inject_nan_at(monkeypatch, call: int, where: str):
     """Make the `call`-th optimizer step see a NaN loss or an infinite gradient (a fault the loop must catch)."""
-    import reasoning.pretrain as pretrain
+    import scripts.base_train as base_train
 
-    real = pretrain.accumulate_gradients
+    real = base_train.accumulate_gradients
     calls = {"n": 0}
 
     def faulty(model, micro_batches, autocast=None):
@@ -222,7 +223,7 @@ def _inject_nan_at(monkeypatch, call: int, where: str):
             next(model.parameters()).grad[0, 0] = float("inf")
         return loss
 
-    monkeypatch.setattr(pretrain, "accumulate_gradients", faulty)
+    monkeypatch.setattr(base_train, "accumulate_gradients", faulty)
 
 
 @pytest.mark.parametrize("where", ["loss", "grad"])

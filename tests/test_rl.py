@@ -30,7 +30,7 @@ from reasoning.engine import Engine
 from reasoning.gpt import GPT, GPTConfig
 from reasoning.rl import RLConfig, build_reward, token_logprobs, train_rl
 from reasoning.rollout import collect_rollout, training_rows
-from reasoning.sft import SFTConfig, conversation_targets, pad_rows, train_sft
+from reasoning.sft import SFTConfig, conversation_targets, pad_rows
 from reasoning.tokenizer import train_tokenizer
 from tasks.common import Task
 from tasks.synthetic import SyntheticReasoning
@@ -154,11 +154,13 @@ SYNTHETIC = "twostep"  # tasks/synthetic.py preset: two operations on operands <
 
 @pytest.fixture(scope="module")
 def synthetic_sft(tmp_path_factory):
-    """(base_dir, checkpoint dir) of a tiny GPT SFT'd on the synthetic task in two reasoning.sft runs (~35 s here).
+    """(base_dir, checkpoint dir) of a tiny GPT SFT'd on the synthetic task in two scripts.chat_sft runs (~35 s here).
 
     1. 400 steps on clean worked solutions: greedy and sampled accuracy ~0.8 (the model can do the arithmetic).
     2. 100 steps on the answer-only mixture: the first assistant token now opens the think span only about half of
        the time, and the bare answers are mostly wrong (sampled pass@1 ~0.4 overall: ~0.7 worked, ~0.2 bare)."""
+    from scripts.chat_sft import train as train_sft
+
     root = tmp_path_factory.mktemp("rl_synthetic")
     tokenizer_dir = str(root / "tokenizer")
     tokenizer = train_small_tokenizer(tokenizer_dir)           # BPE on synthetic problems (tests/helpers_models)
@@ -170,7 +172,7 @@ def synthetic_sft(tmp_path_factory):
         config = SFTConfig(num_iterations=steps, lr_scale=lr_scale, device_batch_size=16, total_batch_rows=16, max_seq_len=256,
                            eval_every=-1, log_every=1000, seed=int(answer_only > 0), base_dir=str(root),
                            out_tag=f"synthetic_ao{answer_only}")
-        summary = train_sft(config, model, tokenizer, source, torch.device("cpu"), tasks=(train, None, None))
+        summary = train_sft(config, model, tokenizer, source, tasks=(train, None, None))
     return str(root), summary["checkpoint_dir"]
 
 
@@ -281,7 +283,7 @@ def test_grpo_scaling_matches_one_big_batch(tiny_sft):
             rollout = collect_rollout(Engine(model, tokenizer), tokenizer, [Addition()[i] for i in range(4)],
                                       build_reward(config), num_samples=4, max_new_tokens=16, temperature=1.0, seed=3)
             data = training_rows(rollout.prompts, rollout.generations, mask_truncated=False)
-            optimizer = model.setup_optimizer(matrix_lr=0.0, embedding_lr=0.0, lm_head_lr=0.0, scalar_lr=0.0)
+            optimizer = model.setup_optimizer(config.optimizer_settings())  # lr_scale 0: every rate 0
             captured = {}
             original_step = optimizer.step
 

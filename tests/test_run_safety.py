@@ -10,8 +10,9 @@ import torch
 
 from reasoning import checkpoint as ckpt
 from reasoning.common import UserError, run_main
-from reasoning.pretrain import TrainConfig, train
+from reasoning.pretrain import TrainConfig
 from reasoning.training import NonFiniteLossError
+from scripts.base_train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +99,8 @@ def test_resume_continues_the_run_that_wrote_last_not_the_highest_step(tiny_corp
 
 
 def test_fine_tuning_refuses_an_occupied_out_tag(tiny_corpus, tmp_path):
-    from reasoning.sft import SFTConfig, train_sft
+    from reasoning.sft import SFTConfig
+    from scripts.chat_sft import train as train_sft
     from helpers_models import tiny_model
     from reasoning.tokenizer import Tokenizer
     from tasks.synthetic import SyntheticReasoning
@@ -110,8 +112,7 @@ def test_fine_tuning_refuses_an_occupied_out_tag(tiny_corpus, tmp_path):
         config = SFTConfig(num_iterations=2, device_batch_size=2, total_batch_rows=2, max_seq_len=96, eval_every=-1, base_dir=str(tmp_path),
                            out_tag="ft", **kw)
         model = tiny_model(tokenizer.vocab_size, depth=1, n_embd=32, sequence_len=128)
-        return train_sft(config, model, tokenizer, {"dir": "src", "step": 0}, torch.device("cpu"),
-                         tasks=(task, None, None))
+        return train_sft(config, model, tokenizer, {"dir": "src", "step": 0}, tasks=(task, None, None))
 
     run()
     with pytest.raises(UserError, match=r"checkpoint tag ft .*--resume.*--overwrite.*--out-tag"):
@@ -137,8 +138,8 @@ def test_the_last_good_checkpoint_named_in_the_error_is_finite(tiny_corpus, tmp_
 
     real_setup = GPT.setup_optimizer
 
-    def poisoning_optimizer(model, **kwargs):  # the 4th update (step 3) sends one weight to inf
-        optimizer = real_setup(model, **kwargs)
+    def poisoning_optimizer(model, *args, **kwargs):  # the 4th update (step 3) sends one weight to inf
+        optimizer = real_setup(model, *args, **kwargs)
         real_step, calls = optimizer.step, {"n": 0}
 
         def step():

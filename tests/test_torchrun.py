@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from reasoning import checkpoint as ckpt
-from reasoning.pretrain import TrainConfig, train
+from reasoning.pretrain import TrainConfig
+from scripts.base_train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
