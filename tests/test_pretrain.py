@@ -189,6 +189,8 @@ def test_learning_drops_val_bpb(trained_run):
     assert m["initial_val_bpb"] > 3.0  # ~uniform over 512 tokens of ~2 bytes each: log2(512)/2 ≈ 4.5 bits/byte
     assert m["val_bpb"] < 0.6 * m["initial_val_bpb"], m
     assert m["min_val_bpb"] == min(v for _, v in summary["series"]["val_bpb"])
+    # the reported train loss is the one every trainer reports: the mean of the last steps (60 steps: the last 12)
+    assert m["train_loss"] == pytest.approx(sum(loss for _, loss in summary["losses"][-12:]) / 12, rel=1e-12)
     assert m["tok_per_s"] > 0 and 0 < m["mfu"] < 1
     assert len(summary["samples"]) == len(config.sample_prompts)
 
