@@ -140,7 +140,7 @@ class TrainConfig(TrainerConfig):
                                    muon_momentum=self.muon_momentum_end)
 
 
-add_train_args = TrainConfig.add_args  # one --flag per field (reasoning.training); scripts/base_train.py
+add_train_args = TrainConfig.add_args  # one --flag per field (reasoning.cli.FlagConfig); scripts/base_train.py
 config_from_args = TrainConfig.from_args
 
 
@@ -207,7 +207,7 @@ def sample_completions(model, tokenizer, prompts, max_tokens: int) -> list[dict]
     return [{"prompt": p, "completion": tokenizer.decode(g.tokens)} for p, g in zip(prompts, generations)]
 
 
-# -------------------------------------------------------------------------------------------- set-up
+# -------------------------------------------------------------------------------------------- the loop's parts
 
 def _non_embedding_params(model) -> int:
     # the embedding table is a lookup, not a matmul: Chinchilla-style token budgets count the other weights

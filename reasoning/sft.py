@@ -96,7 +96,7 @@ class SFTConfig(FinetuneConfig):
             raise UserError(f"--task-size {self.task_size}: expected a positive number of examples or -1")
 
 
-add_sft_args = SFTConfig.add_args  # one --flag per field (reasoning.training); scripts/chat_sft.py
+add_sft_args = SFTConfig.add_args  # one --flag per field (reasoning.cli.FlagConfig); scripts/chat_sft.py
 config_from_args = SFTConfig.from_args
 
 
@@ -224,7 +224,7 @@ def generative_accuracy(model, tokenizer, task, config: SFTConfig) -> float:
     return summary["accuracy"]
 
 
-# ----------------------------------------------------------------------------------------------- set-up
+# ----------------------------------------------------------------------------------------------- the loop's parts
 
 def downsample(points: list, limit: int = 500) -> list:
     """At most about `limit` of a curve's points, evenly strided, the last one kept (the report's curves)."""
