@@ -16,6 +16,7 @@ import statistics
 import torch
 
 from reasoning import memplan
+from reasoning.cli import print_result
 from reasoning.gpt import config_from_depth
 from reasoning.pretrain import TrainConfig
 from reasoning.pretrain import plan_memory as pretrain_plan
@@ -23,7 +24,6 @@ from reasoning.rl import RLConfig
 from reasoning.rl import plan_memory as rl_plan
 from reasoning.sft import SFTConfig
 from reasoning.sft import plan_memory as sft_plan
-from reasoning.cli import print_result
 
 
 def _stage_cases():

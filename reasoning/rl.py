@@ -50,12 +50,12 @@ import numpy as np
 import torch
 
 from reasoning import checkpoint as ckpt
-from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_distributed, print0
-from reasoning.grpo import LOSS_TYPES, chunked_token_logprobs, policy_loss
-from reasoning.rollout import PromptStream, TrainingRows, collect_rollout, training_rows
 from reasoning.cli import DEVICE_HELP, option
+from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_distributed, print0
 from reasoning.distributed import all_reduce_sum
+from reasoning.grpo import LOSS_TYPES, chunked_token_logprobs, policy_loss
 from reasoning.resume import load_optimizer_state, load_resume_checkpoint, save_training_checkpoint, start_run
+from reasoning.rollout import PromptStream, TrainingRows, collect_rollout, training_rows
 from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, autocast_factory,
                                 check_weights_finite)
 from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY

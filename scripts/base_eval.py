@@ -13,10 +13,10 @@ import time
 
 from reasoning import memplan
 from reasoning.checkpoint import add_model_args, load_model_from_args
+from reasoning.cli import add_run_args, parse_script_args, print_result, script_parser
 from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_distributed, print0, run_main
 from reasoning.pretrain import DEFAULT_SAMPLE_PROMPTS, evaluate_val_bpb, sample_completions
 from reasoning.report import log_stage
-from reasoning.cli import add_run_args, parse_script_args, print_result, script_parser
 
 
 def build_parser():

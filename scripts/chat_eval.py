@@ -18,11 +18,11 @@ import shutil
 
 from reasoning import memplan
 from reasoning.checkpoint import add_model_args, load_model_from_args
+from reasoning.cli import add_run_args, parse_script_args, print_result, script_parser
 from reasoning.common import UserError, get_base_dir, init_distributed, is_master, print0, run_main
 from reasoning.evaluation import (PROMPT_MODES, EvalSettings, evaluate_task, format_table, grader_description,
                                   resolve_source, section_name, template_text)
 from reasoning.report import log_stage
-from reasoning.cli import add_run_args, parse_script_args, print_result, script_parser
 from tasks.registry import build_task, task_label
 from tasks.synthetic import DIFFICULTY as SYNTHETIC_DIFFICULTY
 

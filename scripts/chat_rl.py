@@ -16,9 +16,9 @@ section (initial/final held-out accuracy, mean reward, reward and accuracy curve
 """
 
 from reasoning.checkpoint import add_model_args
+from reasoning.cli import finish_training_script, parse_script_args, script_parser
 from reasoning.common import run_main, seed_everything
 from reasoning.rl import add_rl_args, config_from_args, train_rl
-from reasoning.cli import finish_training_script, parse_script_args, script_parser
 from reasoning.training import run_trainer
 
 

@@ -21,9 +21,9 @@ import json
 import os
 
 from reasoning import memplan
+from reasoning.cli import print_result
 from reasoning.common import UserError, get_base_dir, run_main
 from reasoning.gpt import GPTConfig, config_from_depth
-from reasoning.cli import print_result
 
 STAGES = ("base_train", "base_eval", "chat_sft", "chat_rl", "chat_eval")
 SPEEDRUN_VOCAB = 32768  # runs/speedrun.sh's VOCAB_SIZE: the vocabulary of a model planned before its tokenizer exists

@@ -358,7 +358,7 @@ def test_cli_flags_map_to_config():
 
 
 def test_every_trainer_cli_round_trips_its_config():
-    """The shared dataclass -> argparse plumbing (reasoning.training): no flags give the dataclass defaults, every
+    """The shared dataclass -> argparse plumbing (reasoning.cli.FlagConfig): no flags give the dataclass defaults, every
     field with a flag has exactly one, shared fields included; RL booleans also take --no-X."""
     import argparse
 
