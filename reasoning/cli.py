@@ -105,7 +105,6 @@ class FlagConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
-
 # -------------------------------------------------------------------------------------------- stage scripts
 
 def script_parser(doc: str) -> argparse.ArgumentParser:
@@ -162,7 +161,6 @@ def print_result(values: dict, stopped_at: int | None = None) -> None:
     if is_master():
         stopped = "" if stopped_at is None else f" stopped_at={stopped_at}"
         print("RESULT " + " ".join(f"{k}={_result_text(v)}" for k, v in values.items()) + stopped, flush=True)
-
 
 
 def finish_training_script(name: str, summary: dict, result: dict, config: dict, metrics: dict,

@@ -250,8 +250,6 @@ def resolve_device_batch(config: TrainConfig, model_config, device, world_size: 
     return dataclasses.replace(config, device_batch_size=rows)
 
 
-
-
 def load_tokenizer(config: TrainConfig, base_dir: str):
     """(tokenizer, its folder): --tokenizer-dir, else <base>/tokenizer."""
     from reasoning.tokenizer import Tokenizer, get_tokenizer

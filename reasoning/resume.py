@@ -88,7 +88,6 @@ def start_run(ckpt_dir: str, resume_meta: dict | None, overwrite: bool, tag_flag
     return all_gather_object(ckpt.new_run_id())[0]  # rank 0's id, everywhere
 
 
-
 def _optimizer_rank(optimizer) -> int:
     # a sharded optimizer's state is one file per rank; unsharded state is the same everywhere: rank 0's serves all
     return get_rank() if getattr(optimizer, "shard", False) else 0

@@ -155,7 +155,6 @@ class FinetuneConfig(TrainerConfig):
         return lr_multiplier(step, num_steps, self.warmup_ratio, 1.0 - self.warmup_ratio, self.final_lr_frac)
 
 
-
 # -------------------------------------------------------------------------------------------- the step
 
 def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
@@ -174,7 +173,6 @@ def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_
 def autocast_factory(device, dtype: torch.dtype) -> Callable[[], ContextManager]:
     """A function making a fresh mixed-precision context per use (a context manager cannot be entered twice)."""
     return functools.partial(autocast_context, device, dtype)
-
 
 
 def accumulate_gradients(model, micro_batches, autocast: Callable[[], ContextManager] | None = None) -> torch.Tensor:
