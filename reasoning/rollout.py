@@ -1,7 +1,8 @@
 """The RL batch: which prompts a step samples, the sampled group of completions with rewards and advantages, and
 its layout for the trainer.
 
-Why its own module: reasoning/rl.py is the optimisation loop; this is the data it optimises on. Three pieces:
+Why its own module: scripts/chat_rl.py runs the optimisation loop (with reasoning/rl.py's parts); this is the
+data it optimises on. Three pieces:
   - `PromptStream`: an endless, epoch-shuffled stream over a Task whose position is one integer (exact resume,
     disjoint slices per rank).
   - `collect_rollout`: G samples per prompt from reasoning.engine.Engine (with the sampler's per-token log-probs),
@@ -47,8 +48,8 @@ class PromptStream:
 
 
 @dataclass
-class Rollout:
-    """One rank's rollout batch: P prompts x G samples, rows prompt-major."""
+class RolloutBatch:
+    """One rank's rollout batch: P prompts x G samples, rows prompt-major, scored, with group advantages."""
     examples: list[dict]         # the P prompts that were sampled (too-long ones are left out)
     prompts: list[list[int]]
     generations: list            # list[reasoning.engine.Generation], N = P * G
@@ -61,7 +62,7 @@ class Rollout:
 
 
 def collect_rollout(engine, tokenizer, examples: list[dict], reward, num_samples: int, max_new_tokens: int,
-                    temperature: float, seed: int, top_k: int | None = None, std_normalize: bool = True) -> Rollout:
+                    temperature: float, seed: int, top_k: int | None = None, std_normalize: bool = True) -> RolloutBatch:
     """Sample `num_samples` (G) completions per example, score them with `reward` (a rewards.CombinedReward), and
     compute group advantages (std-normalised unless `std_normalize` is False).
 
@@ -94,7 +95,7 @@ def collect_rollout(engine, tokenizer, examples: list[dict], reward, num_samples
         advantages, zero_variance = group_advantages(rewards, G, normalize_std=std_normalize)
     else:
         advantages, zero_variance = torch.zeros(0), torch.zeros(0, dtype=torch.bool)
-    return Rollout(examples, prompts, generations, texts, rewards, parts, advantages, zero_variance,
+    return RolloutBatch(examples, prompts, generations, texts, rewards, parts, advantages, zero_variance,
                    skipped=len(rendered) - len(prompts))
 
 

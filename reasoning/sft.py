@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from reasoning import checkpoint as ckpt
+from reasoning.checkpoint import ModelSource
 from reasoning.common import UserError, get_base_dir, get_compute_dtype, get_rank, get_world_size, print0
 from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, accumulate_gradients,
                                 all_reduce_sum, autocast_factory, check_weights_finite, diverged_message,
@@ -315,9 +316,9 @@ def resolve_device_batch(config: SFTConfig, model_config, device, world_size: in
     return dataclasses.replace(config, device_batch_size=rows)
 
 
-def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: int = 0, world_size: int = 1,
+def train_sft(config: SFTConfig, model, tokenizer, source: ModelSource, device, rank: int = 0, world_size: int = 1,
               tasks=None) -> dict:
-    """Fine-tune `model` (loaded from `source`: {"dir", "step", "tag", "tokenizer_dir"}) per `config`.
+    """Fine-tune `model` (loaded from `source`, a checkpoint.ModelSource) per `config`.
 
     `tasks` = (train, val, gen_eval) overrides build_sft_tasks (tests). Returns a summary: metrics, series,
     checkpoint dir, steps. Every rank must call it (collectives inside)."""
@@ -327,11 +328,11 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     base_dir = config.base_dir or get_base_dir()
     autocast = autocast_factory(device, get_compute_dtype(device))
     train_task, val_task, eval_task = tasks if tasks is not None else build_sft_tasks(config)
-    tag = config.out_tag or source.get("tag") or f"d{model.config.n_layer}"
+    tag = config.out_tag or source.tag
     ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)
 
     # ---- resume: weights, optimizer, stream positions, RNG and history from our own last checkpoint
-    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "positions", str(source.get("dir"))) \
+    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "positions", source.dir) \
         if config.resume else None
     optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale),
                                       compile_backend=config.optimizer_compile_backend(device))
@@ -371,13 +372,13 @@ def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: i
     log = RunLog.for_run(base_dir, f"{STAGE}_{tag}", config, progress.resumed_at)
     print0(f"sft: {len(train_task):,} conversations ({config.task}), {num_iterations} steps of {total_rows} rows "
            f"({world_size} ranks x {grad_accum} micro-batches of <= {config.device_batch_size} rows, "
-           f"{'packed' if config.pack else 'padded'}, <= {config.max_seq_len} tokens) | from {source.get('dir')} "
-           f"step {source.get('step')} -> {ckpt_dir}{progress.resumed_note}")
+           f"{'packed' if config.pack else 'padded'}, <= {config.max_seq_len} tokens) | from {source.dir} "
+           f"step {source.step} -> {ckpt_dir}{progress.resumed_note}")
 
     def save(step: int):
         meta = {
-            "sft_config": config.to_dict(), "stage": STAGE, "tokenizer_dir": source.get("tokenizer_dir"),
-            "source": {"dir": source.get("dir"), "step": source.get("step")}, "num_iterations": num_iterations,
+            "sft_config": config.to_dict(), "stage": STAGE, "tokenizer_dir": source.tokenizer_dir,
+            "source": {"dir": source.dir, "step": source.step}, "num_iterations": num_iterations,
             "history": history, "train_seconds": progress.seconds(), "positions": gather_objects(stream.position),
         }
         save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last, run_id, config.overwrite)

@@ -1,4 +1,4 @@
-"""What the three trainers (reasoning/pretrain.py, sft.py, rl.py) and the stage scripts share.
+"""What the three trainers (reasoning/pretrain.py, sft.py, scripts/chat_rl.py) and the stage scripts share.
 
 Why its own module: pretraining, SFT and RL differ in their data and in what one step does, not in the scaffolding
 around the step. One copy of that scaffolding keeps their command lines, logs and checkpoints consistent:
@@ -196,10 +196,8 @@ class TrainerConfig:
 
     @classmethod
     def from_args(cls, args):
-        """The config of parsed flags. A cli=False field takes a parsed value when the parser has one (RLConfig's
-        model source comes from reasoning.checkpoint.add_model_args), else its default."""
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-                      if f.metadata.get("cli", True) or hasattr(args, f.name)})
+        """The config of parsed flags (`add_args`'s); a cli=False field keeps its default."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)})
 
     def to_dict(self) -> dict:
         """JSON-ready (tuples become lists), in --help order."""

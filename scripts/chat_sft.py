@@ -14,9 +14,8 @@ Metrics go to <base>/logs/sft_<tag>.jsonl (and wandb with --run NAME); on succes
 section (train/val loss, accuracy on the held-out eval slice, loss curves). Exit code 3 when the loss diverges.
 """
 
-from reasoning.checkpoint import add_model_args, load_model_from_args
+from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.common import init_distributed, run_main, seed_everything
-from reasoning.evaluation import resolve_source
 from reasoning.sft import add_sft_args, config_from_args, train_sft
 from reasoning.training import add_run_args, finish_training_script, parse_script_args, run_trainer, script_parser
 
@@ -37,14 +36,13 @@ def main(argv: list[str] | None = None):
 
     info = init_distributed(args.device)
     seed_everything(config.seed)
-    source = resolve_source(args, config.base_dir)
-    model, tokenizer, meta = load_model_from_args(args, info.device, phase="train", base_dir=config.base_dir)
-    source["tokenizer_dir"] = meta.get("tokenizer_dir")
+    source = ModelSource.from_args(args, config.base_dir)
+    model, tokenizer, _ = source.load(info.device, phase="train")
     summary = run_trainer(train_sft, config, model, tokenizer, source, info.device, info.rank, info.world_size)
     m = summary["metrics"]
     finish_training_script(
         "chat_sft", summary, {k: m[k] for k in ("train_loss", "val_loss", "accuracy")} | {"steps": summary["step"]},
-        config=summary["config"] | {"source": {k: source[k] for k in ("dir", "step")},
+        config=summary["config"] | {"source": {"dir": source.dir, "step": source.step},
                                     "world_size": summary["world_size"]},
         metrics=m, base_dir=config.base_dir)
 
