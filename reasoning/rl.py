@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from reasoning.grpo import chunked_token_logprobs
-from reasoning.rollout import RolloutBatch, TrainingRows
+from reasoning.rollout import GroupScores, RolloutBatch, TrainingRows
 from reasoning.training import all_reduce_sum
 
 
@@ -48,13 +48,14 @@ class Learner:
 
 # ----------------------------------------------------------------------------------------------- rows
 
-def trained_rows(batch: RolloutBatch, num_samples: int, filter_zero_variance: bool) -> list[int]:
-    """Indices of the rows the update trains on: all of them, or (DAPO dynamic sampling, without the re-sampling)
-    those of groups whose rewards differ."""
+def trained_rows(zero_variance: torch.Tensor, num_samples: int, filter_zero_variance: bool) -> list[int]:
+    """Indices of the rows (N = P x G, prompt-major) the update trains on: all of them, or (DAPO dynamic sampling,
+    without the re-sampling) those of groups whose rewards differ. zero_variance: (P,) bool."""
+    n_rows = zero_variance.numel() * num_samples
     if not filter_zero_variance:
-        return list(range(len(batch.generations)))
-    keep = ~batch.zero_variance.repeat_interleave(num_samples)
-    return [i for i in range(len(batch.generations)) if bool(keep[i])]
+        return list(range(n_rows))
+    keep = ~zero_variance.repeat_interleave(num_samples)
+    return [i for i in range(n_rows) if bool(keep[i])]
 
 
 def shuffled_advantages(advantages: torch.Tensor, rows: list[int], seed: int, step: int, rank: int) -> torch.Tensor:
@@ -185,15 +186,15 @@ class UpdateResult:
 _RENAMES = {"kl_mean": "kl", "entropy_mean": "entropy", "is_logp_abs_diff_mean": "is_logp_abs_diff"}
 
 
-def step_record(batch: RolloutBatch, rows: list[int], update: UpdateResult, lr_mult: float, timings: dict,
-                world_size: int) -> dict:
+def step_record(batch: RolloutBatch, scores: GroupScores, zero_variance: torch.Tensor, rows: list[int],
+                update: UpdateResult, lr_mult: float, timings: dict, world_size: int) -> dict:
     """The step's metrics, all ranks combined: this rank's sums, all-reduced in one collective. `timings`: seconds
     "t_rollout" and "t_train", and "started", the step's time.perf_counter() at its start."""
     gens = batch.generations
     lengths = torch.tensor([len(g.tokens) for g in gens], dtype=torch.float64)
-    names = sorted(batch.parts)  # every reward's name, also for an empty rollout: the vectors must align
-    local = [float(len(gens)), float(batch.rewards.sum()), *[float(batch.parts[n].sum()) for n in names],
-             float(batch.zero_variance.sum()), float(batch.zero_variance.numel()), float(lengths.sum()),
+    names = sorted(scores.parts)  # every reward's name, also for an empty rollout: the vectors must align
+    local = [float(len(gens)), float(scores.rewards.sum()), *[float(scores.parts[n].sum()) for n in names],
+             float(zero_variance.sum()), float(zero_variance.numel()), float(lengths.sum()),
              float(sum(g.stop_reason != "stop" for g in gens)), float(len(rows)), float(batch.skipped)]
     local += [update.stat_sums[k] for k in STAT_KEYS] + [update.stat_weight[k] for k in STAT_KEYS]
     totals = all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()

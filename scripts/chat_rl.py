@@ -68,11 +68,11 @@ from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_distributed, print0, run_main, \
     seed_everything
 from reasoning.engine import Engine
-from reasoning.grpo import LOSS_TYPES, policy_loss
+from reasoning.grpo import LOSS_TYPES, group_advantages, policy_loss
 from reasoning.rl import (FrozenLogprobs, Learner, UpdateResult, frozen_logprobs, micro_batches, minibatches,
                           rows_on_device, seed_for, shuffled_advantages, step_record, token_logprobs, trained_rows,
                           zero_backward)
-from reasoning.rollout import PromptStream, TrainingRows, collect_rollout, training_rows
+from reasoning.rollout import PromptStream, TrainingRows, sample_groups, score_groups, training_rows
 from reasoning.training import (DEVICE_HELP, FinetuneConfig, NonFiniteLossError, RunLog, RunProgress,
                                 autocast_factory, check_weights_finite, finish_training_script, load_optimizer_state,
                                 load_resume_checkpoint, option, parse_script_args, run_trainer,
@@ -393,18 +393,23 @@ def train(config: RLConfig, source: ModelSource, tasks=None) -> dict:
             if at.last:
                 break
 
-            # ---- rollout: this rank's prompts, G samples each from the engine, rewards, group advantages
+            # ---- rollout: this rank's prompts, G samples each from the engine (with its log-probs), their rewards
             started = time.perf_counter()
             examples = stream.next_examples(P, rank, world_size)
             seed = seed_for(config.seed, step, rank)
             t_rollout = time.perf_counter()
-            batch = collect_rollout(engine, tokenizer, examples, reward, G, config.max_new_tokens, config.temperature,
-                                    seed, top_k=config.top_k, std_normalize=config.std_normalize)
+            batch = sample_groups(engine, tokenizer, examples, seed, num_samples=G,
+                                  max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                  top_k=config.top_k)
+            scores = score_groups(batch, reward)
             t_rollout = time.perf_counter() - t_rollout
+
+            # ---- advantages per group, the rows to train on (all, or only groups with a signal), trainer rows
+            advantages, zero_variance = group_advantages(scores.rewards, G, normalize_std=config.std_normalize)
+            rows = trained_rows(zero_variance, G, config.filter_zero_variance)
+            if config.shuffle_advantages:  # the negative control
+                advantages = shuffled_advantages(advantages, rows, config.seed, step, rank)
             data = training_rows(batch.prompts, batch.generations, config.mask_truncated)
-            rows = trained_rows(batch, G, config.filter_zero_variance)
-            advantages = shuffled_advantages(batch.advantages, rows, config.seed, step, rank) \
-                if config.shuffle_advantages else batch.advantages
 
             # ---- update: old/reference log-probs (one no-grad pass, when needed), LR, the optimizer steps
             t_train = time.perf_counter()
@@ -418,7 +423,7 @@ def train(config: RLConfig, source: ModelSource, tasks=None) -> dict:
             t_train = time.perf_counter() - t_train
 
             # ---- log (metrics of all ranks, one all-reduce), then the weights' health
-            record = step_record(batch, rows, update, lr_mult,
+            record = step_record(batch, scores, zero_variance, rows, update, lr_mult,
                                  {"t_rollout": t_rollout, "t_train": t_train, "started": started}, world_size)
             check_weights_finite(model, step, ckpt_dir, run_id)  # only step boundaries are ever saved
             step += 1

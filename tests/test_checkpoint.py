@@ -304,7 +304,8 @@ def test_model_source_flags(tiny_run):
     for argv in ([], ["--tag", "d1", "--step", "3"], ["--init-from", "sft:d1@3", "--stage", "rl"],
                  ["--init-from", checkpoint_dir("sft", "d1", base)]):
         source = ckpt.ModelSource.from_args(parser.parse_args(argv), base)
-        assert (source.dir, source.step, source.stage, source.tag) == (checkpoint_dir("sft", "d1", base), 3, "sft", "d1")
+        expected = (checkpoint_dir("sft", "d1", base), 3, "sft", "d1")
+        assert (source.dir, source.step, source.stage, source.tag) == expected
         assert source.label == "sft:d1@3"
         loaded, _, meta = source.load("cpu")
         assert meta["step"] == 3

@@ -5,7 +5,7 @@ resume, no reference model without KL, and the CLI.
 Learning uses tasks/synthetic.py's real task (`synthetic_sft` fixture): a tiny GPT with no pretraining is SFT'd
 with reasoning.sft first on clean worked solutions (the stand-in for a pretrained base), then on the answer-only
 mixture runs/runcpu.sh uses (`answer_only_frac` 0.5), so it samples the shortcut about half the time and scores far
-less with it than with the worked steps; 30 GRPO steps through the stage's `train` have to find that out from the reward.
+less with it than with the worked steps; 30 GRPO steps of the stage's `train` have to find that out from the reward.
 
 The mechanics tests share a cheaper fixture: a tiny GPT fine-tuned (a few seconds of plain AdamW SFT) on
 single-digit additions whose reference answer is \\boxed{} in half of the examples and bare in the other half, so
@@ -24,12 +24,12 @@ import torch.multiprocessing as mp
 from helpers_models import tiny_model, train_small_tokenizer
 from reasoning import checkpoint as ckpt
 from reasoning import rl
-from reasoning import rollout as rollout_module
 from reasoning.checkpoint import ModelSource, checkpoint_dir, save_checkpoint
 from reasoning.engine import Engine
 from reasoning.gpt import GPT, GPTConfig
 from reasoning.rl import token_logprobs
-from reasoning.rollout import collect_rollout, training_rows
+from reasoning.grpo import group_advantages
+from reasoning.rollout import sample_groups, score_groups, training_rows
 from scripts import chat_rl
 from scripts.chat_rl import RLConfig, build_reward
 from reasoning.sft import SFTConfig, conversation_targets, pad_rows, train_sft
@@ -124,8 +124,8 @@ def test_trainer_logprobs_match_sampler_and_rows_align(tiny_sft):
     model, tokenizer, _ = ckpt.load_model(ckpt_dir, device="cpu")
     config = small_config(base_dir, temperature=0.7)
     examples = [Addition()[i] for i in range(3)]
-    rollout = collect_rollout(Engine(model, tokenizer), tokenizer, examples, build_reward(config), num_samples=4,
-                              max_new_tokens=16, temperature=0.7, seed=5)
+    rollout = sample_groups(Engine(model, tokenizer), tokenizer, examples, 5, num_samples=4, max_new_tokens=16,
+                            temperature=0.7)
     data = training_rows(rollout.prompts, rollout.generations, mask_truncated=False)
     for i, g in enumerate(rollout.generations):
         prompt = rollout.prompts[g.prompt_index]
@@ -286,8 +286,9 @@ def test_grpo_scaling_matches_one_big_batch(tiny_sft):
             model, tokenizer, _ = ckpt.load_model(ckpt_dir, device="cpu", phase="train")
             config = small_config(base_dir, loss_type=loss_type, device_batch_size=device_batch_size,
                                   lr_scale=0.0)
-            rollout = collect_rollout(Engine(model, tokenizer), tokenizer, [Addition()[i] for i in range(4)],
-                                      build_reward(config), num_samples=4, max_new_tokens=16, temperature=1.0, seed=3)
+            rollout = sample_groups(Engine(model, tokenizer), tokenizer, [Addition()[i] for i in range(4)], 3,
+                                    num_samples=4, max_new_tokens=16, temperature=1.0)
+            advantages, _ = group_advantages(score_groups(rollout, build_reward(config)).rewards, 4)
             data = training_rows(rollout.prompts, rollout.generations, mask_truncated=False)
             optimizer = model.setup_optimizer(matrix_lr=0.0, embedding_lr=0.0, lm_head_lr=0.0, scalar_lr=0.0)
             captured = {}
@@ -301,7 +302,7 @@ def test_grpo_scaling_matches_one_big_batch(tiny_sft):
             learner = rl.Learner(model, optimizer, None, torch.device("cpu"), contextlib.nullcontext)
             chat_rl.set_learning_rate(optimizer, 1.0)
             assert not chat_rl.needs_frozen_logprobs(config, learner)
-            chat_rl.update_policy(learner, data, rollout.advantages, list(range(16)), None, config, 0)
+            chat_rl.update_policy(learner, data, advantages, list(range(16)), None, config, 0)
             grads.append(captured["grad"])
         assert grads[0].abs().max() > 0
         torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
@@ -325,20 +326,21 @@ def test_shuffled_advantages_permute_only_the_trained_rows():
 def test_shuffle_advantages_flag_feeds_the_update_a_permutation(tiny_sft, monkeypatch, shuffle):
     base_dir, ckpt_dir = tiny_sft
     seen = {}
-    collect, optimize = chat_rl.collect_rollout, chat_rl.update_policy
+    group, optimize = chat_rl.group_advantages, chat_rl.update_policy
 
-    def collect_and_keep(*args, **kwargs):
-        seen["rollout"] = collect(*args, **kwargs)
-        return seen["rollout"]
+    def group_and_keep(*args, **kwargs):
+        advantages, zero_variance = group(*args, **kwargs)
+        seen["original"] = advantages.clone()
+        return advantages, zero_variance
 
     def optimize_and_keep(learner, data, advantages, rows, *args, **kwargs):
         seen["advantages"], seen["rows"] = advantages.clone(), list(rows)
         return optimize(learner, data, advantages, rows, *args, **kwargs)
-    monkeypatch.setattr(chat_rl, "collect_rollout", collect_and_keep)
+    monkeypatch.setattr(chat_rl, "group_advantages", group_and_keep)
     monkeypatch.setattr(chat_rl, "update_policy", optimize_and_keep)
     config = small_config(base_dir, out_tag=f"shuffle{int(shuffle)}", num_steps=1, shuffle_advantages=shuffle)
     train_rl(config, ckpt_dir, tasks=_tasks())
-    original, used, rows = seen["rollout"].advantages, seen["advantages"], seen["rows"]
+    original, used, rows = seen["original"], seen["advantages"], seen["rows"]
     assert original.abs().sum() > 0, "the rollout should have groups with a learning signal"
     assert sorted(used[rows].tolist()) == sorted(original[rows].tolist())
     assert torch.equal(used, original) != shuffle
@@ -399,7 +401,7 @@ def _rank_main(rank, world_size, port, base_dir, ckpt_dir, out_file):
     if rank == 1:
         def all_zero_variance(rewards, group_size, normalize_std=True):
             return torch.zeros_like(rewards), torch.ones(rewards.numel() // group_size, dtype=torch.bool)
-        rollout_module.group_advantages = all_zero_variance
+        chat_rl.group_advantages = all_zero_variance  # a forked process: the parent's module is untouched
     config = small_config(base_dir, out_tag="ddp", num_steps=2, prompts_per_step=8,
                           filter_zero_variance=True, num_minibatches=2, ppo_epochs=2, lr_scale=0.5)
     summary = train_rl(config, ckpt_dir, tasks=_tasks())
