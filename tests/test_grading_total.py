@@ -1,6 +1,7 @@
 """The grader is total (issue 17, item 3): every path that grades a completion — the RL reward (what
-scripts/chat_rl.py builds and reasoning.rollout calls), the eval grading of every task (reasoning.evaluation.grade_completion)
-and maj@k's answer classes — returns within a bounded time and never raises, whatever the string."""
+scripts/chat_rl.py builds and reasoning.rollout calls), the eval grading of every task
+(reasoning.evaluation.grade_completion) and maj@k's answer classes — returns within a bounded time and never raises,
+whatever the string."""
 
 import json
 import time
