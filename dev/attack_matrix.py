@@ -612,7 +612,7 @@ def probe_grader():
     """Run in a subprocess: the pathological set through the RL reward and the eval grading path; one JSON per row."""
     from reasoning.evaluation import grade_completion
     from reasoning.rewards import Completion
-    from reasoning.rl import RLConfig, build_reward
+    from scripts.chat_rl import RLConfig, build_reward
     from reasoning.verifiers import math_equal, warm_up_grader
     from tasks.math import MathProblems
     from tasks.synthetic import SyntheticReasoning

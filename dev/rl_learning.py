@@ -150,9 +150,10 @@ def main():
     from reasoning.common import seed_everything
     from reasoning.evaluation import standard_error
     from reasoning.pretrain import TrainConfig
-    from reasoning.rl import RLConfig, train_rl
     from reasoning.sft import SFTConfig
     from scripts.base_train import train
+    from scripts.chat_rl import RLConfig
+    from scripts.chat_rl import train as train_rl
     from scripts.chat_sft import train as train_sft
 
     base_dir = args.base_dir or tempfile.mkdtemp(prefix="rl_learning_")
@@ -186,9 +187,8 @@ def main():
     if not have("sft"):
         with watch("sft"):
             seed_everything(0)
-            model, tokenizer, meta = ckpt.load_model("base", tag, device="cpu", phase="train", base_dir=base_dir)
-            source = {"dir": ckpt.checkpoint_dir("base", tag, base_dir), "step": meta["step"], "tag": tag,
-                      "tokenizer_dir": meta.get("tokenizer_dir")}
+            source = ckpt.ModelSource.resolve("base", tag, base_dir=base_dir)
+            model, tokenizer, _ = source.load("cpu", phase="train")
             train_sft(SFTConfig(task="synthetic", synthetic_difficulty=args.difficulty, num_iterations=args.sft_steps,
                                 synthetic_answer_only=args.sft_answer_only,
                                 device_batch_size=16, total_batch_rows=16, max_seq_len=256, eval_every=-1, log_every=50,
@@ -220,7 +220,7 @@ def main():
             print(f"[rl_learning] reusing the finished RL run {out_tag}", flush=True)
             return done
         config = RLConfig(
-            stage="sft", tag=tag, task="synthetic", synthetic_difficulty=args.difficulty, num_steps=args.rl_steps,
+            task="synthetic", synthetic_difficulty=args.difficulty, num_steps=args.rl_steps,
             prompts_per_step=args.rl_prompts, num_samples=args.rl_samples, max_new_tokens=args.rl_max_new_tokens,
             temperature=args.rl_temperature, loss_type=args.rl_loss_type, filter_zero_variance=args.rl_filter,
             lr_scale=args.rl_lr_scale, warmup_ratio=args.rl_warmup_ratio, eval_every=50, eval_problems=100,
@@ -228,7 +228,7 @@ def main():
             overwrite=True)  # without --reuse a run retrains into its tag
         for key, value in overrides.items():
             setattr(config, key, value)
-        return train_rl(config)
+        return train_rl(config, ckpt.ModelSource.resolve("sft", tag, base_dir=base_dir))
 
     rl_tag = f"{tag}_seed{args.seed}"  # one RL run per seed (and control), so --reuse can skip a finished one
     with watch("rl"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -376,18 +375,3 @@ def stream_reply(engine: Engine, prompt_ids: list[int], decoder: ReplyDecoder, s
             decoder.finish_reason = "length"  # budget or context exhausted
     finally:
         tokens.close()  # frees the KV cache now, also when we were interrupted
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# naming the model
-
-def model_label(args, meta: dict) -> str:
-    """A short name for the loaded checkpoint (the API's model id) from the add_model_args flags: "sft:d12@500"."""
-    from reasoning.checkpoint import STAGES, resolve_checkpoint_dir
-
-    spec = args.init_from or args.stage + (f":{args.tag}" if args.tag else "")
-    if os.path.isdir(spec):
-        spec = os.path.basename(os.path.normpath(spec))
-    elif spec in STAGES:  # name the tag that was picked as the newest
-        spec += ":" + os.path.basename(resolve_checkpoint_dir(spec))
-    return spec if "@" in spec or "step" not in meta else f"{spec}@{meta['step']}"

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from reasoning.chat import (CONTENT, DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, REASONING,  # noqa: F401 (re-exports)
                             ChatRequest, ReplyDecoder, RequestError, assistant_parts, conversation_from_messages,
-                            is_int, model_label, parse_chat_request, stream_reply)
+                            is_int, parse_chat_request, stream_reply)
 from reasoning.engine import Engine
 
 UI_PATH = Path(__file__).with_name("ui.html")

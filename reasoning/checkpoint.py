@@ -34,6 +34,7 @@ import random
 import re
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -446,7 +447,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([_text_to_tensor(s) for s in cuda_states])
 
 
-# ----------------------------------------------------------------------------------------------- model loading
+# ----------------------------------------------------------------------------------------------- model source
 
 def _latest_tag(stage_dir: str) -> str:
     """The tag whose newest complete checkpoint was written last."""
@@ -481,21 +482,77 @@ def resolve_checkpoint_dir(source: str, tag: str | None = None, base_dir: str | 
     raise UserError(f"checkpoint {source!r} not found: expected a stage ({', '.join(STAGES)}) or a directory")
 
 
-def load_model(source: str, tag: str | None = None, step: int | None = None, device="cpu", phase: str = "eval",
-               base_dir: str | None = None):
-    """(model, tokenizer, meta) from a stage name or checkpoint directory. meta["model_config"] rebuilds the GPT;
-    the tokenizer comes from meta["tokenizer_dir"] when recorded, else `<base>/tokenizer/`."""
-    if phase not in ("eval", "train"):
-        raise ValueError(f"phase={phase!r}: expected 'eval' or 'train'")
-    if source.startswith("hf:"):  # a local Hugging Face folder (Qwen3, Llama): converted on load by reasoning/hf.py
-        from reasoning.hf import load_hf_model
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a stage's model comes from: the model-source flags (`add_model_args`) resolved once, to one folder and
+    step, and handed as this value to every consumer (the trainers' policy, KL reference and SFT init, chat_eval's
+    report naming, the chat UIs). Build it with `from_args` or `resolve`; `load` reads the model."""
+    dir: str                   # the checkpoint folder (normalised), or the Hugging Face model folder
+    step: int | None           # the checkpoint step; None for a Hugging Face folder (it has no steps)
+    stage: str = "custom"      # "base" | "sft" | "rl" for <base>/checkpoints/<stage>/<tag>, "custom" elsewhere
+    tokenizer_dir: str | None = None  # meta["tokenizer_dir"], its own tokenizer; None: <base_dir>/tokenizer
+    base_dir: str | None = None  # the run folder: the tokenizer's fallback (None: $REASONING_BASE_DIR)
+    hf: bool = False           # a local Hugging Face folder, converted on load by reasoning/hf.py
 
-        return load_hf_model(source[len("hf:"):], device=device, phase=phase)
-    # imported here: checkpoint I/O must not depend on the model code (and the model code imports this module)
+    @property
+    def tag(self) -> str:
+        """The folder's name: the default output tag of a stage that fine-tunes this model."""
+        return os.path.basename(self.dir)
+
+    @property
+    def label(self) -> str:
+        """A short name (the chat API's model id): "sft:d12@500", "d12@500" for a folder elsewhere, "hf:PATH"."""
+        if self.hf:
+            return f"hf:{self.dir}"
+        name = f"{self.stage}:{self.tag}" if self.stage in STAGES else self.tag
+        return f"{name}@{self.step}"
+
+    @classmethod
+    def resolve(cls, where: str, tag: str | None = None, step: int | None = None,
+                base_dir: str | None = None) -> ModelSource:
+        """`where` = a stage name (its newest tag unless `tag`), a checkpoint directory or hf:PATH; `step` None =
+        the last complete one. UserError when there is no such checkpoint."""
+        if step is not None and step < 0:
+            raise UserError(f"--step {step}: expected a step >= 0")
+        if where.startswith("hf:"):
+            folder = os.path.normpath(_hf_folder(where))
+            return cls(folder, None, "custom", os.path.abspath(folder), base_dir, hf=True)
+        ckpt_dir = os.path.normpath(resolve_checkpoint_dir(where, tag, base_dir))
+        step = _resolve_step(ckpt_dir, step)
+        tokenizer_dir = load_meta(ckpt_dir, step).get("tokenizer_dir")
+        stage = os.path.basename(os.path.dirname(ckpt_dir))
+        return cls(ckpt_dir, step, stage if stage in STAGES else "custom", tokenizer_dir, base_dir)
+
+    @classmethod
+    def from_args(cls, args, base_dir: str | None = None) -> ModelSource:
+        """The source the `add_model_args` flags name; --init-from wins over --stage/--tag/--step."""
+        if args.init_from:
+            return cls.resolve(*parse_init_from(args.init_from), base_dir=base_dir)
+        return cls.resolve(args.stage, args.tag, args.step, base_dir)
+
+    def load(self, device="cpu", phase: str = "eval"):
+        """(model, tokenizer, meta). meta["model_config"] rebuilds the GPT; the tokenizer comes from `tokenizer_dir`
+        when that folder exists, else `<base_dir>/tokenizer/`. phase "train" leaves the model in train mode."""
+        if phase not in ("eval", "train"):
+            raise ValueError(f"phase={phase!r}: expected 'eval' or 'train'")
+        if self.hf:  # a local Hugging Face folder (Qwen3, Llama): converted on load by reasoning/hf.py
+            from reasoning.hf import load_hf_model
+
+            return load_hf_model(self.dir, device=device, phase=phase)
+        model, meta = _load_gpt(self.dir, self.step, device)
+        model.train(phase == "train")
+        tokenizer = _load_tokenizer(self.tokenizer_dir, self.base_dir)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but checkpoint {self.dir} was trained with "
+                            f"vocab_size {model.config.vocab_size}: wrong tokenizer for this checkpoint")
+        return model, tokenizer, meta
+
+
+def _load_gpt(ckpt_dir: str, step: int, device):
+    """(GPT with the step's weights, meta); a model_config that does not build the saved model is a UserError."""
+    # imported here: checkpoint I/O does not depend on the model code
     from reasoning.gpt import GPT, GPTConfig
-    from reasoning.tokenizer import Tokenizer, get_tokenizer
 
-    ckpt_dir = resolve_checkpoint_dir(source, tag, base_dir)
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device=device)
     if "model_config" not in meta:
         raise UserError(f"checkpoint {ckpt_dir} step {meta.get('step')} has no model_config in its meta file")
@@ -513,26 +570,32 @@ def load_model(source: str, tag: str | None = None, step: int | None = None, dev
         raise UserError(f"checkpoint {_meta_path(ckpt_dir, meta['step'])}: its model_config does not build the "
                         f"saved model ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") \
             from None
-    model.train(phase == "train")
+    return model, meta
 
-    tokenizer_dir = meta.get("tokenizer_dir")
+
+def _load_tokenizer(tokenizer_dir: str | None, base_dir: str | None):
+    from reasoning.tokenizer import Tokenizer, get_tokenizer
+
     if tokenizer_dir and os.path.isdir(tokenizer_dir):
         from reasoning.hf_tokenizer import HFTokenizer, is_hf_tokenizer_dir
 
         # a model fine-tuned from --init-from hf:PATH keeps PATH's own tokenizer (and chat format)
-        tokenizer = (HFTokenizer if is_hf_tokenizer_dir(tokenizer_dir) else Tokenizer).load(tokenizer_dir)
-    else:
-        tokenizer = get_tokenizer(base_dir)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but checkpoint {ckpt_dir} was trained with "
-                        f"vocab_size {config.vocab_size}: wrong tokenizer for this checkpoint")
-    return model, tokenizer, meta
+        return (HFTokenizer if is_hf_tokenizer_dir(tokenizer_dir) else Tokenizer).load(tokenizer_dir)
+    return get_tokenizer(base_dir)
+
+
+def load_model(where: str, tag: str | None = None, step: int | None = None, device="cpu", phase: str = "eval",
+               base_dir: str | None = None):
+    """(model, tokenizer, meta) from a stage name, checkpoint directory or hf:PATH: `ModelSource.resolve(...).load`
+    in one call, for tools and tests."""
+    return ModelSource.resolve(where, tag, step, base_dir).load(device, phase)
 
 
 # ----------------------------------------------------------------------------------------------- script flags
 
 def add_model_args(parser, default_stage: str = "base") -> None:
-    """The model-source flags every stage that reads a checkpoint shares (see INTERFACES.md, Script conventions)."""
+    """The model-source flags every stage that reads a checkpoint shares (see INTERFACES.md, Script conventions);
+    `ModelSource.from_args` resolves them."""
     if default_stage not in STAGES:
         raise ValueError(f"default_stage={default_stage!r}: expected one of {STAGES}")
     group = parser.add_argument_group("model source")
@@ -560,14 +623,3 @@ def parse_init_from(spec: str) -> tuple[str, str | None, int | None]:
         return spec, None, None
     raise UserError(f"--init-from {spec}: expected STAGE[:TAG[@STEP]] with STAGE one of {', '.join(STAGES)}, "
                     f"a checkpoint directory, or hf:PATH (no such directory)")
-
-
-def load_model_from_args(args, device="cpu", phase: str = "eval", base_dir: str | None = None):
-    """(model, tokenizer, meta) for the flags of `add_model_args`; --init-from wins over --stage/--tag/--step."""
-    if args.step is not None and args.step < 0:
-        raise UserError(f"--step {args.step}: expected a step >= 0")
-    if args.init_from:
-        source, tag, step = parse_init_from(args.init_from)
-    else:
-        source, tag, step = args.stage, args.tag, args.step
-    return load_model(source, tag=tag, step=step, device=device, phase=phase, base_dir=base_dir)

@@ -490,20 +490,3 @@ def section_name(task_name: str, stage: str, num_samples: int = 1) -> str:
     if label == "synthetic":
         return f"chat_eval_{stage}{suffix}"
     return f"{label.lower().replace('-', '')}_{stage}{suffix}"
-
-
-
-def resolve_source(args, base_dir: str | None = None) -> dict:
-    """Where the flags of reasoning.checkpoint.add_model_args point: {"dir", "step", "tag", "stage"}.
-    stage is the checkpoint's stage folder (checkpoints/<stage>/<tag>), "custom" for a directory elsewhere."""
-    from reasoning import checkpoint as ckpt
-
-    if args.init_from:
-        where, tag, step = ckpt.parse_init_from(args.init_from)
-    else:
-        where, tag, step = args.stage, args.tag, args.step
-    ckpt_dir = os.path.normpath(ckpt.resolve_checkpoint_dir(where, tag, base_dir))
-    step = ckpt.find_last_step(ckpt_dir) if step is None else step
-    stage = os.path.basename(os.path.dirname(ckpt_dir))
-    return {"dir": ckpt_dir, "step": step, "tag": os.path.basename(ckpt_dir),
-            "stage": stage if stage in ckpt.STAGES else "custom"}

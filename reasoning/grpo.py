@@ -57,6 +57,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool
     if rewards.numel() % group_size != 0:
         raise ValueError(f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size}")
     r = rewards if rewards.is_floating_point() else rewards.float()
+    if r.numel() == 0:  # no groups (every prompt of an RL step was too long to sample)
+        return torch.zeros_like(r), torch.zeros(0, dtype=torch.bool)
     grouped = r.reshape(-1, group_size)                                   # (P, G)
     zero_variance = grouped.amax(dim=1) == grouped.amin(dim=1)            # exact test: no tolerance games
     centered = grouped - grouped.mean(dim=1, keepdim=True)

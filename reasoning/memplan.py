@@ -3,8 +3,8 @@
 The planner builds the real `GPT` under torch's fake-tensor machinery (`FakeTensorMode`: tensors carry shape,
 dtype and device but no data, so a depth-26 step at 32 × 2048 tokens costs seconds of Python on a CPU) and runs
 the stage's own code paths on it — `training.accumulate_gradients` + the Muon/AdamW step (pretraining, SFT),
-`rl.optimize_rollout` with the chunked log-prob pass (RL), the engine's prefill and decode steps with its up-front
-KV cache (rollouts, evaluation). A `MemoryTracker` (a TorchDispatchMode) counts every tensor storage from its
+`scripts.chat_rl.update_policy` with the chunked log-prob pass (RL), the engine's prefill and decode steps with its
+up-front KV cache (rollouts, evaluation). A `MemoryTracker` (a TorchDispatchMode) counts every tensor storage from its
 allocation to its release and records the breakdown at the peak: parameters, gradients, optimizer state (and its
 update temporaries), activations (saved tensors + temporaries), logits (any tensor whose last dim is the vocabulary)
 and the engine's KV cache. `torch.distributed._tools.mem_tracker.MemTracker` works on this CPU build too, but has

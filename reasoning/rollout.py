@@ -1,11 +1,12 @@
-"""The RL batch: which prompts a step samples, the sampled group of completions with rewards and advantages, and
-its layout for the trainer.
+"""The RL batch: which prompts a step samples, the sampled groups of completions and their rewards, and their
+layout for the trainer.
 
-Why its own module: reasoning/rl.py is the optimisation loop; this is the data it optimises on. Three pieces:
+Why its own module: scripts/chat_rl.py runs the optimisation loop (with reasoning/rl.py's parts); this is the
+data it optimises on. Three pieces:
   - `PromptStream`: an endless, epoch-shuffled stream over a Task whose position is one integer (exact resume,
     disjoint slices per rank).
-  - `collect_rollout`: G samples per prompt from reasoning.engine.Engine (with the sampler's per-token log-probs),
-    scored by reasoning.rewards, advantages from reasoning.grpo.group_advantages.
+  - `sample_groups`: G samples per prompt from reasoning.engine.Engine (with the sampler's per-token log-probs);
+    `score_groups`: their rewards (reasoning.rewards). Advantages are the loop's step (reasoning.grpo).
   - `training_rows`: prompt + completion rows, right-padded, with targets only where the policy sampled a token
     (forced tool output is not the policy's decision) and the sampler's log-probs aligned to them.
 """
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from reasoning.common import UserError
-from reasoning.grpo import group_advantages, mask_truncated_rows
+from reasoning.grpo import mask_truncated_rows
 
 
 class PromptStream:
@@ -47,30 +48,24 @@ class PromptStream:
 
 
 @dataclass
-class Rollout:
-    """One rank's rollout batch: P prompts x G samples, rows prompt-major."""
+class RolloutBatch:
+    """One rank's sampled groups: P prompts x G samples, rows prompt-major."""
     examples: list[dict]         # the P prompts that were sampled (too-long ones are left out)
     prompts: list[list[int]]
     generations: list            # list[reasoning.engine.Generation], N = P * G
     texts: list[str]
-    rewards: torch.Tensor        # (N,) float32 weighted total
-    parts: dict                  # reward name -> (N,) float32 unweighted values
-    advantages: torch.Tensor     # (N,) float32
-    zero_variance: torch.Tensor  # (P,) bool
     skipped: int = 0             # prompts left out: no room for a completion in the model's context
 
 
-def collect_rollout(engine, tokenizer, examples: list[dict], reward, num_samples: int, max_new_tokens: int,
-                    temperature: float, seed: int, top_k: int | None = None, std_normalize: bool = True) -> Rollout:
-    """Sample `num_samples` (G) completions per example, score them with `reward` (a rewards.CombinedReward), and
-    compute group advantages (std-normalised unless `std_normalize` is False).
+def sample_groups(engine, tokenizer, examples: list[dict], seed: int, *, num_samples: int, max_new_tokens: int,
+                  temperature: float, top_k: int | None = None) -> RolloutBatch:
+    """Sample `num_samples` (G) completions per example with the engine (which also returns the sampler's per-token
+    log-probs), in eval mode.
 
     A prompt that leaves no room for a completion in the model's context is left out (counted in `skipped`)
-    rather than stopping the run; the rollout may then be empty, which the update handles."""
+    rather than stopping the run; the batch may then be empty, which the update handles."""
     from reasoning.evaluation import completion_text
-    from reasoning.rewards import Completion
 
-    G = num_samples
     context = engine.model.config.sequence_len
     rendered = [tokenizer.render_for_completion({"messages": ex["messages"]}) for ex in examples]
     fits = [i for i, p in enumerate(rendered) if len(p) < context]
@@ -80,22 +75,30 @@ def collect_rollout(engine, tokenizer, examples: list[dict], reward, num_samples
         was_training = engine.model.training
         engine.model.eval()
         try:
-            generations = engine.generate(prompts, num_samples=G, max_tokens=max_new_tokens,
+            generations = engine.generate(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
                                           temperature=temperature, top_k=top_k, seed=seed)
         finally:
             engine.model.train(was_training)
     texts = [completion_text(tokenizer, g.tokens, g.stop_reason, "chat") for g in generations]
+    return RolloutBatch(examples, prompts, generations, texts, skipped=len(rendered) - len(prompts))
+
+
+@dataclass
+class GroupScores:
+    """The rewards of a RolloutBatch, (N,) float32 each: the weighted total and every reward's own values."""
+    rewards: torch.Tensor
+    parts: dict                  # reward name -> (N,) unweighted values (every name, also for an empty batch)
+
+
+def score_groups(batch: RolloutBatch, reward) -> GroupScores:
+    """Score every completion with `reward` (a rewards.CombinedReward) against its prompt's example."""
+    from reasoning.rewards import Completion
+
     completions = [Completion(text=t, num_tokens=len(g.tokens), truncated=g.stop_reason != "stop")
-                   for t, g in zip(texts, generations)]
-    breakdown = reward(completions, [examples[g.prompt_index] for g in generations])
-    rewards = torch.tensor(breakdown.total, dtype=torch.float32)
-    parts = {name: torch.tensor(values, dtype=torch.float32) for name, values in breakdown.parts.items()}
-    if generations:
-        advantages, zero_variance = group_advantages(rewards, G, normalize_std=std_normalize)
-    else:
-        advantages, zero_variance = torch.zeros(0), torch.zeros(0, dtype=torch.bool)
-    return Rollout(examples, prompts, generations, texts, rewards, parts, advantages, zero_variance,
-                   skipped=len(rendered) - len(prompts))
+                   for t, g in zip(batch.texts, batch.generations)]
+    breakdown = reward(completions, [batch.examples[g.prompt_index] for g in batch.generations])
+    return GroupScores(torch.tensor(breakdown.total, dtype=torch.float32),
+                       {name: torch.tensor(values, dtype=torch.float32) for name, values in breakdown.parts.items()})
 
 
 @dataclass

@@ -12,7 +12,7 @@ import os
 import time
 
 from reasoning import memplan
-from reasoning.checkpoint import add_model_args, load_model_from_args
+from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.cli import add_run_args, parse_script_args, print_result, script_parser
 from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_distributed, print0, run_main
 from reasoning.pretrain import DEFAULT_SAMPLE_PROMPTS, evaluate_val_bpb, sample_completions
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None):
     start = time.perf_counter()
     info = init_distributed(args.device)
     base_dir = args.base_dir or get_base_dir()
-    model, tokenizer, meta = load_model_from_args(args, device=info.device, base_dir=base_dir)
+    model, tokenizer, meta = ModelSource.from_args(args, base_dir).load(info.device)
     dtype = get_compute_dtype(info.device)
     seq_len = args.max_seq_len or model.config.sequence_len
     if seq_len < 1:

@@ -13,9 +13,9 @@ import argparse
 import math
 import sys
 
-from reasoning.chat import (DEFAULT_MAX_TOKENS, REASONING, ReplyDecoder, RequestError, model_label,
+from reasoning.chat import (DEFAULT_MAX_TOKENS, REASONING, ReplyDecoder, RequestError,
                             parse_chat_request, stream_reply)
-from reasoning.checkpoint import add_model_args, load_model_from_args
+from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.common import UserError, get_device, run_main
 from reasoning.engine import Engine
 
@@ -178,7 +178,8 @@ def main():
         raise UserError(f"--top-p {args.top_p}: expected a number in (0, 1]")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UserError(f"--max-tokens {args.max_tokens}: expected an integer >= 1")
-    model, tokenizer, meta = load_model_from_args(args, get_device(args.device))
+    source = ModelSource.from_args(args)
+    model, tokenizer, _ = source.load(get_device(args.device))
     if args.max_tokens is not None and args.max_tokens > model.config.sequence_len:
         raise UserError(f"--max-tokens {args.max_tokens}: longer than the model's context "
                         f"({model.config.sequence_len} tokens)")
@@ -191,7 +192,7 @@ def main():
         return
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:
-        print(f"chatting with {model_label(args, meta)} ({model.num_params() / 1e6:.1f}M parameters)")
+        print(f"chatting with {source.label} ({model.num_params() / 1e6:.1f}M parameters)")
     repl(session, sys.stdout, interactive)
 
 

@@ -17,11 +17,11 @@ import os
 import shutil
 
 from reasoning import memplan
-from reasoning.checkpoint import add_model_args, load_model_from_args
+from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.cli import add_run_args, parse_script_args, print_result, script_parser
 from reasoning.common import UserError, get_base_dir, init_distributed, is_master, print0, run_main
 from reasoning.evaluation import (PROMPT_MODES, EvalSettings, evaluate_task, format_table, grader_description,
-                                  resolve_source, section_name, template_text)
+                                  section_name, template_text)
 from reasoning.report import log_stage
 from tasks.registry import build_task, task_label
 from tasks.synthetic import DIFFICULTY as SYNTHETIC_DIFFICULTY
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None):
 
     info = init_distributed(args.device)
     base_dir = args.base_dir or get_base_dir()
-    source = resolve_source(args, base_dir)
-    model, tokenizer, meta = load_model_from_args(args, info.device, phase="eval", base_dir=base_dir)
+    source = ModelSource.from_args(args, base_dir)
+    model, tokenizer, _ = source.load(info.device, phase="eval")
     memplan.check_stage(lambda: memplan.plan_chat_eval(args.batch_size, args.num_samples, args.max_tokens,
                                                        model.config), info.device, "--batch-size or --max-tokens")
-    stage = source["stage"]
+    stage = source.stage
     prompt_mode = args.prompt_mode or ("base" if stage == "base" else "chat")
     settings = EvalSettings(num_samples=args.num_samples, temperature=temperature, top_k=args.top_k,
                             max_tokens=args.max_tokens, batch_size=args.batch_size, prompt_mode=prompt_mode,
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None):
         settings.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
-    print0(f"model: {source['dir']} step {source['step']} ({stage}) | prompt mode {prompt_mode}: "
+    print0(f"model: {source.dir} step {source.step} ({stage}) | prompt mode {prompt_mode}: "
            f"{template_text(prompt_mode, tokenizer)}")
 
     results = []
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None):
         if args.fresh and is_master() and os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
         protocol = {"task": label, "split": args.split, "grader": grader_description(task),
-                    "checkpoint": {"dir": source["dir"], "step": source["step"]}}
+                    "checkpoint": {"dir": source.dir, "step": source.step}}
         max_problems = None if args.max_problems == -1 else args.max_problems
         summary = evaluate_task(model, tokenizer, task, settings, max_problems=max_problems, out_dir=out_dir,
                                 protocol=protocol, progress=True, log=print0)

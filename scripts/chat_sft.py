@@ -21,12 +21,11 @@ import time
 
 from reasoning import checkpoint as ckpt
 from reasoning import sft
-from reasoning.checkpoint import add_model_args, load_model_from_args
+from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.cli import add_run_args, finish_training_script, parse_script_args, script_parser
 from reasoning.common import (UserError, get_base_dir, get_compute_dtype, get_rank, get_world_size, init_distributed,
                               print0, run_main, seed_everything)
 from reasoning.distributed import all_gather_object
-from reasoning.evaluation import resolve_source
 from reasoning.resume import load_optimizer_state, load_resume_checkpoint, save_training_checkpoint, start_run
 from reasoning.sft import STAGE, ConversationStream, SFTConfig
 from reasoning.training import (RunLog, RunProgress, accumulate_gradients, autocast_factory, check_step_finite,
@@ -71,8 +70,8 @@ def build_sft_tasks(config: SFTConfig):
     return train, val, gen_eval
 
 
-def train(config: SFTConfig, model, tokenizer, source: dict, tasks=None) -> dict:
-    """Fine-tune `model` (loaded from `source`: {"dir", "step", "tag", "tokenizer_dir"}) per `config`, on the
+def train(config: SFTConfig, model, tokenizer, source: ModelSource, tasks=None) -> dict:
+    """Fine-tune `model` (loaded from `source`, a checkpoint.ModelSource) per `config`, on the
     device it is on; every rank of the process group calls it (collectives inside).
 
     `tasks` = (train, val, gen_eval) overrides build_sft_tasks (tests). Returns a summary: metrics, series,
@@ -85,10 +84,10 @@ def train(config: SFTConfig, model, tokenizer, source: dict, tasks=None) -> dict
     base_dir = config.base_dir or get_base_dir()
     autocast = autocast_factory(device, get_compute_dtype(device))
     train_task, val_task, eval_task = tasks if tasks is not None else build_sft_tasks(config)
-    tag = config.out_tag or source.get("tag") or f"d{model.config.n_layer}"
+    tag = config.out_tag or source.tag
     ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)
     # weights, optimizer, stream positions, RNG and history from our own last checkpoint
-    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "positions", str(source.get("dir"))) \
+    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "positions", source.dir) \
         if config.resume else None
     optimizer = model.setup_optimizer(config.optimizer_settings(),
                                       compile_backend=config.optimizer_compile_backend(device))
@@ -111,7 +110,7 @@ def train(config: SFTConfig, model, tokenizer, source: dict, tasks=None) -> dict
     print0(f"sft: {len(train_task):,} conversations ({config.task}), {num_iterations} steps of "
            f"{config.total_batch_rows} rows ({world_size} ranks x {len(micro_rows)} micro-batches of <= "
            f"{config.device_batch_size} rows, {'packed' if config.pack else 'padded'}, <= {config.max_seq_len} "
-           f"tokens) | from {source.get('dir')} step {source.get('step')} -> {ckpt_dir}{progress.resumed_note}")
+           f"tokens) | from {source.dir} step {source.step} -> {ckpt_dir}{progress.resumed_note}")
 
     def evaluate(step: int):
         record = {"step": step}
@@ -128,8 +127,8 @@ def train(config: SFTConfig, model, tokenizer, source: dict, tasks=None) -> dict
 
     def save(step: int):
         meta = {
-            "sft_config": config.to_dict(), "stage": STAGE, "tokenizer_dir": source.get("tokenizer_dir"),
-            "source": {"dir": source.get("dir"), "step": source.get("step")}, "num_iterations": num_iterations,
+            "sft_config": config.to_dict(), "stage": STAGE, "tokenizer_dir": source.tokenizer_dir,
+            "source": {"dir": source.dir, "step": source.step}, "num_iterations": num_iterations,
             "history": history, "train_seconds": progress.seconds(), "positions": all_gather_object(stream.position),
         }
         save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last, run_id, config.overwrite)
@@ -203,14 +202,13 @@ def main(argv: list[str] | None = None):
 
     info = init_distributed(args.device)
     seed_everything(config.seed)
-    source = resolve_source(args, config.base_dir)
-    model, tokenizer, meta = load_model_from_args(args, info.device, phase="train", base_dir=config.base_dir)
-    source = source | {"tokenizer_dir": meta.get("tokenizer_dir")}
+    source = ModelSource.from_args(args, config.base_dir)
+    model, tokenizer, _ = source.load(info.device, phase="train")
     summary = run_trainer(train, config, model, tokenizer, source)
     m = summary["metrics"]
     finish_training_script(
         "chat_sft", summary, {k: m[k] for k in ("train_loss", "val_loss", "accuracy")} | {"steps": summary["step"]},
-        config=summary["config"] | {"source": {k: source[k] for k in ("dir", "step")},
+        config=summary["config"] | {"source": {"dir": source.dir, "step": source.step},
                                     "world_size": summary["world_size"]},
         metrics=m, base_dir=config.base_dir)
 

@@ -14,9 +14,9 @@ import os
 
 import torch
 
-from reasoning.chat import DEFAULT_MAX_TOKENS, model_label
+from reasoning.chat import DEFAULT_MAX_TOKENS
 from reasoning.chat_server import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, bind_socket, create_app, serve
-from reasoning.checkpoint import add_model_args, load_model_from_args
+from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.common import UserError, get_device, print0, run_main
 
 
@@ -59,10 +59,11 @@ def main():
         devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     else:
         devices = [device]
-    loaded = [load_model_from_args(args, d) for d in devices]
-    models, tokenizer, meta = [m for m, _, _ in loaded], loaded[0][1], loaded[0][2]
+    source = ModelSource.from_args(args)
+    loaded = [source.load(d) for d in devices]
+    models, tokenizer = [m for m, _, _ in loaded], loaded[0][1]
     workers = args.workers or (len(devices) if device.type == "cuda" else 2)
-    name = model_label(args, meta)
+    name = source.label
     app = create_app(models, tokenizer, workers=workers, max_queue=args.max_queue, api_key=args.api_key,
                      max_body_bytes=args.max_body_bytes, default_max_tokens=args.max_tokens, model_name=name,
                      body_timeout=args.body_timeout)

@@ -59,15 +59,10 @@ def source_config(args) -> GPTConfig:
     """The model config a chat stage would load, from its checkpoint's meta (no weights read)."""
     from reasoning import checkpoint as ckpt
 
-    if args.init_from and args.init_from.startswith("hf:"):
-        return preset_config(args.init_from)
-    if args.init_from:
-        source, tag, step = ckpt.parse_init_from(args.init_from)
-    else:
-        source, tag, step = args.stage, args.tag, args.step
-    base_dir = getattr(args, "base_dir", None) or get_base_dir()
-    meta = ckpt.load_meta(ckpt.resolve_checkpoint_dir(source, tag, base_dir), step)
-    return GPTConfig.from_dict(meta["model_config"])
+    source = ckpt.ModelSource.from_args(args, getattr(args, "base_dir", None) or get_base_dir())
+    if source.hf:
+        return preset_config(f"hf:{source.dir}")
+    return GPTConfig.from_dict(ckpt.load_meta(source.dir, source.step)["model_config"])
 
 
 def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int, target: str,
@@ -107,9 +102,9 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
         if config.device_batch_size == -1:  # auto: what the stage would choose on this GPU (explicit: as given)
             config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
         return plan_memory(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
-    from reasoning.rl import config_from_args, plan_memory, resolve_device_batch
+    from scripts.chat_rl import RLConfig, plan_memory, resolve_device_batch
 
-    config = config_from_args(args)
+    config = RLConfig.from_args(args)
     config.validate()
     if config.device_batch_size == -1:  # auto: what the stage would choose on this GPU (explicit: as given)
         config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)

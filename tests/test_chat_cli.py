@@ -183,7 +183,7 @@ def test_ctrl_c_on_a_terminal_interrupts_the_reply_not_the_session(launched):
     finally:
         if process.poll() is None:
             process.kill()
-    assert b"chatting with tiny@7" in output  # the terminal greeting names the checkpoint
+    assert b"chatting with sft:tiny@7" in output  # the greeting names the checkpoint: stage, tag, step
     # cut short: the full reply is 2000 tokens (several KB); the interrupted one stopped long before
     assert reply_end - reply_start < 2000, reply_end - reply_start
 

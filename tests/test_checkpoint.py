@@ -303,11 +303,16 @@ def test_model_source_flags(tiny_run):
     ckpt.add_model_args(parser, default_stage="sft")
     for argv in ([], ["--tag", "d1", "--step", "3"], ["--init-from", "sft:d1@3", "--stage", "rl"],
                  ["--init-from", checkpoint_dir("sft", "d1", base)]):
-        loaded, _, meta = ckpt.load_model_from_args(parser.parse_args(argv), device="cpu", base_dir=base)
+        source = ckpt.ModelSource.from_args(parser.parse_args(argv), base)
+        expected = (checkpoint_dir("sft", "d1", base), 3, "sft", "d1")
+        assert (source.dir, source.step, source.stage, source.tag) == expected
+        assert source.label == "sft:d1@3"
+        loaded, _, meta = source.load("cpu")
         assert meta["step"] == 3
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
-    one_line_user_error(lambda: ckpt.load_model_from_args(parser.parse_args(["--step", "9"]), base_dir=base),
+    one_line_user_error(lambda: ckpt.ModelSource.from_args(parser.parse_args(["--step", "9"]), base),
                         "meta_000009.json")
+    one_line_user_error(lambda: ckpt.ModelSource.from_args(parser.parse_args(["--step", "-1"]), base), "--step -1")
 
 
 # ----------------------------------------------------------------------------------------------- run identity

@@ -7,6 +7,7 @@ from unittest import mock
 import pytest
 import torch
 
+from reasoning.checkpoint import ModelSource
 from reasoning.common import enable_tf32
 from reasoning.dataloader import Prefetcher, build_train_loader
 from reasoning.pretrain import TrainConfig
@@ -32,7 +33,7 @@ def test_compile_is_on_by_default_on_cuda_only():
 def test_compile_flag_has_three_states():
     import argparse
 
-    from reasoning.rl import RLConfig
+    from scripts.chat_rl import RLConfig
 
     for cls in (TrainConfig, SFTConfig, RLConfig):
         parser = argparse.ArgumentParser()
@@ -114,7 +115,7 @@ def test_compiled_sft_matches_eager(tmp_path):
                            log_every=1000, base_dir=str(tmp_path / str(compile_flag)), out_tag="t",
                            compile=compile_flag, compile_backend="aot_eager")
         with mock.patch("torch.compile", wraps=torch.compile) as spy:
-            out = train_sft(config, model, tokenizer, {"dir": "test", "step": 0}, tasks=(train, None, None))
+            out = train_sft(config, model, tokenizer, ModelSource(dir="test", step=0), tasks=(train, None, None))
         assert spy.called == compile_flag
         curves[compile_flag] = [loss for _, loss in out["losses"]]
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)

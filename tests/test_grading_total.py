@@ -1,6 +1,7 @@
 """The grader is total (issue 17, item 3): every path that grades a completion — the RL reward (what
-reasoning.rl builds and reasoning.rollout calls), the eval grading of every task (reasoning.evaluation.grade_completion)
-and maj@k's answer classes — returns within a bounded time and never raises, whatever the string."""
+scripts/chat_rl.py builds and reasoning.rollout calls), the eval grading of every task
+(reasoning.evaluation.grade_completion) and maj@k's answer classes — returns within a bounded time and never raises,
+whatever the string."""
 
 import json
 import time
@@ -10,7 +11,7 @@ import pytest
 from reasoning import grader_pool
 from reasoning.evaluation import answer_classes, grade_completion
 from reasoning.rewards import Completion
-from reasoning.rl import RLConfig, build_reward
+from scripts.chat_rl import RLConfig, build_reward
 from reasoning.verifiers import extract_answer, math_equal
 from tasks.customjson import CustomJSON
 from tasks.math import MathProblems

@@ -58,6 +58,18 @@ def test_advantages_groups_sum_to_zero_and_shapes_agree(normalize_std):
             assert adv2d[p, g].item() == pytest.approx(expected, abs=1e-12)
 
 
+def test_advantages_of_no_groups_are_empty_without_warnings():
+    """An RL step whose prompts were all too long has no rewards: empty advantages and flags, and no std() warning."""
+    import warnings
+
+    for normalize_std in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            advantages, zero_variance = group_advantages(torch.zeros(0), 4, normalize_std=normalize_std)
+        assert advantages.shape == (0,) and advantages.dtype == torch.float32
+        assert zero_variance.shape == (0,) and zero_variance.dtype == torch.bool
+
+
 def test_advantages_all_equal_groups_are_exact_zero_and_reported():
     # 0.1 three times: the float mean is not exactly 0.1, yet the advantages must be exactly 0 (not ±1e-17 / NaN)
     rewards = torch.tensor([[0.1, 0.1, 0.1], [1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from reasoning.checkpoint import add_model_args, load_model, load_model_from_args, save_checkpoint  # noqa: E402
+from reasoning.checkpoint import ModelSource, add_model_args, load_model, save_checkpoint  # noqa: E402
 from reasoning.common import UserError  # noqa: E402
 from reasoning.engine import Engine  # noqa: E402
 from reasoning.gpt import GPT, GPTConfig  # noqa: E402
@@ -199,11 +199,13 @@ def test_engine_greedy_matches_transformers_generate(hf_root, case):
         assert generation.tokens == out[0, len(prompt):].tolist(), (case, len(prompt))
 
 
-def test_load_model_from_args_hf_prefix(hf_root):
+def test_model_source_hf_prefix(hf_root):
     path, reference = hf_case(hf_root, "llama-untied")
     parser = argparse.ArgumentParser()
     add_model_args(parser, default_stage="sft")
-    model, tokenizer, meta = load_model_from_args(parser.parse_args(["--init-from", f"hf:{path}"]), phase="train")
+    source = ModelSource.from_args(parser.parse_args(["--init-from", f"hf:{path}"]))
+    assert source.hf and source.step is None and source.tokenizer_dir == os.path.abspath(path)
+    model, tokenizer, meta = source.load(phase="train")
     assert model.training and isinstance(tokenizer, HFTokenizer) and meta["source"].startswith("hf:")
     idx = torch.arange(20)[None] * 7 % VOCAB
     with torch.no_grad():
@@ -522,4 +524,4 @@ def test_errors_for_weights_and_chat_format(tmp_path, hf_root):
         load_hf_model(path)
 
     with pytest.raises(UserError, match="hf:: missing folder path"):
-        load_model_from_args(argparse.Namespace(init_from="hf:", stage="sft", tag=None, step=None))
+        ModelSource.from_args(argparse.Namespace(init_from="hf:", stage="sft", tag=None, step=None))

@@ -11,8 +11,8 @@ from reasoning.gpt import GPT, config_from_depth
 from reasoning.pretrain import TrainConfig
 from reasoning.pretrain import plan_memory as pretrain_plan
 from reasoning.pretrain import resolve_device_batch as pretrain_resolve
-from reasoning.rl import RLConfig
-from reasoning.rl import plan_memory as rl_plan
+from scripts.chat_rl import RLConfig
+from scripts.chat_rl import plan_memory as rl_plan
 from reasoning.sft import SFTConfig
 from reasoning.sft import plan_memory as sft_plan
 

@@ -363,27 +363,29 @@ def test_every_trainer_cli_round_trips_its_config():
     import argparse
 
     from reasoning.checkpoint import add_model_args
-    from reasoning.rl import RLConfig, add_rl_args
-    from reasoning.rl import config_from_args as rl_from_args
+    from scripts.chat_rl import RLConfig
     from reasoning.sft import SFTConfig, add_sft_args
     from reasoning.sft import config_from_args as sft_from_args
 
     for cls, add, parse, source_stage in [(TrainConfig, add_train_args, config_from_args, None),
                                           (SFTConfig, add_sft_args, sft_from_args, "base"),
-                                          (RLConfig, add_rl_args, rl_from_args, "sft")]:
+                                          (RLConfig, lambda p: RLConfig.add_args(p, negatable_booleans=True),
+                                           RLConfig.from_args, "sft")]:
         parser = argparse.ArgumentParser()
         if source_stage:  # as the scripts do: the model-source flags come from reasoning.checkpoint
             add_model_args(parser, source_stage)
         add(parser)
         assert parse(parser.parse_args([])).to_dict() == cls().to_dict(), cls.__name__
         flags = {a.dest for a in parser._actions}
-        with_flag = {f for f in cls().to_dict() if f not in ("sample_prompts", "stage", "tag", "step", "init_from")}
+        with_flag = {f for f in cls().to_dict() if f != "sample_prompts"}
         assert with_flag <= flags and {"matrix_lr", "grad_clip", "keep_last", "base_dir"} <= flags, cls.__name__
     parser = argparse.ArgumentParser()
     add_model_args(parser, "sft")
-    add_rl_args(parser)
-    rl = rl_from_args(parser.parse_args(["--no-std-normalize", "--resume", "--tag", "t", "--lr-scale", "0.1"]))
-    assert (rl.std_normalize, rl.resume, rl.tag, rl.lr_scale, RLConfig().lr_scale) == (False, True, "t", 0.1, 0.05)
+    RLConfig.add_args(parser, negatable_booleans=True)
+    args = parser.parse_args(["--no-std-normalize", "--resume", "--tag", "t", "--lr-scale", "0.1"])
+    rl = RLConfig.from_args(args)
+    assert (rl.std_normalize, rl.resume, rl.lr_scale, RLConfig().lr_scale) == (False, True, 0.1, 0.05)
+    assert args.tag == "t" and not hasattr(rl, "tag")  # the model source is not a setting: ModelSource.from_args
     assert TrainConfig().to_dict()["sample_prompts"] == list(TrainConfig().sample_prompts)  # JSON-ready
 
 
@@ -464,10 +466,10 @@ def test_init_from_specs(trained_run, tmp_path):
     parser = argparse.ArgumentParser()
     ckpt.add_model_args(parser, default_stage="base")
     args = parser.parse_args(["--tag", "learn", "--step", "30"])
-    model, tokenizer, meta = ckpt.load_model_from_args(args, device="cpu", base_dir=config.base_dir)
+    model, tokenizer, meta = ckpt.ModelSource.from_args(args, config.base_dir).load("cpu")
     assert meta["step"] == 30 and tokenizer.vocab_size == model.config.vocab_size and not model.training
     args = parser.parse_args(["--init-from", "base:learn", "--step", "30"])  # --init-from wins: the last step
-    assert ckpt.load_model_from_args(args, base_dir=config.base_dir)[2]["step"] == 60
+    assert ckpt.ModelSource.from_args(args, config.base_dir).step == 60
 
 
 def test_base_eval_runs_core_when_a_bundle_exists(trained_run, core_bundle, capsys):

@@ -1,11 +1,11 @@
-"""RL loop (reasoning.rl, scripts/chat_rl.py): sampler/trainer log-prob parity, learning on the synthetic task, the
-zero-variance / empty-batch update paths (also across two gloo ranks), exact resume, no reference model without KL,
-and the CLI.
+"""RL stage (scripts/chat_rl.py; parts in reasoning/rl.py, reasoning/rollout.py): sampler/trainer log-prob parity,
+learning on the synthetic task, the zero-variance / empty-batch update paths (also across two gloo ranks), exact
+resume, no reference model without KL, and the CLI.
 
 Learning uses tasks/synthetic.py's real task (`synthetic_sft` fixture): a tiny GPT with no pretraining is SFT'd
-with reasoning.sft first on clean worked solutions (the stand-in for a pretrained base), then on the answer-only
+with scripts.chat_sft first on clean worked solutions (the stand-in for a pretrained base), then on the answer-only
 mixture runs/runcpu.sh uses (`answer_only_frac` 0.5), so it samples the shortcut about half the time and scores far
-less with it than with the worked steps; 30 GRPO steps through `train_rl` have to find that out from the reward.
+less with it than with the worked steps; 30 GRPO steps of the stage's `train` have to find that out from the reward.
 
 The mechanics tests share a cheaper fixture: a tiny GPT fine-tuned (a few seconds of plain AdamW SFT) on
 single-digit additions whose reference answer is \\boxed{} in half of the examples and bare in the other half, so
@@ -24,13 +24,15 @@ import torch.multiprocessing as mp
 from helpers_models import tiny_model, train_small_tokenizer
 from reasoning import checkpoint as ckpt
 from reasoning import rl
-from reasoning import rollout as rollout_module
-from reasoning.checkpoint import checkpoint_dir, save_checkpoint
+from reasoning.checkpoint import ModelSource, checkpoint_dir, save_checkpoint
 from reasoning.engine import Engine
 from reasoning.gpt import GPT, GPTConfig
-from reasoning.rl import RLConfig, build_reward, token_logprobs, train_rl
-from reasoning.rollout import collect_rollout, training_rows
+from reasoning.grpo import group_advantages
+from reasoning.rl import token_logprobs
+from reasoning.rollout import sample_groups, score_groups, training_rows
 from reasoning.sft import SFTConfig, conversation_targets, pad_rows
+from scripts import chat_rl
+from scripts.chat_rl import RLConfig, build_reward
 from reasoning.tokenizer import train_tokenizer
 from tasks.common import Task
 from tasks.synthetic import SyntheticReasoning
@@ -99,11 +101,16 @@ def tiny_sft(tmp_path_factory):
     return str(root), ckpt_dir
 
 
-def small_config(base_dir, ckpt_dir, **overrides) -> RLConfig:
-    values = dict(init_from=ckpt_dir, base_dir=base_dir, device="cpu", num_steps=3, prompts_per_step=4,
+def small_config(base_dir, **overrides) -> RLConfig:
+    values = dict(base_dir=base_dir, device="cpu", num_steps=3, prompts_per_step=4,
                   num_samples=4, max_new_tokens=16, eval_every=-1, log_every=100, device_batch_size=8)
     values.update(overrides)
     return RLConfig(**values)
+
+
+def train_rl(config: RLConfig, ckpt_dir: str, tasks=None) -> dict:
+    """The stage's loop on the checkpoint at `ckpt_dir` (what --init-from DIR gives the script)."""
+    return chat_rl.train(config, ModelSource.resolve(ckpt_dir), tasks=tasks)
 
 
 def _tasks(**kw):
@@ -115,10 +122,10 @@ def _tasks(**kw):
 def test_trainer_logprobs_match_sampler_and_rows_align(tiny_sft):
     base_dir, ckpt_dir = tiny_sft
     model, tokenizer, _ = ckpt.load_model(ckpt_dir, device="cpu")
-    config = small_config(base_dir, ckpt_dir, temperature=0.7)
+    config = small_config(base_dir, temperature=0.7)
     examples = [Addition()[i] for i in range(3)]
-    rollout = collect_rollout(Engine(model, tokenizer), tokenizer, examples, build_reward(config), num_samples=4,
-                              max_new_tokens=16, temperature=0.7, seed=5)
+    rollout = sample_groups(Engine(model, tokenizer), tokenizer, examples, 5, num_samples=4, max_new_tokens=16,
+                            temperature=0.7)
     data = training_rows(rollout.prompts, rollout.generations, mask_truncated=False)
     for i, g in enumerate(rollout.generations):
         prompt = rollout.prompts[g.prompt_index]
@@ -127,7 +134,8 @@ def test_trainer_logprobs_match_sampler_and_rows_align(tiny_sft):
         assert data.targets[i, start:start + len(g.tokens)].tolist() == g.tokens   # every token sampled (no tools)
         assert (data.targets[i, :start] == -1).all() and (data.targets[i, start + len(g.tokens):] == -1).all()
     with torch.no_grad():
-        trainer = token_logprobs(model, data.inputs, data.targets, config, compute_entropy=False)
+        trainer = token_logprobs(model, data.inputs, data.targets, config.temperature, config.logprob_chunk_size,
+                                 compute_entropy=False)
     valid = data.mask > 0
     # same temperature, same full-vocabulary softmax: only float noise separates sampler and trainer
     torch.testing.assert_close(trainer[valid], data.sampler_logprobs[valid], atol=2e-5, rtol=0)
@@ -165,7 +173,7 @@ def synthetic_sft(tmp_path_factory):
     tokenizer_dir = str(root / "tokenizer")
     tokenizer = train_small_tokenizer(tokenizer_dir)           # BPE on synthetic problems (tests/helpers_models)
     model = tiny_model(tokenizer.vocab_size, depth=2, n_embd=64, sequence_len=256, noise=0.0)
-    source = {"dir": "scratch", "step": 0, "tokenizer_dir": tokenizer_dir}
+    source = ModelSource(dir="scratch", step=0, tokenizer_dir=tokenizer_dir)
     summary = None
     for answer_only, steps, lr_scale in ((0.0, 400, 2.0), (0.5, 100, 1.0)):
         train = SyntheticReasoning("train", size=20_000, difficulty=SYNTHETIC, answer_only_frac=answer_only)
@@ -177,7 +185,7 @@ def synthetic_sft(tmp_path_factory):
 
 
 def test_rl_on_the_synthetic_task_raises_reward_and_held_out_accuracy(synthetic_sft):
-    """30 GRPO steps (16 prompts x 8 samples) on the synthetic train split, tasks built by train_rl itself.
+    """30 GRPO steps (16 prompts x 8 samples) on the synthetic train split, tasks built by the stage itself.
 
     The trajectory depends on the CPU's float kernels. On the machine that set the first bars (64 held-out problems),
     seeds 0-4 gained +0.20..+0.33 train reward, +0.17..+0.30 sampled pass@1 and +0.36..+0.55 greedy accuracy; on
@@ -188,11 +196,11 @@ def test_rl_on_the_synthetic_task_raises_reward_and_held_out_accuracy(synthetic_
     lr_scale 0 both held-out numbers stay exactly where they were (train reward drifts +0.02 with the prompt order);
     with the advantage sign flipped everything falls (the policy learns the shortcut: reward 0.31 -> 0.02)."""
     base_dir, ckpt_dir = synthetic_sft
-    config = small_config(base_dir, ckpt_dir, out_tag="learn", task="synthetic", synthetic_difficulty=SYNTHETIC,
+    config = small_config(base_dir, out_tag="learn", task="synthetic", synthetic_difficulty=SYNTHETIC,
                           num_steps=30, prompts_per_step=16, num_samples=8, max_new_tokens=48, lr_scale=0.5,
                           eval_every=0, eval_problems=256, eval_pass_k=8, eval_batch_size=64, device_batch_size=32,
                           seed=0)
-    summary = train_rl(config)
+    summary = train_rl(config, ckpt_dir)
     first, last = summary["evals"][0], summary["evals"][-1]
     rewards = [r["reward"] for r in summary["records"]]
     start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
@@ -233,16 +241,16 @@ def _spy_backward(model):
 def test_all_zero_variance_step_runs_a_zero_update(tiny_sft, monkeypatch, filter_zero_variance):
     base_dir, ckpt_dir = tiny_sft
     spies = []
-    load_policy = rl._load_policy
+    load = ModelSource.load
 
-    def load_and_spy(*args, **kwargs):
-        model, tokenizer, meta = load_policy(*args, **kwargs)
+    def load_and_spy(*args, **kwargs):  # the first load is the policy's
+        model, tokenizer, meta = load(*args, **kwargs)
         spies.append((_spy_backward(model), {k: v.clone() for k, v in model.state_dict().items()}, model))
         return model, tokenizer, meta
-    monkeypatch.setattr(rl, "_load_policy", load_and_spy)
-    config = small_config(base_dir, ckpt_dir, out_tag=f"zv{int(filter_zero_variance)}", num_steps=1,
+    monkeypatch.setattr(ModelSource, "load", load_and_spy)
+    config = small_config(base_dir, out_tag=f"zv{int(filter_zero_variance)}", num_steps=1,
                           filter_zero_variance=filter_zero_variance, num_minibatches=2)
-    summary = train_rl(config, tasks=_tasks(impossible=True))
+    summary = train_rl(config, ckpt_dir, tasks=_tasks(impossible=True))
     record = summary["records"][0]
     assert record["zero_variance_frac"] == 1.0 and record["reward/correctness"] == 0.0
     seen, before, model = spies[0]
@@ -257,8 +265,8 @@ def test_all_zero_variance_step_runs_a_zero_update(tiny_sft, monkeypatch, filter
 @pytest.mark.parametrize("long_every", [2, 1])
 def test_prompts_longer_than_the_context_are_skipped(tiny_sft, long_every):
     base_dir, ckpt_dir = tiny_sft
-    config = small_config(base_dir, ckpt_dir, out_tag=f"long{long_every}", num_steps=2, prompts_per_step=4)
-    summary = train_rl(config, tasks=_tasks(long_every=long_every))
+    config = small_config(base_dir, out_tag=f"long{long_every}", num_steps=2, prompts_per_step=4)
+    summary = train_rl(config, ckpt_dir, tasks=_tasks(long_every=long_every))
     records = summary["records"]
     if long_every == 1:  # nothing left to sample: the steps still run, without an update
         for record in records:
@@ -278,10 +286,11 @@ def test_grpo_scaling_matches_one_big_batch(tiny_sft):
         grads = []
         for device_batch_size in (16, 3):
             model, tokenizer, _ = ckpt.load_model(ckpt_dir, device="cpu", phase="train")
-            config = small_config(base_dir, ckpt_dir, loss_type=loss_type, device_batch_size=device_batch_size,
+            config = small_config(base_dir, loss_type=loss_type, device_batch_size=device_batch_size,
                                   lr_scale=0.0)
-            rollout = collect_rollout(Engine(model, tokenizer), tokenizer, [Addition()[i] for i in range(4)],
-                                      build_reward(config), num_samples=4, max_new_tokens=16, temperature=1.0, seed=3)
+            rollout = sample_groups(Engine(model, tokenizer), tokenizer, [Addition()[i] for i in range(4)], 3,
+                                    num_samples=4, max_new_tokens=16, temperature=1.0)
+            advantages, _ = group_advantages(score_groups(rollout, build_reward(config)).rewards, 4)
             data = training_rows(rollout.prompts, rollout.generations, mask_truncated=False)
             optimizer = model.setup_optimizer(config.optimizer_settings())  # lr_scale 0: every rate 0
             captured = {}
@@ -292,8 +301,10 @@ def test_grpo_scaling_matches_one_big_batch(tiny_sft):
                 return original_step(*args, **kwargs)
             optimizer.step = capture_step
             config.grad_clip = 0.0
-            rl.optimize_rollout(model, optimizer, data, rollout.advantages, list(range(16)), config, 0, 1.0, 0, 1,
-                                "cpu", contextlib.nullcontext)
+            learner = rl.Learner(model, optimizer, None, torch.device("cpu"), contextlib.nullcontext)
+            chat_rl.set_learning_rate(optimizer, 1.0)
+            assert not chat_rl.needs_frozen_logprobs(config, learner)
+            chat_rl.update_policy(learner, data, advantages, list(range(16)), None, config, 0)
             grads.append(captured["grad"])
         assert grads[0].abs().max() > 0
         torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
@@ -317,20 +328,21 @@ def test_shuffled_advantages_permute_only_the_trained_rows():
 def test_shuffle_advantages_flag_feeds_the_update_a_permutation(tiny_sft, monkeypatch, shuffle):
     base_dir, ckpt_dir = tiny_sft
     seen = {}
-    collect, optimize = rl.collect_rollout, rl.optimize_rollout
+    group, optimize = chat_rl.group_advantages, chat_rl.update_policy
 
-    def collect_and_keep(*args, **kwargs):
-        seen["rollout"] = collect(*args, **kwargs)
-        return seen["rollout"]
+    def group_and_keep(*args, **kwargs):
+        advantages, zero_variance = group(*args, **kwargs)
+        seen["original"] = advantages.clone()
+        return advantages, zero_variance
 
-    def optimize_and_keep(model, optimizer, data, advantages, rows, *args, **kwargs):
+    def optimize_and_keep(learner, data, advantages, rows, *args, **kwargs):
         seen["advantages"], seen["rows"] = advantages.clone(), list(rows)
-        return optimize(model, optimizer, data, advantages, rows, *args, **kwargs)
-    monkeypatch.setattr(rl, "collect_rollout", collect_and_keep)
-    monkeypatch.setattr(rl, "optimize_rollout", optimize_and_keep)
-    config = small_config(base_dir, ckpt_dir, out_tag=f"shuffle{int(shuffle)}", num_steps=1, shuffle_advantages=shuffle)
-    train_rl(config, tasks=_tasks())
-    original, used, rows = seen["rollout"].advantages, seen["advantages"], seen["rows"]
+        return optimize(learner, data, advantages, rows, *args, **kwargs)
+    monkeypatch.setattr(chat_rl, "group_advantages", group_and_keep)
+    monkeypatch.setattr(chat_rl, "update_policy", optimize_and_keep)
+    config = small_config(base_dir, out_tag=f"shuffle{int(shuffle)}", num_steps=1, shuffle_advantages=shuffle)
+    train_rl(config, ckpt_dir, tasks=_tasks())
+    original, used, rows = seen["original"], seen["advantages"], seen["rows"]
     assert original.abs().sum() > 0, "the rollout should have groups with a learning signal"
     assert sorted(used[rows].tolist()) == sorted(original[rows].tolist())
     assert torch.equal(used, original) != shuffle
@@ -344,10 +356,10 @@ _TIMING = {"tok_per_s", "t_rollout", "t_train", "t_step"}
 def test_resume_gives_identical_metrics_and_weights(tiny_sft):
     base_dir, ckpt_dir = tiny_sft
     common = dict(num_steps=4, ppo_epochs=2, num_minibatches=2, kl_coef=0.05, seed=3)
-    straight = train_rl(small_config(base_dir, ckpt_dir, out_tag="straight", **common), tasks=_tasks())
-    first = train_rl(small_config(base_dir, ckpt_dir, out_tag="sliced", stop_at_step=2, **common), tasks=_tasks())
+    straight = train_rl(small_config(base_dir, out_tag="straight", **common), ckpt_dir, tasks=_tasks())
+    first = train_rl(small_config(base_dir, out_tag="sliced", stop_at_step=2, **common), ckpt_dir, tasks=_tasks())
     assert first["step"] == 2 and not first["finished"]
-    resumed = train_rl(small_config(base_dir, ckpt_dir, out_tag="sliced", resume=True, **common), tasks=_tasks())
+    resumed = train_rl(small_config(base_dir, out_tag="sliced", resume=True, **common), ckpt_dir, tasks=_tasks())
     assert resumed["finished"] and resumed["reference_loaded"]
 
     def clean(records):
@@ -363,15 +375,15 @@ def test_resume_gives_identical_metrics_and_weights(tiny_sft):
 def test_kl_coef_zero_loads_no_reference(tiny_sft, monkeypatch):
     base_dir, ckpt_dir = tiny_sft
     loads = []
-    load_model = ckpt.load_model
+    load = ModelSource.load
 
-    def counting_load(*args, **kwargs):
-        loads.append(args[0])
-        return load_model(*args, **kwargs)
-    monkeypatch.setattr(ckpt, "load_model", counting_load)
-    summary = train_rl(small_config(base_dir, ckpt_dir, out_tag="nokl", num_steps=1), tasks=_tasks())
+    def counting_load(source, *args, **kwargs):
+        loads.append(source.dir)
+        return load(source, *args, **kwargs)
+    monkeypatch.setattr(ModelSource, "load", counting_load)
+    summary = train_rl(small_config(base_dir, out_tag="nokl", num_steps=1), ckpt_dir, tasks=_tasks())
     assert len(loads) == 1 and not summary["reference_loaded"] and "kl" not in summary["records"][0]
-    summary = train_rl(small_config(base_dir, ckpt_dir, out_tag="kl", num_steps=1, kl_coef=0.1), tasks=_tasks())
+    summary = train_rl(small_config(base_dir, out_tag="kl", num_steps=1, kl_coef=0.1), ckpt_dir, tasks=_tasks())
     assert len(loads) == 3 and summary["reference_loaded"] and "kl" in summary["records"][0]
 
 
@@ -391,10 +403,10 @@ def _rank_main(rank, world_size, port, base_dir, ckpt_dir, out_file):
     if rank == 1:
         def all_zero_variance(rewards, group_size, normalize_std=True):
             return torch.zeros_like(rewards), torch.ones(rewards.numel() // group_size, dtype=torch.bool)
-        rollout_module.group_advantages = all_zero_variance
-    config = small_config(base_dir, ckpt_dir, out_tag="ddp", num_steps=2, prompts_per_step=8,
+        chat_rl.group_advantages = all_zero_variance  # a forked process: the parent's module is untouched
+    config = small_config(base_dir, out_tag="ddp", num_steps=2, prompts_per_step=8,
                           filter_zero_variance=True, num_minibatches=2, ppo_epochs=2, lr_scale=0.5)
-    summary = train_rl(config, tasks=_tasks())
+    summary = train_rl(config, ckpt_dir, tasks=_tasks())
     model, _, _ = ckpt.load_model(ckpt_dir, device="cpu")
     state, _, _ = ckpt.load_checkpoint(summary["checkpoint_dir"])
     changed = any(not torch.equal(state[k], v) for k, v in model.state_dict().items())

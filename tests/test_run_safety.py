@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from reasoning import checkpoint as ckpt
+from reasoning.checkpoint import ModelSource
 from reasoning.common import UserError, run_main
 from reasoning.pretrain import TrainConfig
 from reasoning.training import NonFiniteLossError
@@ -112,7 +113,7 @@ def test_fine_tuning_refuses_an_occupied_out_tag(tiny_corpus, tmp_path):
         config = SFTConfig(num_iterations=2, device_batch_size=2, total_batch_rows=2, max_seq_len=96, eval_every=-1, base_dir=str(tmp_path),
                            out_tag="ft", **kw)
         model = tiny_model(tokenizer.vocab_size, depth=1, n_embd=32, sequence_len=128)
-        return train_sft(config, model, tokenizer, {"dir": "src", "step": 0}, tasks=(task, None, None))
+        return train_sft(config, model, tokenizer, ModelSource(dir="src", step=0), tasks=(task, None, None))
 
     run()
     with pytest.raises(UserError, match=r"checkpoint tag ft .*--resume.*--overwrite.*--out-tag"):

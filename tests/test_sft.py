@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers_models import save_tiny_checkpoint, tiny_model, train_small_tokenizer
+from reasoning.checkpoint import ModelSource
 from reasoning.common import UserError
 from reasoning.engine import Engine
 from reasoning.sft import ConversationStream, SFTConfig, conversation_targets, pad_rows
@@ -71,7 +72,7 @@ def run_sft(model, tokenizer, base_dir, train, **overrides):
                   out_tag="t")
     fields["total_batch_rows"] = overrides.get("device_batch_size", 4)  # one micro-batch a step unless told
     fields.update(overrides)
-    return train_sft(SFTConfig(**fields), model, tokenizer, {"dir": "test", "step": 0}, tasks=(train, None, None))
+    return train_sft(SFTConfig(**fields), model, tokenizer, ModelSource(dir="test", step=0), tasks=(train, None, None))
 
 
 def test_loss_counts_exactly_the_assistant_tokens(tokenizer):

@@ -91,23 +91,23 @@ def test_final_train_loss_is_the_mean_of_the_last_fifth_of_the_steps():
 
 def test_from_args_takes_only_flags_and_what_the_caller_passes():
     """A field without a flag of its own keeps its default even when the namespace happens to hold that name
-    (there is no hidden special case); RL passes its model-source fields explicitly."""
+    (there is no hidden special case), unless the caller passes it; the model-source flags are no config fields
+    (they resolve to a checkpoint.ModelSource)."""
     from reasoning.checkpoint import add_model_args
-    from reasoning.rl import RLConfig, add_rl_args, config_from_args
+    from scripts.chat_rl import RLConfig
 
     parser = argparse.ArgumentParser()
     add_model_args(parser, default_stage="sft")
-    add_rl_args(parser)
+    RLConfig.add_args(parser, negatable_booleans=True)
     args = parser.parse_args(["--stage", "base", "--tag", "t7", "--lr-scale", "0.5"])
-    plain = RLConfig.from_args(args)
-    assert (plain.stage, plain.tag, plain.lr_scale) == ("sft", None, 0.5)
-    explicit = config_from_args(args)
-    assert (explicit.stage, explicit.tag, explicit.step, explicit.init_from) == ("base", "t7", None, None)
+    config = RLConfig.from_args(args)
+    assert config.lr_scale == 0.5 and not hasattr(config, "stage") and not hasattr(config, "tag")
     parser = argparse.ArgumentParser()
     TrainConfig.add_args(parser)
     args = parser.parse_args([])
     args.sample_prompts = ("x",)  # a namespace holding a field that has no flag
     assert TrainConfig.from_args(args).sample_prompts == TrainConfig().sample_prompts
+    assert TrainConfig.from_args(args, sample_prompts=("y",)).sample_prompts == ("y",)
 
 
 def test_optimizer_settings_come_from_the_config():
