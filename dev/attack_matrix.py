@@ -219,7 +219,7 @@ class Matrix:
 
     def setup(self):
         steps = [
-            [PY, "-m", "reasoning.dataset", "--synthetic", "--num-shards", "2", "--docs-per-shard", "300"],
+            [PY, "-m", "scripts.base_data", "--synthetic", "--num-shards", "2", "--docs-per-shard", "300"],
             script("tok_train", "--vocab-size", "512"),
         ]
         for cmd in steps:

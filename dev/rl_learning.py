@@ -152,6 +152,7 @@ def main():
     from reasoning.pretrain import TrainConfig, train
     from reasoning.rl import RLConfig, train_rl
     from reasoning.sft import SFTConfig, train_sft
+    from tasks.registry import build_rl_tasks, build_sft_tasks
 
     base_dir = args.base_dir or tempfile.mkdtemp(prefix="rl_learning_")
     os.makedirs(base_dir, exist_ok=True)
@@ -187,10 +188,11 @@ def main():
             model, tokenizer, meta = ckpt.load_model("base", tag, device="cpu", phase="train", base_dir=base_dir)
             source = {"dir": ckpt.checkpoint_dir("base", tag, base_dir), "step": meta["step"], "tag": tag,
                       "tokenizer_dir": meta.get("tokenizer_dir")}
-            train_sft(SFTConfig(task="synthetic", synthetic_difficulty=args.difficulty, num_iterations=args.sft_steps,
-                                synthetic_answer_only=args.sft_answer_only,
-                                device_batch_size=16, total_batch_rows=16, max_seq_len=256, eval_every=-1, log_every=50,
-                                base_dir=base_dir, overwrite=True), model, tokenizer, source, torch.device("cpu"))
+            config = SFTConfig(task="synthetic", synthetic_difficulty=args.difficulty, num_iterations=args.sft_steps,
+                               synthetic_answer_only=args.sft_answer_only,
+                               device_batch_size=16, total_batch_rows=16, max_seq_len=256, eval_every=-1, log_every=50,
+                               base_dir=base_dir, overwrite=True)
+            train_sft(config, model, tokenizer, source, torch.device("cpu"), tasks=build_sft_tasks(config))
 
     def evaluate(stage: str, out_tag: str) -> list[float]:
         model, tokenizer, _ = ckpt.load_model(stage, out_tag, device="cpu", base_dir=base_dir)
@@ -226,7 +228,7 @@ def main():
             overwrite=True)  # without --reuse a run retrains into its tag
         for key, value in overrides.items():
             setattr(config, key, value)
-        return train_rl(config)
+        return train_rl(config, build_rl_tasks(config))
 
     rl_tag = f"{tag}_seed{args.seed}"  # one RL run per seed (and control), so --reuse can skip a finished one
     with watch("rl"):

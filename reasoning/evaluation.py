@@ -242,20 +242,7 @@ def summarize(records: list[dict], num_samples: int) -> dict:
 
 def grade_completion(task, example: dict, text: str) -> dict:
     """{"extracted": the answer the completion commits to (None: none), "correct": task.evaluate(...)}."""
-    extract = getattr(task, "extract", None)
-    if extract is None:
-        from tasks.math import final_answer  # the default convention: last box after the think span
-        extract = final_answer
-    return {"extracted": extract(text), "correct": bool(task.evaluate(example, text))}
-
-
-def grader_description(task) -> str:
-    """What decides correctness, for the saved protocol."""
-    if getattr(task, "extract", None) is not None:
-        from tasks.math import GRADER_DESCRIPTION
-        return GRADER_DESCRIPTION
-    owner = getattr(task, "parent", task)  # a slice of a task grades like the task
-    return f"{type(owner).__module__}.{type(owner).__name__}.evaluate"
+    return {"extracted": task.extract(text), "correct": bool(task.evaluate(example, text))}
 
 
 def problem_seed(seed: int, problem_index: int) -> int:
@@ -478,19 +465,6 @@ def format_table(rows: list[dict]) -> str:
         cells = [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def section_name(task_name: str, stage: str, num_samples: int = 1) -> str:
-    """Report section of an eval: chat_eval_<stage> (synthetic), math500_<stage>, gsm8k_<stage>, ...;
-    a sampled eval (k > 1) gets its own section `<...>_k<k>` so it never replaces the greedy one."""
-    from tasks.registry import task_label
-
-    label = task_label(task_name)
-    suffix = f"_k{num_samples}" if num_samples > 1 else ""
-    if label == "synthetic":
-        return f"chat_eval_{stage}{suffix}"
-    return f"{label.lower().replace('-', '')}_{stage}{suffix}"
-
 
 
 def resolve_source(args, base_dir: str | None = None) -> dict:

@@ -56,7 +56,6 @@ from reasoning.rollout import PromptStream, TrainingRows, collect_rollout, train
 from reasoning.training import (DEVICE_HELP, FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, all_reduce_sum,
                                 autocast_factory, check_weights_finite, load_optimizer_state, load_resume_checkpoint,
                                 option, save_training_checkpoint, start_run)
-from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "rl"
 DEFAULT_DEVICE_BATCH_SIZE = 32  # rows per micro-batch when --device-batch-size is -1 off CUDA
@@ -75,8 +74,8 @@ class RLConfig(FinetuneConfig):
     task: str = field(default="synthetic", metadata=option(
         "prompt source: synthetic | GSM8K | MATH (comma list mixes them; NAME@PATH gives a task its own data)"))
     task_size: int = field(default=-1, metadata=option("train prompts per task (-1: all; synthetic: 20000)"))
-    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset (tasks.synthetic)",
-                                                                      choices=tuple(_SYNTHETIC_DIFFICULTY)))
+    synthetic_difficulty: str = field(default="easy", metadata=option(
+        "synthetic task preset (tasks.synthetic.DIFFICULTY)"))
     # rollouts
     num_steps: int = field(default=100, metadata=option("RL steps (one rollout batch each)"))
     prompts_per_step: int = field(default=16, metadata=option("prompts per step, all ranks together"))
@@ -166,21 +165,6 @@ config_from_args = RLConfig.from_args
 
 
 # ----------------------------------------------------------------------------------------------- tasks, rewards
-
-def build_rl_tasks(config: RLConfig):
-    """(train task, held-out eval task or None): the train split of `task`, the test split of `eval_task`."""
-    from tasks.registry import build_mixture
-
-    options = {"synthetic": {"difficulty": config.synthetic_difficulty}}
-    size = None if config.task_size == -1 else config.task_size
-    train = build_mixture(config.task, split="train", data_path=config.data_path, seed=config.seed, size=size,
-                          task_options=options)
-    held_out = None
-    if config.eval_every >= 0:
-        held_out = build_mixture(config.eval_task or config.task, split="test", data_path=config.data_path,
-                                 seed=config.seed, task_options=options)
-    return train, held_out
-
 
 def _gold(example: dict) -> str:
     return str(example["answer"])
@@ -435,9 +419,9 @@ def resolve_device_batch(config: RLConfig, model_config, device, world_size: int
     return dataclasses.replace(config, device_batch_size=rows)
 
 
-def train_rl(config: RLConfig, tasks=None) -> dict:
+def train_rl(config: RLConfig, tasks) -> dict:
     """Run (or resume) GRPO-style RL per `config`; every rank must call it. `tasks` = (train, held-out or None)
-    overrides build_rl_tasks (tests). Returns a summary: metrics, series, per-step records, checkpoint dir."""
+    (tasks.registry.build_rl_tasks). Returns a summary: metrics, series, per-step records, checkpoint dir."""
     from reasoning.engine import Engine
     from reasoning.evaluation import resolve_source
 
@@ -454,7 +438,7 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     model, tokenizer, source_meta = _load_policy(config, device, base_dir)
     config = resolve_device_batch(config, model.config, device, world_size)  # on CUDA: plans every phase
     ref_model = _load_reference(config, device, base_dir) if config.kl_coef > 0 else None
-    train_task, eval_task = tasks if tasks is not None else build_rl_tasks(config)
+    train_task, eval_task = tasks
     reward = build_reward(config)
     tag = config.out_tag or source["tag"]
     ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)

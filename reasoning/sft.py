@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -43,7 +42,6 @@ from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunP
                                 all_reduce_sum, autocast_factory, check_weights_finite, diverged_message,
                                 gather_objects, load_optimizer_state, load_resume_checkpoint, option,
                                 save_training_checkpoint, start_run)
-from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "sft"
 DEFAULT_DEVICE_BATCH_SIZE = 8  # rows per micro-batch when --device-batch-size is -1 off CUDA
@@ -58,8 +56,8 @@ class SFTConfig(FinetuneConfig):
         "NAME@PATH gives a task its own data)"))
     task_size: int = field(default=-1, metadata=option(
         "examples per task in the mixture (-1: all; synthetic: 20000 generated)"))
-    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset",
-                                                                      choices=tuple(_SYNTHETIC_DIFFICULTY)))
+    synthetic_difficulty: str = field(default="easy", metadata=option(
+        "synthetic task preset (tasks.synthetic.DIFFICULTY)"))
     synthetic_answer_only: float = field(default=0.0, metadata=option(
         "fraction of synthetic training examples that state the answer without worked steps (tasks/synthetic.py)"))
     val_examples: int = field(default=256, metadata=option("held-out conversations for the validation loss"))
@@ -193,46 +191,6 @@ class ConversationStream:
         return sum(lengths) / len(lengths)
 
 
-# ----------------------------------------------------------------------------------------------- tasks
-
-def build_sft_tasks(config: SFTConfig):
-    """(train task, validation task or None, generative eval task or None) for the config.
-
-    Validation: the test splits of the mixture's tasks, capped at val_examples. A task without a test split
-    (customjson, a single local file, a folder holding only the train file) is left out with a notice; a
-    mixture with none left gets no validation loss."""
-    from tasks.common import TaskMixture
-    from tasks.registry import build_mixture, build_task, parse_mixture
-
-    options = {"synthetic": {"difficulty": config.synthetic_difficulty}}
-    size = None if config.task_size == -1 else config.task_size
-    train_options = {"synthetic": dict(options["synthetic"], answer_only_frac=config.synthetic_answer_only)}
-    train = build_mixture(config.task, split="train", data_path=config.data_path, seed=config.seed, size=size,
-                          task_options=train_options)
-    val = None
-    if config.val_examples > 0:
-        held_out = []
-        for name, times, path in parse_mixture(config.task):
-            path = path or config.data_path
-            if name.startswith("customjson:") or (path and os.path.isfile(path) and name != "synthetic"):
-                print0(f"validation: {name} has no test split here; left out of the validation loss")
-                continue
-            try:
-                task = build_task(name, split="test", data_path=path, seed=config.seed, **options.get(name, {}))
-            except UserError as e:
-                print0(f"validation: {name} test split unavailable ({e}); left out of the validation loss")
-                continue
-            held_out.extend([task] * times)
-        if held_out:
-            val = (held_out[0] if len(held_out) == 1 else TaskMixture(held_out, seed=config.seed))
-            val = val[:config.val_examples]
-    gen_eval = None
-    if config.eval_every >= 0 and config.eval_task:
-        gen_eval = build_task(config.eval_task, split="test", data_path=config.data_path, seed=config.seed,
-                              size=config.eval_problems, **options.get(config.eval_task.lower(), {}))
-    return train, val, gen_eval
-
-
 # ----------------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -315,18 +273,18 @@ def resolve_device_batch(config: SFTConfig, model_config, device, world_size: in
     return dataclasses.replace(config, device_batch_size=rows)
 
 
-def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: int = 0, world_size: int = 1,
-              tasks=None) -> dict:
+def train_sft(config: SFTConfig, model, tokenizer, source: dict, device, rank: int = 0, world_size: int = 1, *,
+              tasks) -> dict:
     """Fine-tune `model` (loaded from `source`: {"dir", "step", "tag", "tokenizer_dir"}) per `config`.
 
-    `tasks` = (train, val, gen_eval) overrides build_sft_tasks (tests). Returns a summary: metrics, series,
+    `tasks` = (train, val, gen_eval) (tasks.registry.build_sft_tasks). Returns a summary: metrics, series,
     checkpoint dir, steps. Every rank must call it (collectives inside)."""
     config.validate()
     config = resolve_device_batch(config, model.config, device, world_size)
     start_time = time.perf_counter()
     base_dir = config.base_dir or get_base_dir()
     autocast = autocast_factory(device, get_compute_dtype(device))
-    train_task, val_task, eval_task = tasks if tasks is not None else build_sft_tasks(config)
+    train_task, val_task, eval_task = tasks
     tag = config.out_tag or source.get("tag") or f"d{model.config.n_layer}"
     ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)
 

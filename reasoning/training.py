@@ -212,7 +212,7 @@ class FinetuneConfig(TrainerConfig):
     """What SFT and RL add: they start from a checkpoint, scale every learning rate and write under an output tag."""
     lr_scale: float = field(default=1.0, metadata=option("multiplier on every learning rate below"))
     data_path: str | None = field(default=None, metadata=option(
-        "local data file/folder for the hub tasks (default $REASONING_DATA_DIR, else the HF hub)"))
+        "local data file/folder for the hub tasks (default $REASONING_TASK_DATA_DIR, else the HF hub)"))
     out_tag: str | None = field(default=None, metadata=option("output checkpoint tag (default: the source's tag)"))
     save_every: int = field(default=0, metadata=option("checkpoint every N steps (0: only at the end)"))
     resume: bool = field(default=False, metadata=option("continue from the last checkpoint of --out-tag"))

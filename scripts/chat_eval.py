@@ -19,11 +19,10 @@ import shutil
 from reasoning import memplan
 from reasoning.checkpoint import add_model_args, load_model_from_args
 from reasoning.common import UserError, get_base_dir, init_distributed, is_master, print0, run_main
-from reasoning.evaluation import (PROMPT_MODES, EvalSettings, evaluate_task, format_table, grader_description,
-                                  resolve_source, section_name, template_text)
+from reasoning.evaluation import PROMPT_MODES, EvalSettings, evaluate_task, format_table, resolve_source, template_text
 from reasoning.report import log_stage
 from reasoning.training import add_run_args, parse_script_args, print_result, script_parser
-from tasks.registry import build_task, task_label
+from tasks.registry import build_task, section_name, task_label
 from tasks.synthetic import DIFFICULTY as SYNTHETIC_DIFFICULTY
 
 
@@ -32,7 +31,7 @@ def build_parser():
     add_model_args(parser, default_stage="sft")
     parser.add_argument("-a", "--task", default="synthetic",
                         help="synthetic | GSM8K | MATH-500 | MATH | customjson:FILE (comma list: one after another)")
-    parser.add_argument("--data-path", default=None, help="local data file/folder (default $REASONING_DATA_DIR, "
+    parser.add_argument("--data-path", default=None, help="local data file/folder (default $REASONING_TASK_DATA_DIR, "
                                                           "else the HF hub)")
     parser.add_argument("--split", default="test", choices=("train", "test"))
     parser.add_argument("--max-problems", type=int, default=-1, help="first N problems only (-1: all)")
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None):
             raise UserError(f"--out-dir {out_dir}: is a file; expected a directory (existing or new)")
         if args.fresh and is_master() and os.path.isdir(out_dir):
             shutil.rmtree(out_dir)
-        protocol = {"task": label, "split": args.split, "grader": grader_description(task),
+        protocol = {"task": label, "split": args.split, "grader": task.grader_description,
                     "checkpoint": {"dir": source["dir"], "step": source["step"]}}
         max_problems = None if args.max_problems == -1 else args.max_problems
         summary = evaluate_task(model, tokenizer, task, settings, max_problems=max_problems, out_dir=out_dir,

@@ -16,9 +16,10 @@ section (initial/final held-out accuracy, mean reward, reward and accuracy curve
 """
 
 from reasoning.checkpoint import add_model_args
-from reasoning.common import run_main, seed_everything
+from reasoning.common import init_distributed, run_main, seed_everything
 from reasoning.rl import add_rl_args, config_from_args, train_rl
 from reasoning.training import finish_training_script, parse_script_args, run_trainer, script_parser
+from tasks.registry import build_rl_tasks
 
 
 def build_parser():
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None):
     config = config_from_args(parse_script_args(parser, argv))
     config.validate()
     seed_everything(config.seed)
-    summary = run_trainer(train_rl, config)
+    init_distributed(config.device)  # before the tasks: their hub downloads go node leader first
+    summary = run_trainer(train_rl, config, build_rl_tasks(config))
     m = summary["metrics"]
     finish_training_script(
         "chat_rl", summary,

@@ -19,6 +19,7 @@ from reasoning.common import init_distributed, run_main, seed_everything
 from reasoning.evaluation import resolve_source
 from reasoning.sft import add_sft_args, config_from_args, train_sft
 from reasoning.training import add_run_args, finish_training_script, parse_script_args, run_trainer, script_parser
+from tasks.registry import build_sft_tasks
 
 
 def build_parser():
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None):
     source = resolve_source(args, config.base_dir)
     model, tokenizer, meta = load_model_from_args(args, info.device, phase="train", base_dir=config.base_dir)
     source["tokenizer_dir"] = meta.get("tokenizer_dir")
-    summary = run_trainer(train_sft, config, model, tokenizer, source, info.device, info.rank, info.world_size)
+    summary = run_trainer(train_sft, config, model, tokenizer, source, info.device, info.rank, info.world_size,
+                          tasks=build_sft_tasks(config))
     m = summary["metrics"]
     finish_training_script(
         "chat_sft", summary, {k: m[k] for k in ("train_loss", "val_loss", "accuracy")} | {"steps": summary["step"]},

@@ -17,6 +17,18 @@ import operator
 
 import numpy as np
 
+from reasoning.rewards import Completion, answer_text
+from reasoning.verifiers import extract_answer
+
+GRADER_DESCRIPTION = ("reasoning.verifiers.math_equal(gold, extract_answer(text after the think span, "
+                      "strict=False)); no think-span close -> no answer")
+
+
+def final_answer(completion: str) -> str | None:
+    """The answer a completion commits to, or None (think span never closed, or nothing extractable)."""
+    visible = answer_text(Completion(text=completion))
+    return None if visible is None else extract_answer(visible, strict=False)
+
 
 class Task:
     """Base class. Subclasses implement `__len__`, `get_example(index)` (0 <= index < len) and `evaluate`."""
@@ -39,6 +51,17 @@ class Task:
     def reward(self, example: dict, completion: str) -> float:
         """Scalar reward for RL; by default 1.0 for a correct completion and 0.0 otherwise."""
         return float(self.evaluate(example, completion))
+
+    def extract(self, completion: str) -> str | None:
+        """The answer a completion commits to, for eval records and maj@k (default: the last box after the
+        think span)."""
+        return final_answer(completion)
+
+    @property
+    def grader_description(self) -> str:
+        """What decides correctness, saved in an eval's protocol (a view grades like its parent)."""
+        owner = getattr(self, "parent", self)
+        return f"{type(owner).__module__}.{type(owner).__name__}.evaluate"
 
     def __getitem__(self, key):
         if isinstance(key, slice):

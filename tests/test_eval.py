@@ -14,9 +14,9 @@ import pytest
 from helpers_models import save_tiny_checkpoint, train_small_tokenizer
 from reasoning.checkpoint import load_model
 from reasoning.evaluation import (BASE_TEMPLATE, TEMPLATE_SLOT, EvalSettings, answer_classes, build_prompt,
-                                  evaluate_task, grade_completion, majority_index, pass_at_k, section_name,
-                                  standard_error, summarize, template_text)
-from tasks.registry import build_task
+                                  evaluate_task, grade_completion, majority_index, pass_at_k, standard_error,
+                                  summarize, template_text)
+from tasks.registry import build_task, section_name
 from tasks.synthetic import SyntheticReasoning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -33,6 +33,7 @@ from reasoning.rollout import collect_rollout, training_rows
 from reasoning.sft import SFTConfig, conversation_targets, pad_rows, train_sft
 from reasoning.tokenizer import train_tokenizer
 from tasks.common import Task
+from tasks.registry import build_rl_tasks
 from tasks.synthetic import SyntheticReasoning
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on a shared box, threads only contend
@@ -190,7 +191,7 @@ def test_rl_on_the_synthetic_task_raises_reward_and_held_out_accuracy(synthetic_
                           num_steps=30, prompts_per_step=16, num_samples=8, max_new_tokens=48, lr_scale=0.5,
                           eval_every=0, eval_problems=256, eval_pass_k=8, eval_batch_size=64, device_batch_size=32,
                           seed=0)
-    summary = train_rl(config)
+    summary = train_rl(config, build_rl_tasks(config))
     first, last = summary["evals"][0], summary["evals"][-1]
     rewards = [r["reward"] for r in summary["records"]]
     start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5

@@ -16,7 +16,7 @@ from reasoning.evaluation import _read_predictions
 from reasoning.hf_tokenizer import HFTokenizer
 from reasoning.tokenizer import Tokenizer
 from tasks.customjson import CustomJSON
-from tasks.registry import read_records
+from tasks.sources import read_records
 
 GOOD_LINE = json.dumps({"problem": "2+3?", "thinking": "2+3=5", "answer": "5"}) + "\n"
 DEEP = "[" * 100_000 + "]" * 100_000  # json's C decoder raises RecursionError long before this depth
