@@ -613,7 +613,8 @@ def probe_grader():
     from reasoning.evaluation import grade_completion
     from reasoning.rewards import Completion
     from reasoning.rl import RLConfig, build_reward
-    from reasoning.verifiers import math_equal, warm_up_grader
+    from reasoning.grader_pool import warm_up_grader
+    from reasoning.verifiers import math_equal
     from tasks.math import MathProblems
     from tasks.synthetic import SyntheticReasoning
 

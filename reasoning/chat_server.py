@@ -15,8 +15,7 @@ queue is full, instead of piling up latency. Generation runs on a worker thread 
 answering; a client that disconnects stops its generation at the next token and frees the worker.
 
 Every client mistake becomes a 4xx with OpenAI's error shape {"error": {message, type, param, code}}. Checking a
-request and decoding a reply are shared with the terminal chat and live in reasoning/chat.py; their names are
-re-exported here.
+request and decoding a reply are shared with the terminal chat and live in reasoning/chat.py.
 """
 
 import asyncio
@@ -32,9 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from reasoning.chat import (CONTENT, DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, REASONING,  # noqa: F401 (re-exports)
-                            ChatRequest, ReplyDecoder, RequestError, assistant_parts, conversation_from_messages,
-                            is_int, model_label, parse_chat_request, stream_reply)
+from reasoning.chat import (DEFAULT_MAX_TOKENS, REASONING, ChatRequest, ReplyDecoder, RequestError, is_int,
+                            parse_chat_request, stream_reply)
 from reasoning.engine import Engine
 
 UI_PATH = Path(__file__).with_name("ui.html")

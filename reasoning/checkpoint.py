@@ -491,7 +491,7 @@ def load_model(source: str, tag: str | None = None, step: int | None = None, dev
         from reasoning.hf import load_hf_model
 
         return load_hf_model(source[len("hf:"):], device=device, phase=phase)
-    # imported here: checkpoint I/O must not depend on the model code (and the model code imports this module)
+    # imported here: only loading a model needs the model and tokenizer code, not the checkpoint I/O above
     from reasoning.gpt import GPT, GPTConfig
     from reasoning.tokenizer import Tokenizer, get_tokenizer
 

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 import torch
 
 from reasoning import checkpoint as ckpt
-from reasoning.common import (UserError, autocast_context, get_base_dir, get_compute_dtype, init_distributed,
+from reasoning.common import (UserError, get_base_dir, get_compute_dtype, init_distributed,
                               print0, seed_everything)
 from reasoning.flash_attention import resolve_backend
+from reasoning.loss_eval import evaluate_val_bpb
 from reasoning.mfu import model_flops_utilization, peak_flops
 from reasoning.training import (DEVICE_HELP, NonFiniteLossError, RunLog, RunProgress, TrainerConfig,
                                 accumulate_gradients, autocast_factory, check_weights_finite, diverged_message,
@@ -180,25 +181,6 @@ def _fp8_off(model):
     from reasoning.fp8 import fp8_disabled  # evaluation reads the high-precision master weights
 
     return fp8_disabled(model)
-
-
-def evaluate_val_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_tokens: int, data_dir: str | None = None,
-                     device="cpu", dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1) -> float:
-    """Bits per byte on the first `eval_tokens` tokens (all ranks together) of the validation split.
-
-    Every rank must call it (the sums are all-reduced). fp8 layers run in high precision: this measures the weights.
-    """
-    from reasoning.dataloader import build_val_loader, evaluate_bpb
-
-    loader = build_val_loader(tokenizer, batch_size, seq_len, data_dir, rank, world_size, device)
-    steps = max(1, eval_tokens // (batch_size * seq_len * world_size))
-    was_training = model.training
-    model.eval()
-    try:
-        with _fp8_off(model), autocast_context(device, dtype):
-            return evaluate_bpb(model, loader, tokenizer.token_bytes, max_steps=steps)
-    finally:
-        model.train(was_training)
 
 
 def sample_completions(model, tokenizer, prompts, max_tokens: int) -> list[dict]:

@@ -38,8 +38,9 @@ import torch
 
 from reasoning import checkpoint as ckpt
 from reasoning.common import UserError, get_base_dir, get_compute_dtype, get_rank, get_world_size, print0
+from reasoning.loss_eval import mean_token_loss
 from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, accumulate_gradients,
-                                all_reduce_sum, autocast_factory, check_weights_finite, diverged_message,
+                                autocast_factory, check_weights_finite, diverged_message,
                                 gather_objects, load_optimizer_state, load_resume_checkpoint, option,
                                 save_training_checkpoint, start_run)
 
@@ -193,28 +194,13 @@ class ConversationStream:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
 def validation_loss(model, tokenizer, task, max_seq_len: int, batch_size: int, device, autocast) -> float:
     """Mean token loss over the assistant tokens of every conversation in `task` (rank r takes r, r+W, ...)."""
-    rank, world = get_rank(), get_world_size()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of targets)
-    mine = list(range(rank, len(task), world))
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(mine), batch_size):
-            rows = [conversation_targets(*tokenizer.render_conversation(task[i], max_tokens=max_seq_len + 1))
-                    for i in mine[start:start + batch_size]]
-            inputs, targets = pad_rows(rows, tokenizer.bos_token_id)
-            inputs, targets = inputs.to(device), targets.to(device)
-            with autocast():
-                loss_sum = model(inputs, targets, loss_reduction="sum")
-            totals[0] += loss_sum.double()
-            totals[1] += (targets >= 0).sum()
-    finally:
-        model.train(was_training)
-    all_reduce_sum(totals)
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    mine = list(range(get_rank(), len(task), get_world_size()))
+    batches = (pad_rows([conversation_targets(*tokenizer.render_conversation(task[i], max_tokens=max_seq_len + 1))
+                         for i in mine[start:start + batch_size]], tokenizer.bos_token_id)
+               for start in range(0, len(mine), batch_size))
+    return mean_token_loss(model, batches, device, autocast)
 
 
 def generative_accuracy(model, tokenizer, task, config: SFTConfig) -> float:

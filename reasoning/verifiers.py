@@ -40,7 +40,7 @@ import re
 from fractions import Fraction
 from typing import Sequence
 
-from reasoning.grader_pool import get_pool, shutdown_grader, warm_up_grader  # noqa: F401 (the last two: re-exported)
+from reasoning.grader_pool import get_pool
 
 logger = logging.getLogger(__name__)
 

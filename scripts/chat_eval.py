@@ -19,7 +19,9 @@ import shutil
 from reasoning import memplan
 from reasoning.checkpoint import add_model_args, load_model_from_args
 from reasoning.common import UserError, get_base_dir, init_distributed, is_master, print0, run_main
-from reasoning.evaluation import PROMPT_MODES, EvalSettings, evaluate_task, format_table, resolve_source, template_text
+from reasoning.eval_metrics import format_table
+from reasoning.evaluation import EvalSettings, evaluate_task, resolve_source
+from reasoning.prompts import PROMPT_MODES, template_text
 from reasoning.report import log_stage
 from reasoning.training import add_run_args, parse_script_args, print_result, script_parser
 from tasks.registry import build_task, section_name, task_label
