@@ -32,7 +32,7 @@ import torch
 
 from reasoning import checkpoint as ckpt
 from reasoning.common import (UserError, atomic_write_text, autocast_context, die, get_rank, get_world_size, is_master,
-                              make_dir, print0)
+                              iter_jsonl, make_dir, print0)
 from reasoning.distributed import all_gather_object, all_reduce_sum, barrier  # noqa: F401 (re-exported)
 
 DEVICE_HELP = "cuda | cpu | mps (default: autodetect)"
@@ -454,20 +454,12 @@ class RunLog:
 
     @staticmethod
     def _records_up_to(path: str, step: int) -> tuple[list[str], int]:
-        """(the lines of records at or before `step`, how many lines were not JSON records)."""
-        kept, torn = [], 0
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, RecursionError):
-                    record = None
-                if not isinstance(record, dict) or not line.endswith("\n"):
-                    torn += 1
-                elif not isinstance(record.get("step", 0), (int, float)) or record.get("step", 0) <= step:
-                    kept.append(line)
+        """(the lines of records at or before `step`, how many lines were dropped from a torn one on)."""
+        records = [record for _, record in iter_jsonl(path, stop_at_torn_line=True)]
+        with open(path, "rb") as f:
+            torn = sum(1 for line in f if line.strip()) - len(records)
+        kept = [json.dumps(r) + "\n" for r in records
+                if not isinstance(r.get("step", 0), (int, float)) or r.get("step", 0) <= step]
         return kept, torn
 
     @classmethod
