@@ -74,8 +74,7 @@ class RLConfig(FinetuneConfig):
     task: str = field(default="synthetic", metadata=option(
         "prompt source: synthetic | GSM8K | MATH (comma list mixes them; NAME@PATH gives a task its own data)"))
     task_size: int = field(default=-1, metadata=option("train prompts per task (-1: all; synthetic: 20000)"))
-    synthetic_difficulty: str = field(default="easy", metadata=option(
-        "synthetic task preset (tasks.synthetic.DIFFICULTY)"))
+    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset (tasks.synthetic)"))
     # rollouts
     num_steps: int = field(default=100, metadata=option("RL steps (one rollout batch each)"))
     prompts_per_step: int = field(default=16, metadata=option("prompts per step, all ranks together"))

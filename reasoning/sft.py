@@ -57,8 +57,7 @@ class SFTConfig(FinetuneConfig):
         "NAME@PATH gives a task its own data)"))
     task_size: int = field(default=-1, metadata=option(
         "examples per task in the mixture (-1: all; synthetic: 20000 generated)"))
-    synthetic_difficulty: str = field(default="easy", metadata=option(
-        "synthetic task preset (tasks.synthetic.DIFFICULTY)"))
+    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset (tasks.synthetic)"))
     synthetic_answer_only: float = field(default=0.0, metadata=option(
         "fraction of synthetic training examples that state the answer without worked steps (tasks/synthetic.py)"))
     val_examples: int = field(default=256, metadata=option("held-out conversations for the validation loss"))
