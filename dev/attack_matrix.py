@@ -219,7 +219,7 @@ class Matrix:
 
     def setup(self):
         steps = [
-            [PY, "-m", "reasoning.dataset", "--synthetic", "--num-shards", "2", "--docs-per-shard", "300"],
+            [PY, "-m", "scripts.base_data", "--synthetic", "--num-shards", "2", "--docs-per-shard", "300"],
             script("tok_train", "--vocab-size", "512"),
         ]
         for cmd in steps:
@@ -612,8 +612,9 @@ def probe_grader():
     """Run in a subprocess: the pathological set through the RL reward and the eval grading path; one JSON per row."""
     from reasoning.evaluation import grade_completion
     from reasoning.rewards import Completion
+    from reasoning.grader_pool import warm_up_grader
+    from reasoning.verifiers import math_equal
     from scripts.chat_rl import RLConfig, build_reward
-    from reasoning.verifiers import math_equal, warm_up_grader
     from tasks.math import MathProblems
     from tasks.synthetic import SyntheticReasoning
 

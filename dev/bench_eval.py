@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))  # the tiny model builders live 
 
 from helpers_models import tiny_model, train_small_tokenizer  # noqa: E402
 from reasoning.engine import Engine  # noqa: E402
-from reasoning.evaluation import build_prompt  # noqa: E402
+from reasoning.prompts import build_prompt  # noqa: E402
 from tasks.registry import build_task  # noqa: E402
 
 

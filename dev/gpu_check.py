@@ -161,7 +161,7 @@ def main(argv=None):
     if args.dry_run:
         env["REASONING_DEVICE"] = "cpu"
     python = [sys.executable]
-    subprocess.run([*python, "-m", "reasoning.dataset", "--synthetic", "--num-shards", "3", "--docs-per-shard",
+    subprocess.run([*python, "-m", "scripts.base_data", "--synthetic", "--num-shards", "3", "--docs-per-shard",
                     "300" if args.dry_run else "2000"], cwd=REPO, env=env, check=True, capture_output=True)
     subprocess.run([*python, "-m", "scripts.tok_train", "--vocab-size", "400" if args.dry_run else "4096"],
                    cwd=REPO, env=env, check=True, capture_output=True)

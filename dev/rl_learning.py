@@ -91,7 +91,7 @@ def computation_clusters(problems: int, difficulty: str) -> list[str]:
 def gain_se(after: list[float], before: list[float]) -> float:
     """Standard error of mean(after) - mean(before) as if the two evals were independent (>= the paired SE when
     the per-problem scores correlate positively, as they do here)."""
-    from reasoning.evaluation import standard_error
+    from reasoning.eval_metrics import standard_error
 
     return math.hypot(standard_error(after), standard_error(before))
 
@@ -148,7 +148,7 @@ def main():
     import torch
 
     from reasoning.common import seed_everything
-    from reasoning.evaluation import standard_error
+    from reasoning.eval_metrics import standard_error
     from reasoning.pretrain import TrainConfig
     from reasoning.sft import SFTConfig
     from scripts.base_train import train

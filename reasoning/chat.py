@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from reasoning.engine import Engine
 
 MAX_STOP_STRINGS = 4
+MAX_TEMPERATURE = 2.0  # the sampling temperatures a request (or the terminal chat) may ask for: [0, 2], 0 = greedy
 # A reply's length when the request sets none, capped by the room the context leaves after the prompt (the CLI's
 # --max-tokens default, the server's default_max_tokens); an explicit max_tokens that does not fit is refused.
 DEFAULT_MAX_TOKENS = 512
@@ -219,7 +220,7 @@ def parse_chat_request(body: dict, tokenizer, context_len: int, default_max_toke
     if options is not None and (not isinstance(options, dict)
                                 or not isinstance(options.get("include_usage", False), bool)):
         raise RequestError("stream_options: expected {\"include_usage\": true|false}", "stream_options")
-    temperature = _optional_number(body, "temperature", 0.0, 2.0)
+    temperature = _optional_number(body, "temperature", 0.0, MAX_TEMPERATURE)
     top_p = _optional_number(body, "top_p", 0.0, 1.0, low_open=True)
     min_p = _optional_number(body, "min_p", 0.0, 1.0)
     top_k = body.get("top_k")
@@ -236,6 +237,17 @@ def parse_chat_request(body: dict, tokenizer, context_len: int, default_max_toke
     stops = [_check_text(s, "stop") for s in stops]
 
     conversation = conversation_from_messages(body["messages"])
+    prompt_ids, max_tokens = fit_prompt(conversation, tokenizer, context_len, max_tokens, default_max_tokens, name)
+    return ChatRequest(prompt_ids=prompt_ids, max_tokens=max_tokens,
+                       temperature=1.0 if temperature is None else temperature, top_p=top_p, top_k=top_k,
+                       min_p=min_p, seed=seed, stop=stops, stream=bool(stream),
+                       include_usage=bool(options and options.get("include_usage")))
+
+
+def fit_prompt(conversation: dict, tokenizer, context_len: int, max_tokens: int | None, default_max_tokens: int,
+               name: str = "max_tokens") -> tuple[list[int], int]:
+    """(prompt ids, reply length) of a conversation, or a RequestError when it leaves no room for the reply or for
+    `max_tokens` (named `name`); an unset `max_tokens` gets the room left, up to `default_max_tokens`."""
     text_bytes = sum(len(part["text"].encode("utf-8")) for m in conversation["messages"]
                      for part in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}]))
     # Cheap early refusal: no token covers more bytes than the longest one, so this many bytes cannot fit.
@@ -255,10 +267,7 @@ def parse_chat_request(body: dict, tokenizer, context_len: int, default_max_toke
         raise RequestError(f"{name}: {max_tokens} does not fit: the conversation takes {len(prompt_ids)} of this "
                            f"model's {context_len} context tokens and leaves {room} for the reply; ask for at most "
                            f"{room}, or leave {name} unset to get what is left", name, "context_length_exceeded")
-    return ChatRequest(prompt_ids=prompt_ids, max_tokens=max_tokens,
-                       temperature=1.0 if temperature is None else temperature, top_p=top_p, top_k=top_k,
-                       min_p=min_p, seed=seed, stop=stops, stream=bool(stream),
-                       include_usage=bool(options and options.get("include_usage")))
+    return prompt_ids, max_tokens
 
 
 def _context_error(count: str, context_len: int) -> RequestError:
@@ -281,11 +290,13 @@ class ReplyDecoder:
     MAX_PENDING_TOKENS = 8  # bytes that stay undecodable this long are not UTF-8: show them as U+FFFD
 
     def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = ()):
+        from reasoning.engine import special_token_id  # here: importing this module stays free of torch
+
         self.tokenizer = tokenizer
         # a Hugging Face vocabulary may lack some (Llama has no think tokens: its thinking stays in the answer)
-        self.think_start = _special_id(tokenizer, "<|think_start|>")
-        self.think_end = _special_id(tokenizer, "<|think_end|>")
-        self.end_tokens = {_special_id(tokenizer, "<|assistant_end|>"), _special_id(tokenizer, "<|bos|>")} - {None}
+        self.think_start = special_token_id(tokenizer, "<|think_start|>")
+        self.think_end = special_token_id(tokenizer, "<|think_end|>")
+        self.end_tokens = {special_token_id(tokenizer, name) for name in ("<|assistant_end|>", "<|bos|>")} - {None}
         self.stop = list(stop)
         self.channel = CONTENT
         self.pending: list[int] = []  # tokens of the current channel not yet decoded to whole characters
@@ -352,13 +363,6 @@ class ReplyDecoder:
             return []
         self.text[channel].append(text)
         return [(channel, text)]
-
-
-def _special_id(tokenizer, name: str) -> int | None:
-    try:
-        return tokenizer.encode_special(name)
-    except (KeyError, ValueError):
-        return None
 
 
 def stream_reply(engine: Engine, prompt_ids: list[int], decoder: ReplyDecoder, should_stop=None, **sampling):

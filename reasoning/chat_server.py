@@ -15,8 +15,7 @@ queue is full, instead of piling up latency. Generation runs on a worker thread 
 answering; a client that disconnects stops its generation at the next token and frees the worker.
 
 Every client mistake becomes a 4xx with OpenAI's error shape {"error": {message, type, param, code}}. Checking a
-request and decoding a reply are shared with the terminal chat and live in reasoning/chat.py; their names are
-re-exported here.
+request and decoding a reply are shared with the terminal chat and live in reasoning/chat.py.
 """
 
 import asyncio
@@ -32,9 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from reasoning.chat import (CONTENT, DEFAULT_MAX_TOKENS, MAX_STOP_STRINGS, REASONING,  # noqa: F401 (re-exports)
-                            ChatRequest, ReplyDecoder, RequestError, assistant_parts, conversation_from_messages,
-                            is_int, parse_chat_request, stream_reply)
+from reasoning.chat import (DEFAULT_MAX_TOKENS, REASONING, ChatRequest, ReplyDecoder, RequestError, is_int,
+                            parse_chat_request, stream_reply)
 from reasoning.engine import Engine
 
 UI_PATH = Path(__file__).with_name("ui.html")
@@ -416,23 +414,12 @@ def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_k
     # (Also why this module has no `from __future__ import annotations`: FastAPI must see these classes in the
     # annotations.)
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.responses import HTMLResponse, Response, StreamingResponse
     from starlette.background import BackgroundTask
-    from starlette.exceptions import HTTPException
 
     models = list(model) if isinstance(model, (list, tuple)) else [model]
-    if not models:
-        raise ValueError("model: expected a GPT or a non-empty list of GPTs")
-    for name, value, low in (("workers", workers, 1), ("max_queue", max_queue, 0),
-                             ("max_body_bytes", max_body_bytes, 1), ("default_max_tokens", default_max_tokens, 1)):
-        if not is_int(value) or value < low:
-            raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
-    if api_key is not None and (not isinstance(api_key, str) or not api_key):
-        raise ValueError("api_key: expected a non-empty string or None")
-    if not (isinstance(body_timeout, (int, float)) and not isinstance(body_timeout, bool) and body_timeout > 0
-            and math.isfinite(body_timeout)):
-        raise ValueError(f"body_timeout={body_timeout!r}: expected a positive number of seconds")
+    _check_app_settings(models, workers=workers, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                        default_max_tokens=default_max_tokens, api_key=api_key, body_timeout=body_timeout)
     service = ChatService(models, tokenizer, max(workers, len(models)), max_queue, api_key, max_body_bytes,
                           default_max_tokens, model_name, body_timeout)
     ui_html = UI_PATH.read_text(encoding="utf-8") if UI_PATH.exists() else "<p>reasoning/ui.html is missing</p>"
@@ -444,30 +431,7 @@ def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_k
 
     app = FastAPI(title="reasoning chat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.chat = service
-
-    def error_response(error: RequestError) -> JSONResponse:
-        if 400 <= error.status < 500 and error.status not in (429, 499):
-            service.stats.count("invalid")
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-    @app.exception_handler(RequestError)
-    async def on_request_error(request, error: RequestError):
-        return error_response(error)
-
-    @app.exception_handler(HTTPException)
-    async def on_http_error(request, error: HTTPException):  # 404 unknown path, 405 wrong method, ...
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        return error_response(RequestError(f"{request.method} {request.url.path}: {error.detail}", code=code,
-                                           status=error.status_code, headers=dict(error.headers or {})))
-
-    @app.exception_handler(Exception)
-    async def on_unexpected_error(request, error: Exception):  # a bug, never client input: still JSON-shaped
-        service.stats.count("failed")
-        return error_response(_server_error(error))
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request, error):
-        return error_response(RequestError(f"invalid request: {str(error)[:300]}"))
+    _add_error_handlers(app, service)
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -514,6 +478,53 @@ def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_k
             job.cancel()
 
     return app
+
+
+def _check_app_settings(models: list, *, workers, max_queue, max_body_bytes, default_max_tokens, api_key,
+                        body_timeout) -> None:
+    """ValueError naming the first create_app argument that is out of range."""
+    if not models:
+        raise ValueError("model: expected a GPT or a non-empty list of GPTs")
+    for name, value, low in (("workers", workers, 1), ("max_queue", max_queue, 0),
+                             ("max_body_bytes", max_body_bytes, 1), ("default_max_tokens", default_max_tokens, 1)):
+        if not is_int(value) or value < low:
+            raise ValueError(f"{name}={value!r}: expected an integer >= {low}")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key: expected a non-empty string or None")
+    if not (isinstance(body_timeout, (int, float)) and not isinstance(body_timeout, bool) and body_timeout > 0
+            and math.isfinite(body_timeout)):
+        raise ValueError(f"body_timeout={body_timeout!r}: expected a positive number of seconds")
+
+
+def _add_error_handlers(app, service: "ChatService") -> None:
+    """Every error leaves as OpenAI's JSON error shape; client mistakes (4xx but 429/499) are counted "invalid"."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    def error_response(error: RequestError) -> JSONResponse:
+        if 400 <= error.status < 500 and error.status not in (429, 499):
+            service.stats.count("invalid")
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request, error: RequestError):
+        return error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request, error: HTTPException):  # 404 unknown path, 405 wrong method, ...
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return error_response(RequestError(f"{request.method} {request.url.path}: {error.detail}", code=code,
+                                           status=error.status_code, headers=dict(error.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected_error(request, error: Exception):  # a bug, never client input: still JSON-shaped
+        service.stats.count("failed")
+        return error_response(_server_error(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request, error):
+        return error_response(RequestError(f"invalid request: {str(error)[:300]}"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -98,6 +98,17 @@ def autocast_context(device: torch.device | str, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """model.eval() inside the block, the previous train/eval mode restored after it (also on an error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @dataclass
 class DistInfo:
     is_ddp: bool
@@ -281,25 +292,38 @@ def parse_json(text: str | bytes, where: str, expected: str | None = None):
         raise UserError(f"{where}: not valid UTF-8 (byte {e.start + 1}){suffix}") from None
 
 
-def iter_jsonl(path: str):
+def iter_jsonl(path: str, stop_at_torn_line: bool = False):
     """(line number, object) for each non-blank line of a JSONL file. A line that is not UTF-8, not JSON, nested
     too deeply or not an object is a one-line UserError naming `path:line`. Read as bytes and decoded line by line:
-    a bad byte names its line (a text-mode read fails somewhere in a buffer, naming no line)."""
+    a bad byte names its line (a text-mode read fails somewhere in a buffer, naming no line).
+
+    `stop_at_torn_line` is for the files we append to ourselves (eval predictions, metrics logs): a kill mid-write
+    leaves a torn line, so such a line (unterminated, or bad as above) quietly ends the readable part."""
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
+            if stop_at_torn_line and not raw.endswith(b"\n"):
+                return
             where = f"{path}:{line_number}"
             try:
                 line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                row = parse_json(line, where)
+                if not isinstance(row, dict):
+                    raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
             except UnicodeDecodeError as e:
+                if stop_at_torn_line:
+                    return
                 raise UserError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
-            if not line.strip():
-                continue
-            row = parse_json(line, where)
-            if not isinstance(row, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            except UserError:
+                if stop_at_torn_line:
+                    return
+                raise
             yield line_number, row
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """The objects of a JSONL file (blank lines skipped); errors as in iter_jsonl."""
-    return [row for _, row in iter_jsonl(path)]
+def read_jsonl(path: str, stop_at_torn_line: bool = False) -> list[dict]:
+    """The objects of a JSONL file (blank lines skipped); errors and `stop_at_torn_line` as in iter_jsonl."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    return [row for _, row in iter_jsonl(path, stop_at_torn_line)]

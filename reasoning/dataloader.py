@@ -26,7 +26,6 @@ import torch
 
 from reasoning.common import UserError
 from reasoning.dataset import open_split, resolve_data_dir
-from reasoning.distributed import all_reduce_sum
 
 STATE_VERSION = 1
 _COUNT_KEYS = ("docs_taken", "docs_cropped", "tokens_taken", "tokens_emitted", "tokens_whole")
@@ -297,33 +296,3 @@ def build_val_loader(tokenizer, batch_size: int, seq_len: int, data_dir: str | N
     """One deterministic pass over the validation shard (same batches every call), for bits per byte."""
     return PackedLoader(tokenizer, batch_size, seq_len, data_dir, "val", rank, world_size, device, buffer_size,
                         num_epochs=1)
-
-
-@torch.no_grad()
-def evaluate_bpb(model, batches, token_bytes: torch.Tensor, max_steps: int | None = None) -> float:
-    """Bits per byte: summed cross-entropy (nats) of targets that stand for text, over ln 2 times their bytes.
-
-    Tokenizer-independent, unlike per-token loss. Targets that are special tokens (token_bytes == 0) or ignored
-    (-1) count in neither sum. `batches` yields (inputs, targets, ...) tuples; under torch.distributed the sums
-    are all-reduced so every rank gets the global figure.
-    """
-    total_nats, total_bytes = None, None
-    for step, batch in enumerate(batches):
-        if max_steps is not None and step >= max_steps:
-            break
-        x, y = batch[0], batch[1]
-        losses = model(x, y, loss_reduction="none").float()  # (B, T) nats
-        num_bytes = torch.where(y >= 0, token_bytes.to(y.device)[y.clamp(min=0)], 0)  # (B, T)
-        counted = num_bytes > 0
-        acc_dtype = torch.float32 if y.device.type == "mps" else torch.float64  # MPS has no float64
-        nats = torch.where(counted, losses, 0.0).sum(dtype=acc_dtype)
-        nbytes = num_bytes.sum(dtype=acc_dtype)
-        total_nats = nats if total_nats is None else total_nats + nats
-        total_bytes = nbytes if total_bytes is None else total_bytes + nbytes
-    if total_nats is None:
-        raise ValueError("evaluate_bpb got no batches")
-    sums = all_reduce_sum(torch.stack([total_nats, total_bytes]))
-    total_nats, total_bytes = sums[0], sums[1]
-    if total_bytes.item() == 0:
-        raise ValueError("evaluate_bpb: no target tokens with a byte length (all special or ignored)")
-    return total_nats.item() / (math.log(2) * total_bytes.item())

@@ -1,8 +1,8 @@
 """The pretraining corpus: a directory of parquet shards with a `text` column.
 
 The shards come from one of three places behind one interface: downloaded from the HF hub by URL pattern
-(FineWeb-Edu style, `python -m reasoning.dataset -n N`), any local directory (`--data-dir` /
-`$REASONING_DATA_DIR`), or the offline synthetic corpus (`python -m reasoning.dataset --synthetic`).
+(FineWeb-Edu style, `python -m scripts.base_data -n N`), any local directory (`--data-dir` /
+`$REASONING_DATA_DIR`), or the offline synthetic corpus (`python -m scripts.base_data --synthetic`).
 The last shard by name is the validation split, every other shard is train.
 
 Reading is by parquet row group, the unit the dataloader resumes from: global row group number i (counting
@@ -12,7 +12,6 @@ position is just (shard index, row group index).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import os
 import sys
@@ -23,7 +22,7 @@ from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 
-from reasoning.common import UserError, atomic_write, get_base_dir, run_main
+from reasoning.common import UserError, atomic_write, get_base_dir
 
 # nanochat's re-shuffled FineWeb-Edu: shards 00000..01822, ~100 MB each; the last one serves as validation.
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
@@ -46,11 +45,11 @@ def resolve_data_dir(arg: str | None = None) -> str:
 def list_shards(data_dir: str) -> list[str]:
     """All parquet shards in `data_dir`, sorted by name (full paths)."""
     if not os.path.isdir(data_dir):
-        raise UserError(f"data dir {data_dir} does not exist; download shards (python -m reasoning.dataset -n N), "
+        raise UserError(f"data dir {data_dir} does not exist; download shards (python -m scripts.base_data -n N), "
                         f"write the offline corpus (--synthetic) or pass --data-dir DIR")
     names = sorted(n for n in os.listdir(data_dir) if n.endswith(".parquet"))
     if not names:
-        raise UserError(f"data dir {data_dir} has no .parquet shards; download some (python -m reasoning.dataset "
+        raise UserError(f"data dir {data_dir} has no .parquet shards; download some (python -m scripts.base_data "
                         f"-n N), write the offline corpus (--synthetic) or pass --data-dir DIR")
     return [os.path.join(data_dir, n) for n in names]
 
@@ -305,48 +304,3 @@ def download_indices(num_shards: int, max_shard: int = DEFAULT_MAX_SHARD) -> lis
     if not 0 <= num_shards <= max_shard:
         raise UserError(f"-n {num_shards}: expected 0..{max_shard} train shards (or -1 for all)")
     return list(range(num_shards)) + [max_shard]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description="Prepare the pretraining corpus (parquet shards with a text column).")
-    parser.add_argument("-n", "--num-train-shards", type=int, default=8,
-                        help="download train shards 0..N-1 (-1: all) plus the validation shard")
-    parser.add_argument("--data-dir", default=None, help=f"target folder (default ${DATA_DIR_ENV} or <base>/base_data)")
-    parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--base-url", default=DEFAULT_BASE_URL)
-    parser.add_argument("--pattern", default=DEFAULT_PATTERN, help="file name pattern with {index}")
-    parser.add_argument("--max-shard", type=int, default=DEFAULT_MAX_SHARD, help="index of the last (validation) shard")
-    parser.add_argument("--retries", type=int, default=5, help="attempts per shard")
-    parser.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry (doubles each time)")
-    parser.add_argument("--synthetic", action="store_true", help="write the offline synthetic corpus instead")
-    parser.add_argument("--num-shards", type=int, default=8, help="--synthetic: shards to write (last one is val)")
-    parser.add_argument("--docs-per-shard", type=int, default=2000, help="--synthetic: documents per shard")
-    parser.add_argument("--seed", type=int, default=0, help="--synthetic: corpus seed")
-    args = parser.parse_args(argv)
-    data_dir = resolve_data_dir(args.data_dir)
-
-    if args.synthetic:
-        if args.num_shards < 2 or args.docs_per_shard < 1:
-            raise UserError(f"--num-shards {args.num_shards} --docs-per-shard {args.docs_per_shard}: "
-                            f"expected at least 2 shards (one is validation) and 1 document per shard")
-        from tasks.synthetic import write_synthetic_corpus  # lazy: only this path needs the task generators
-        os.makedirs(data_dir, exist_ok=True)
-        write_synthetic_corpus(data_dir, args.num_shards, args.docs_per_shard, args.seed)
-        print(f"synthetic corpus: {len(list_shards(data_dir))} shards in {data_dir}", flush=True)
-        return data_dir
-
-    if "{index" not in args.pattern:
-        raise UserError(f"--pattern {args.pattern!r}: expected a file name pattern containing {{index}}")
-    indices = download_indices(args.num_train_shards, args.max_shard)
-    print(f"downloading {len(indices)} shards to {data_dir} with {args.workers} workers", flush=True)
-    download_shards(indices, data_dir, workers=args.workers, progress=True, base_url=args.base_url,
-                    pattern=args.pattern, retries=max(1, args.retries), backoff=max(0.0, args.backoff))
-    print(f"done: {len(list_shards(data_dir))} shards in {data_dir}", flush=True)
-    return data_dir
-
-
-if __name__ == "__main__":
-    run_main(main)

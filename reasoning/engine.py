@@ -176,7 +176,8 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, temperature
 # ----------------------------------------------------------------------------------------------------------
 # the engine
 
-def _special_id(tokenizer, name: str) -> int | None:
+def special_token_id(tokenizer, name: str) -> int | None:
+    """The id of special token `name`, or None where the tokenizer (or its absence) has no such token."""
     if tokenizer is None or not hasattr(tokenizer, "encode_special"):
         return None
     try:
@@ -194,7 +195,7 @@ class Engine:
     def __init__(self, model, tokenizer=None):
         self.model = model
         self.tokenizer = tokenizer
-        special = {name: _special_id(tokenizer, name) for name in DEFAULT_STOP_NAMES + TOOL_NAMES}
+        special = {name: special_token_id(tokenizer, name) for name in DEFAULT_STOP_NAMES + TOOL_NAMES}
         self.default_stop_tokens = [special[n] for n in DEFAULT_STOP_NAMES if special[n] is not None]
         tool_ids = [special[n] for n in TOOL_NAMES]
         self.tool_tokens = tool_ids if None not in tool_ids else None  # python_start, python_end, output_start/end

@@ -1,7 +1,7 @@
 """GRPO math core: group advantages, the clipped policy loss (GRPO / Dr. GRPO / DAPO), and chunked log-probs.
 
 Why this file exists: RL with verifiable rewards needs three numerically delicate pieces that are easy to get
-subtly wrong and that the training loop (appended below, or in its own module) only has to call:
+subtly wrong and that the RL loop (scripts/chat_rl.py) only has to call:
 
 1. `group_advantages`  — reward minus its group mean, optionally divided by the group std (GRPO, DeepSeekMath);
    groups whose rewards are all equal carry no signal and are reported so the caller can filter them (DAPO's
@@ -361,15 +361,3 @@ def chunked_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, t
     if compute_entropy:
         return out[0].reshape(targets.shape), out[1].reshape(targets.shape)
     return out.reshape(targets.shape)
-
-
-def model_token_logprobs(model, idx: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                         chunk_size: int = 1024, compute_entropy: bool = False):
-    """Chunked log-probs of `targets` (B, T) given inputs `idx` (B, T) for a `reasoning.gpt.GPT`-like model.
-
-    Uses the model contract: `forward_hidden(idx)` → (B, T, d), `lm_head.weight` (V, d), `config.softcap`.
-    """
-    hidden = model.forward_hidden(idx)
-    return chunked_token_logprobs(hidden, model.lm_head.weight, targets, softcap=model.config.softcap,
-                                  chunk_size=chunk_size, temperature=temperature, compute_entropy=compute_entropy)
-

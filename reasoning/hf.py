@@ -10,7 +10,7 @@ name table, and export is the same table read backwards.
   `--init-from hf:PATH`. Reads config.json, model.safetensors or a sharded model.safetensors.index.json (tensors
   are copied one at a time into the allocated model: peak memory is one model plus one tensor) and the tokenizer
   (reasoning/hf_tokenizer.py).
-- `export_hf(model, tokenizer, out_dir)` / `python -m reasoning.hf export --stage sft --tag d12 --out DIR` writes
+- `export_hf(model, tokenizer, out_dir)` / `python -m scripts.hf_export --stage sft --tag d12 --out DIR` writes
   config.json (llama, qwen2 or qwen3), model.safetensors, tokenizer.json, tokenizer_config.json (with a chat
   template) and generation_config.json. Parameter-free norms are written as unit gains (the same function). Our
   default model (ReLU² MLP, logit softcap) has no Llama/Qwen equivalent and is refused with the reason.
@@ -21,7 +21,6 @@ naming the file and key.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -319,32 +318,3 @@ def export_hf(model: GPT, tokenizer, out_dir: str, dtype: torch.dtype = torch.fl
             json.dump(payload, f, indent=2)
     return hf_config
 
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m reasoning.hf",
-                                     description="Hugging Face interop: export a checkpoint as an HF model folder")
-    sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="write a checkpoint as config.json + model.safetensors + tokenizer.json")
-    export.add_argument("--stage", required=True, help="base | sft | rl, or a checkpoint directory")
-    export.add_argument("--tag", default=None, help="checkpoint tag (default: the newest of the stage)")
-    export.add_argument("--step", type=int, default=None, help="step (default: the last complete one)")
-    export.add_argument("--out", required=True, help="output folder")
-    export.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight dtype in the safetensors")
-    export.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
-    export.add_argument("--base-dir", default=None, help="run folder (default $REASONING_BASE_DIR)")
-    args = parser.parse_args(argv)
-
-    from reasoning.checkpoint import load_model
-
-    model, tokenizer, meta = load_model(args.stage, tag=args.tag, step=args.step, device="cpu",
-                                        base_dir=args.base_dir)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    hf_config = export_hf(model, tokenizer, args.out, dtype=dtype, overwrite=args.overwrite)
-    print(f"RESULT out={args.out} model_type={hf_config['model_type']} step={meta.get('step')} "
-          f"params={model.num_params()}")
-
-
-if __name__ == "__main__":
-    from reasoning.common import run_main
-
-    run_main(main)

@@ -7,7 +7,7 @@ model's `tokenizer.json` (the `tokenizers` library) and maps that contract onto 
 
 - ChatML (Qwen): `<|im_start|>role\\n ... <|im_end|>\\n`, thinking as `<think>\\n ... \\n</think>\\n\\n`;
 - Llama 3: `<|begin_of_text|>`, `<|start_header_id|>role<|end_header_id|>\\n\\n ... <|eot_id|>`;
-- ours (folders written by `python -m reasoning.hf export`): identical to reasoning/tokenizer.py's rendering.
+- ours (folders written by `python -m scripts.hf_export`): identical to reasoning/tokenizer.py's rendering.
 
 Our special-token names map onto the format's tokens: `<|assistant_end|>` -> `<|im_end|>` / `<|eot_id|>` (the
 engine's stop token), `<|think_start|>`/`<|think_end|>` -> `<think>`/`</think>` when the vocabulary has them

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from reasoning.cli import DEVICE_HELP, option
-from reasoning.common import UserError, autocast_context, print0
+from reasoning.common import UserError, print0
 from reasoning.mfu import model_flops_utilization
 from reasoning.optim import OptimizerSettings
 from reasoning.training import TrainerConfig, lr_multiplier, set_learning_rate
@@ -169,25 +169,6 @@ def _fp8_off(model):
     from reasoning.fp8 import fp8_disabled  # evaluation reads the high-precision master weights
 
     return fp8_disabled(model)
-
-
-def evaluate_val_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_tokens: int, data_dir: str | None = None,
-                     device="cpu", dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1) -> float:
-    """Bits per byte on the first `eval_tokens` tokens (all ranks together) of the validation split.
-
-    Every rank must call it (the sums are all-reduced). fp8 layers run in high precision: this measures the weights.
-    """
-    from reasoning.dataloader import build_val_loader, evaluate_bpb
-
-    loader = build_val_loader(tokenizer, batch_size, seq_len, data_dir, rank, world_size, device)
-    steps = max(1, eval_tokens // (batch_size * seq_len * world_size))
-    was_training = model.training
-    model.eval()
-    try:
-        with _fp8_off(model), autocast_context(device, dtype):
-            return evaluate_bpb(model, loader, tokenizer.token_bytes, max_steps=steps)
-    finally:
-        model.train(was_training)
 
 
 def sample_completions(model, tokenizer, prompts, max_tokens: int) -> list[dict]:

@@ -64,11 +64,10 @@ def sample_groups(engine, tokenizer, examples: list[dict], seed: int, *, num_sam
 
     A prompt that leaves no room for a completion in the model's context is left out (counted in `skipped`)
     rather than stopping the run; the batch may then be empty, which the update handles."""
-    from reasoning.evaluation import completion_text
+    from reasoning.prompts import completion_text, prompts_that_fit
 
-    context = engine.model.config.sequence_len
     rendered = [tokenizer.render_for_completion({"messages": ex["messages"]}) for ex in examples]
-    fits = [i for i, p in enumerate(rendered) if len(p) < context]
+    fits = prompts_that_fit(rendered, engine.model.config.sequence_len)
     examples, prompts = [examples[i] for i in fits], [rendered[i] for i in fits]
     generations = []
     if prompts:

@@ -38,9 +38,8 @@ import torch
 
 from reasoning.cli import option
 from reasoning.common import UserError, get_rank, get_world_size
-from reasoning.distributed import all_reduce_sum
+from reasoning.loss_eval import mean_token_loss
 from reasoning.training import FinetuneConfig, final_train_loss
-from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "sft"
 DEFAULT_DEVICE_BATCH_SIZE = 8  # rows per micro-batch when --device-batch-size is -1 off CUDA
@@ -55,8 +54,7 @@ class SFTConfig(FinetuneConfig):
         "NAME@PATH gives a task its own data)"))
     task_size: int = field(default=-1, metadata=option(
         "examples per task in the mixture (-1: all; synthetic: 20000 generated)"))
-    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset",
-                                                                      choices=tuple(_SYNTHETIC_DIFFICULTY)))
+    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset (tasks.synthetic)"))
     synthetic_answer_only: float = field(default=0.0, metadata=option(
         "fraction of synthetic training examples that state the answer without worked steps (tasks/synthetic.py)"))
     val_examples: int = field(default=256, metadata=option("held-out conversations for the validation loss"))
@@ -192,28 +190,13 @@ class ConversationStream:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
 def validation_loss(model, tokenizer, task, max_seq_len: int, batch_size: int, device, autocast) -> float:
     """Mean token loss over the assistant tokens of every conversation in `task` (rank r takes r, r+W, ...)."""
-    rank, world = get_rank(), get_world_size()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of targets)
-    mine = list(range(rank, len(task), world))
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(mine), batch_size):
-            rows = [conversation_targets(*tokenizer.render_conversation(task[i], max_tokens=max_seq_len + 1))
-                    for i in mine[start:start + batch_size]]
-            inputs, targets = pad_rows(rows, tokenizer.bos_token_id)
-            inputs, targets = inputs.to(device), targets.to(device)
-            with autocast():
-                loss_sum = model(inputs, targets, loss_reduction="sum")
-            totals[0] += loss_sum.double()
-            totals[1] += (targets >= 0).sum()
-    finally:
-        model.train(was_training)
-    all_reduce_sum(totals)
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    mine = list(range(get_rank(), len(task), get_world_size()))
+    batches = (pad_rows([conversation_targets(*tokenizer.render_conversation(task[i], max_tokens=max_seq_len + 1))
+                         for i in mine[start:start + batch_size]], tokenizer.bos_token_id)
+               for start in range(0, len(mine), batch_size))
+    return mean_token_loss(model, batches, device, autocast)
 
 
 def generative_accuracy(model, tokenizer, task, config: SFTConfig) -> float:

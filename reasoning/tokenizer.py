@@ -362,5 +362,5 @@ def get_tokenizer(base_dir: str | None = None) -> Tokenizer:
     directory = tokenizer_dir(base_dir)
     if not os.path.isfile(os.path.join(directory, _META_FILE)):
         raise UserError(f"no tokenizer at {directory}; create it with `python -m scripts.tok_train` "
-                        "(offline: run `python -m reasoning.dataset --synthetic` first)")
+                        "(offline: run `python -m scripts.base_data --synthetic` first)")
     return Tokenizer.load(directory)

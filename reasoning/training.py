@@ -28,8 +28,8 @@ import torch
 
 from reasoning import checkpoint as ckpt
 from reasoning.cli import BASE_DIR_HELP, FlagConfig, flag_name, option
-from reasoning.common import (UserError, atomic_write_text, autocast_context, die, get_rank, get_world_size, make_dir,
-                              print0)
+from reasoning.common import (UserError, atomic_write_text, autocast_context, die, get_rank, get_world_size,
+                              iter_jsonl, make_dir, print0)
 from reasoning.distributed import all_reduce_sum
 from reasoning.optim import OptimizerSettings
 
@@ -134,7 +134,7 @@ class FinetuneConfig(TrainerConfig):
     """What SFT and RL add: they start from a checkpoint, scale every learning rate and write under an output tag."""
     lr_scale: float = field(default=1.0, metadata=option("multiplier on every learning rate below"))
     data_path: str | None = field(default=None, metadata=option(
-        "local data file/folder for the hub tasks (default $REASONING_DATA_DIR, else the HF hub)"))
+        "local data file/folder for the hub tasks (default $REASONING_TASK_DATA_DIR, else the HF hub)"))
     out_tag: str | None = field(default=None, metadata=option("output checkpoint tag (default: the source's tag)"))
     save_every: int = field(default=0, metadata=option("checkpoint every N steps (0: only at the end)"))
     resume: bool = field(default=False, metadata=option("continue from the last checkpoint of --out-tag"))
@@ -370,20 +370,12 @@ class RunLog:
 
     @staticmethod
     def _records_up_to(path: str, step: int) -> tuple[list[str], int]:
-        """(the lines of records at or before `step`, how many lines were not JSON records)."""
-        kept, torn = [], 0
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, RecursionError):
-                    record = None
-                if not isinstance(record, dict) or not line.endswith("\n"):
-                    torn += 1
-                elif not isinstance(record.get("step", 0), (int, float)) or record.get("step", 0) <= step:
-                    kept.append(line)
+        """(the lines of records at or before `step`, how many lines were dropped from a torn one on)."""
+        records = [record for _, record in iter_jsonl(path, stop_at_torn_line=True)]
+        with open(path, "rb") as f:
+            torn = sum(1 for line in f if line.strip()) - len(records)
+        kept = [json.dumps(r) + "\n" for r in records
+                if not isinstance(r.get("step", 0), (int, float)) or r.get("step", 0) <= step]
         return kept, torn
 
     @classmethod

@@ -28,7 +28,7 @@ Grading conventions (MATH-style; each is a decision, tested in tests/test_verifi
   - a plain number never equals a list, tuple, interval, set, matrix or word (decided without sympy).
 
 The reward functions built on this grader (correctness, format, overlong; `Completion`, `combine_rewards`) live
-in reasoning/rewards.py and are still importable from here. References: math-verify (HuggingFace), the MATH
+in reasoning/rewards.py. References: math-verify (HuggingFace), the MATH
 grader of Hendrycks et al. (normalisation rules).
 """
 
@@ -40,7 +40,7 @@ import re
 from fractions import Fraction
 from typing import Sequence
 
-from reasoning.grader_pool import get_pool, shutdown_grader, warm_up_grader  # noqa: F401 (the last two: re-exported)
+from reasoning.grader_pool import get_pool
 
 logger = logging.getLogger(__name__)
 
@@ -447,19 +447,3 @@ def math_equal(gold: str, pred: str, timeout: float | None = None) -> bool:
     returns within ~`timeout` seconds (default DEFAULT_TIMEOUT_S) on any thread."""
     return math_equal_batch([(gold, pred)], timeout)[0]
 
-
-# ------------------------------------------------------------------------------------- moved to rewards.py
-
-_MOVED_TO_REWARDS = frozenset({
-    "THINK_MARKERS", "THINK_START", "THINK_END", "Completion", "answer_text", "RewardFn", "correctness_reward",
-    "format_reward", "overlong_penalty", "RewardBreakdown", "CombinedReward", "combine_rewards"})
-
-
-def __getattr__(name: str):
-    """`from reasoning.verifiers import Completion, correctness_reward, ...` keeps working. Looked up lazily
-    because reasoning.rewards imports this module: an import here would be circular."""
-    if name in _MOVED_TO_REWARDS:
-        from reasoning import rewards
-
-        return getattr(rewards, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

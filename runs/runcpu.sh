@@ -127,7 +127,7 @@ echo "[runcpu] base dir: $REASONING_BASE_DIR | recipe $RECIPE (synthetic $SYNTHE
 
 # 1. offline pretraining corpus (synthetic reasoning problems + templated prose); only written once
 if [ "$DRY_RUN" -eq 1 ] || [ ! -d "$REASONING_BASE_DIR/base_data" ] || [ "$FORCE" -eq 1 ]; then
-    CORPUS_CMD=("$PY" -m reasoning.dataset --synthetic --num-shards "$NUM_SHARDS" --docs-per-shard "$DOCS_PER_SHARD")
+    CORPUS_CMD=("$PY" -m scripts.base_data --synthetic --num-shards "$NUM_SHARDS" --docs-per-shard "$DOCS_PER_SHARD")
     echo "[runcpu] ===== corpus: ${CORPUS_CMD[*]}"
     [ "$DRY_RUN" -eq 1 ] || "${CORPUS_CMD[@]}"
 fi

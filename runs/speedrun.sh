@@ -102,11 +102,11 @@ fi
 run python -m reasoning.report reset
 if [ "$SYNTHETIC" = "1" ]; then
     # Offline: the synthetic corpus (reasoning problems + templated prose) is written in seconds, nothing to wait for.
-    run "python -m reasoning.dataset --synthetic $DATA_ARGS"
+    run "python -m scripts.base_data --synthetic $DATA_ARGS"
 else
     # The tokenizer needs only the first shards; the rest download in the background while it trains.
-    run python -m reasoning.dataset -n 8
-    run "python -m reasoning.dataset $DATA_ARGS > \"$REASONING_BASE_DIR/download.log\" 2>&1 &"
+    run python -m scripts.base_data -n 8
+    run "python -m scripts.base_data $DATA_ARGS > \"$REASONING_BASE_DIR/download.log\" 2>&1 &"
     # shellcheck disable=SC2016  # single quotes on purpose: $! is read when run() evaluates the line
     run 'DATASET_DOWNLOAD_PID=$!'
 fi

@@ -4,7 +4,7 @@
     python -m scripts.base_eval --init-from base:d4@500 --eval-tokens 1048576
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --tag d20
 
-CORE (DCLM-style in-context tasks, reasoning.core_eval) runs only when the bundle exists locally
+CORE (DCLM-style in-context tasks, reasoning.loss_eval) runs only when the bundle exists locally
 (`--eval-bundle PATH`, default <base>/eval_bundle); nothing is downloaded. Logs the report section "base_eval".
 """
 
@@ -15,7 +15,8 @@ from reasoning import memplan
 from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.cli import add_run_args, parse_script_args, print_result, script_parser
 from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_distributed, print0, run_main
-from reasoning.pretrain import DEFAULT_SAMPLE_PROMPTS, evaluate_val_bpb, sample_completions
+from reasoning.loss_eval import evaluate_val_bpb
+from reasoning.pretrain import DEFAULT_SAMPLE_PROMPTS, sample_completions
 from reasoning.report import log_stage
 
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None):
     tables = {"samples": samples} if samples else {}
     bundle = args.eval_bundle or os.path.join(base_dir, "eval_bundle")
     if os.path.isdir(bundle):
-        from reasoning.core_eval import evaluate_core
+        from reasoning.loss_eval import evaluate_core
 
         core = evaluate_core(model, tokenizer, bundle, device=info.device, dtype=dtype,
                              max_per_task=None if args.core_max_per_task < 0 else args.core_max_per_task,

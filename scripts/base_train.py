@@ -21,6 +21,7 @@ from reasoning.common import get_base_dir, get_compute_dtype, init_distributed, 
 from reasoning.dataloader import packing_stats
 from reasoning.distributed import all_gather_object
 from reasoning.flash_attention import resolve_backend
+from reasoning.loss_eval import evaluate_val_bpb
 from reasoning.mfu import model_flops_utilization, peak_flops
 from reasoning.pretrain import STAGE, TrainConfig
 from reasoning.resume import load_optimizer_state, load_resume_checkpoint, save_training_checkpoint, start_run
@@ -100,8 +101,8 @@ def train(config: TrainConfig) -> dict:
             # ---- at the step boundary: evaluate, sample, save, stop
             at = progress.at(step)
             if at.evaluate_due(config.eval_every):
-                bpb = pretrain.evaluate_val_bpb(compiled, tokenizer, config.device_batch_size, config.max_seq_len,
-                                                config.eval_tokens, config.data_dir, device, dtype, rank, world_size)
+                bpb = evaluate_val_bpb(compiled, tokenizer, config.device_batch_size, config.max_seq_len,
+                                       config.eval_tokens, config.data_dir, device, dtype, rank, world_size)
                 history["val_bpb"].append([step, bpb])
                 print0(f"step {step:05d} | val bpb {bpb:.4f}")
                 log.log({"step": step, "val_bpb": bpb})

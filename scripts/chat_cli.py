@@ -13,8 +13,8 @@ import argparse
 import math
 import sys
 
-from reasoning.chat import (DEFAULT_MAX_TOKENS, REASONING, ReplyDecoder, RequestError,
-                            parse_chat_request, stream_reply)
+from reasoning.chat import (DEFAULT_MAX_TOKENS, MAX_TEMPERATURE, REASONING, ReplyDecoder, RequestError,
+                            conversation_from_messages, fit_prompt, stream_reply)
 from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.common import UserError, get_device, run_main
 from reasoning.engine import Engine
@@ -68,12 +68,12 @@ class ChatSession:
         """Stream the assistant's answer to `user_text`; the turn joins the history unless nothing came back."""
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         messages.append({"role": "user", "content": user_text})
-        body = {"messages": messages, "temperature": self.temperature, "top_p": self.top_p,
-                "max_tokens": self.max_tokens, "seed": self.seed}
-        chat = parse_chat_request(body, self.tokenizer, self.context_len, default_max_tokens=DEFAULT_MAX_TOKENS)
-        decoder = ReplyDecoder(self.tokenizer, chat.stop)
+        prompt_ids, max_tokens = fit_prompt(conversation_from_messages(messages), self.tokenizer, self.context_len,
+                                            self.max_tokens, DEFAULT_MAX_TOKENS)
+        decoder = ReplyDecoder(self.tokenizer)
         printer = ReplyPrinter(out, color, self.show_think)
-        deltas = stream_reply(self.engine, chat.prompt_ids, decoder, **chat.sampling())
+        deltas = stream_reply(self.engine, prompt_ids, decoder, max_tokens=max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, seed=self.seed)
         interrupted = False
         try:
             for channel, text in deltas:
@@ -91,6 +91,13 @@ class ChatSession:
         elif not interrupted:
             out.write("[empty reply: not kept in the conversation]\n")
         out.flush()
+
+
+def check_temperature(value: float, where: str) -> float:
+    """The one check of a temperature typed by the user (--temperature, /temp); NaN fails it too."""
+    if not 0 <= value <= MAX_TEMPERATURE:
+        raise UserError(f"{where}: expected a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy)")
+    return value
 
 
 def flag_message(error: RequestError, source: str | None = None) -> str:
@@ -112,14 +119,10 @@ def handle_command(session: ChatSession, line: str, out) -> bool:
         out.write("[conversation cleared]\n")
     elif name == "/temp":
         try:
-            value = float(argument)
-        except ValueError:
-            value = math.nan
-        if 0 <= value <= 2:
-            session.temperature = value
-            out.write(f"[temperature {value:g}]\n")
-        else:
-            out.write(f"/temp {argument}: expected a number in [0, 2] (0 = greedy)\n")
+            session.temperature = check_temperature(_float_or_nan(argument), f"/temp {argument}")
+            out.write(f"[temperature {session.temperature:g}]\n")
+        except UserError as e:
+            out.write(f"{e}\n")
     elif name == "/think" and argument in ("on", "off"):
         session.show_think = argument == "on"
         out.write(f"[thinking {'shown' if session.show_think else 'hidden'}]\n")
@@ -127,6 +130,13 @@ def handle_command(session: ChatSession, line: str, out) -> bool:
         out.write(f"unknown command {line!r}; {HELP}\n")
     out.flush()
     return True
+
+
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def repl(session: ChatSession, out, interactive: bool):
@@ -172,8 +182,7 @@ def main():
     args = parser.parse_args()
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("-p/--prompt: expected a non-empty prompt")
-    if not 0 <= args.temperature <= 2:
-        raise UserError(f"--temperature {args.temperature}: expected a number in [0, 2] (0 = greedy)")
+    check_temperature(args.temperature, f"--temperature {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: expected a number in (0, 1]")
     if args.max_tokens is not None and args.max_tokens < 1:

@@ -20,10 +20,11 @@ from reasoning import memplan
 from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.cli import add_run_args, parse_script_args, print_result, script_parser
 from reasoning.common import UserError, get_base_dir, init_distributed, is_master, print0, run_main
-from reasoning.evaluation import (PROMPT_MODES, EvalSettings, evaluate_task, format_table, grader_description,
-                                  section_name, template_text)
+from reasoning.eval_metrics import format_table
+from reasoning.evaluation import EvalSettings, evaluate_task
+from reasoning.prompts import PROMPT_MODES, template_text
 from reasoning.report import log_stage
-from tasks.registry import build_task, task_label
+from tasks.registry import build_task, section_name, task_label
 from tasks.synthetic import DIFFICULTY as SYNTHETIC_DIFFICULTY
 
 
@@ -32,7 +33,7 @@ def build_parser():
     add_model_args(parser, default_stage="sft")
     parser.add_argument("-a", "--task", default="synthetic",
                         help="synthetic | GSM8K | MATH-500 | MATH | customjson:FILE (comma list: one after another)")
-    parser.add_argument("--data-path", default=None, help="local data file/folder (default $REASONING_DATA_DIR, "
+    parser.add_argument("--data-path", default=None, help="local data file/folder (default $REASONING_TASK_DATA_DIR, "
                                                           "else the HF hub)")
     parser.add_argument("--split", default="test", choices=("train", "test"))
     parser.add_argument("--max-problems", type=int, default=-1, help="first N problems only (-1: all)")
@@ -53,9 +54,9 @@ def build_parser():
     return parser
 
 
-def main(argv: list[str] | None = None):
-    parser = build_parser()
-    args = parse_script_args(parser, argv)
+def default_temperature(args) -> float:
+    """--temperature, else greedy for one sample and 0.7 for several; the flags are checked (UserError names
+    them) before anything is loaded."""
     if args.num_samples < 1 or args.batch_size < 1 or args.max_tokens < 1:
         raise UserError("--num-samples, --batch-size and --max-tokens: expected positive integers")
     if args.max_problems == 0 or args.max_problems < -1:
@@ -64,27 +65,77 @@ def main(argv: list[str] | None = None):
     if args.num_samples > 1 and temperature == 0:
         raise UserError(f"--num-samples {args.num_samples} with --temperature 0: greedy samples are identical; "
                         "expected a temperature > 0")
-    task_names = [name.strip() for name in args.task.split(",") if name.strip()]
-    if not task_names:
+    if not [name for name in args.task.split(",") if name.strip()]:
         raise UserError(f"-a {args.task!r}: expected a task name such as synthetic or MATH-500")
+    return temperature
 
-    info = init_distributed(args.device)
-    base_dir = args.base_dir or get_base_dir()
-    source = ModelSource.from_args(args, base_dir)
-    model, tokenizer, _ = source.load(info.device, phase="eval")
-    memplan.check_stage(lambda: memplan.plan_chat_eval(args.batch_size, args.num_samples, args.max_tokens,
-                                                       model.config), info.device, "--batch-size or --max-tokens")
-    stage = source.stage
-    prompt_mode = args.prompt_mode or ("base" if stage == "base" else "chat")
+
+def eval_settings(args, temperature: float, stage: str) -> EvalSettings:
+    """The sampling settings of the flags (the prompt mode follows the checkpoint's stage), checked."""
     settings = EvalSettings(num_samples=args.num_samples, temperature=temperature, top_k=args.top_k,
-                            max_tokens=args.max_tokens, batch_size=args.batch_size, prompt_mode=prompt_mode,
-                            seed=args.seed)
+                            max_tokens=args.max_tokens, batch_size=args.batch_size,
+                            prompt_mode=args.prompt_mode or ("base" if stage == "base" else "chat"), seed=args.seed)
     try:
         settings.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
-    print0(f"model: {source.dir} step {source.step} ({stage}) | prompt mode {prompt_mode}: "
-           f"{template_text(prompt_mode, tokenizer)}")
+    return settings
+
+
+def task_out_dir(args, label: str, stage: str, num_tasks: int, base_dir: str) -> str:
+    """--out-dir for a single task, else <out-dir or base/eval>/<task>_<stage>[_k<k>]; --fresh empties it."""
+    out_dir = args.out_dir if args.out_dir and num_tasks == 1 else \
+        os.path.join(args.out_dir or os.path.join(base_dir, "eval"),
+                     f"{label}_{stage}" + (f"_k{args.num_samples}" if args.num_samples > 1 else ""))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir}: is a file; expected a directory (existing or new)")
+    if args.fresh and is_master() and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    return out_dir
+
+
+def headline(summary: dict) -> dict:
+    k = summary["num_samples"]
+    return {"accuracy": summary["accuracy"], f"pass@{k}": summary[f"pass@{k}"], f"maj@{k}": summary[f"maj@{k}"]}
+
+
+def print_summary(label: str, summary: dict, out_dir: str) -> None:
+    se = summary["accuracy_se"]
+    print(f"{label}: {summary['num_problems']} problems x {summary['num_samples']} samples | "
+          + " | ".join(f"{key} {value:.4f}" + (f" ± {se:.4f} (SE)" if key == "accuracy" and se else "")
+                       for key, value in headline(summary).items())
+          + f" | no answer {summary['no_answer_frac']:.3f} | mean length {summary['mean_completion_tokens']:.1f} "
+          f"tokens | " + (f"{summary['tokens_per_s']:.0f} tok/s" if summary["tokens_per_s"] else "nothing new"))
+    if summary["by_level"]:
+        print("accuracy by level:\n" + format_table(summary["by_level"]))
+    print(f"predictions and summary: {out_dir}", flush=True)
+
+
+def report_summary(section: str, summary: dict, out_dir: str, base_dir: str) -> None:
+    # headline numbers first: the report's summary table shows a section's first metrics
+    metrics = {"accuracy": summary["accuracy"], "accuracy_se": summary["accuracy_se"], **headline(summary),
+               "no_answer_frac": summary["no_answer_frac"]}
+    metrics.update({key: value for key, value in summary.items()
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in metrics})
+    tables = {"accuracy by level": summary["by_level"], "accuracy by subject": summary["by_subject"]}
+    log_stage(section, config={"protocol": summary["protocol"], "out_dir": out_dir}, metrics=metrics,
+              seconds=summary["seconds"], tables={k: v for k, v in tables.items() if v}, base_dir=base_dir)
+
+
+def main(argv: list[str] | None = None):
+    args = parse_script_args(build_parser(), argv)
+    temperature = default_temperature(args)
+    task_names = [name.strip() for name in args.task.split(",") if name.strip()]
+    info = init_distributed(args.device)
+    base_dir = args.base_dir or get_base_dir()
+    source = ModelSource.from_args(args, base_dir)
+    stage = source.stage
+    model, tokenizer, _ = source.load(info.device, phase="eval")
+    memplan.check_stage(lambda: memplan.plan_chat_eval(args.batch_size, args.num_samples, args.max_tokens,
+                                                       model.config), info.device, "--batch-size or --max-tokens")
+    settings = eval_settings(args, temperature, stage)
+    print0(f"model: {source.dir} step {source.step} ({stage}) | prompt mode {settings.prompt_mode}: "
+           f"{template_text(settings.prompt_mode, tokenizer)}")
 
     results = []
     for name in task_names:
@@ -94,43 +145,16 @@ def main(argv: list[str] | None = None):
         except ValueError as e:
             raise UserError(f"-a {name} --split {args.split}: {e}") from None
         label = task_label(name)
-        out_dir = args.out_dir if args.out_dir and len(task_names) == 1 else \
-            os.path.join(args.out_dir or os.path.join(base_dir, "eval"),
-                         f"{label}_{stage}" + (f"_k{args.num_samples}" if args.num_samples > 1 else ""))
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise UserError(f"--out-dir {out_dir}: is a file; expected a directory (existing or new)")
-        if args.fresh and is_master() and os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        protocol = {"task": label, "split": args.split, "grader": grader_description(task),
+        out_dir = task_out_dir(args, label, stage, len(task_names), base_dir)
+        protocol = {"task": label, "split": args.split, "grader": task.grader_description,
                     "checkpoint": {"dir": source.dir, "step": source.step}}
-        max_problems = None if args.max_problems == -1 else args.max_problems
-        summary = evaluate_task(model, tokenizer, task, settings, max_problems=max_problems, out_dir=out_dir,
-                                protocol=protocol, progress=True, log=print0)
+        summary = evaluate_task(model, tokenizer, task, settings, out_dir=out_dir, protocol=protocol, progress=True,
+                                max_problems=None if args.max_problems == -1 else args.max_problems, log=print0)
         if not is_master():
             continue
-        k = settings.num_samples
-        headline = {"accuracy": summary["accuracy"], f"pass@{k}": summary[f"pass@{k}"],
-                    f"maj@{k}": summary[f"maj@{k}"]}
-        se = summary["accuracy_se"]
-        print(f"{label}: {summary['num_problems']} problems x {k} samples | "
-              + " | ".join(f"{key} {value:.4f}" + (f" ± {se:.4f} (SE)" if key == "accuracy" and se else "")
-                           for key, value in headline.items())
-              + f" | no answer {summary['no_answer_frac']:.3f} | mean length {summary['mean_completion_tokens']:.1f} "
-              f"tokens | " + (f"{summary['tokens_per_s']:.0f} tok/s" if summary["tokens_per_s"] else "nothing new"))
-        if summary["by_level"]:
-            print("accuracy by level:\n" + format_table(summary["by_level"]))
-        print(f"predictions and summary: {out_dir}", flush=True)
+        print_summary(label, summary, out_dir)
         if not args.no_report:
-            # headline numbers first: the report's summary table shows a section's first metrics
-            metrics = {"accuracy": summary["accuracy"], "accuracy_se": summary["accuracy_se"], **headline,
-                       "no_answer_frac": summary["no_answer_frac"]}
-            metrics.update({key: value for key, value in summary.items()
-                            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in metrics})
-            tables = {"accuracy by level": summary["by_level"], "accuracy by subject": summary["by_subject"]}
-            log_stage(section_name(name, stage, settings.num_samples),
-                      config={"protocol": summary["protocol"], "out_dir": out_dir},
-                      metrics=metrics, seconds=summary["seconds"], tables={k: v for k, v in tables.items() if v},
-                      base_dir=base_dir)
+            report_summary(section_name(name, stage, settings.num_samples), summary, out_dir, base_dir)
         results.append((label, summary))
 
     k = settings.num_samples

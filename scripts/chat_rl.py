@@ -16,7 +16,8 @@ section (initial/final held-out accuracy, mean reward, reward and accuracy curve
 This file is the whole stage, read top to bottom: the settings (RLConfig), the setup helpers, the update of one
 rollout batch (`update_policy`), the loop (`train`), the memory plan, the CLI. The parts live in reasoning/:
 rollout.py (prompt stream, sampled groups, trainer rows), rl.py (micro-batches, frozen log-probs, metrics),
-grpo.py (advantages, clipped loss, chunked log-probs), rewards.py, engine.py, checkpoint.py, training.py.
+grpo.py (advantages, clipped loss, chunked log-probs), rewards.py, engine.py, checkpoint.py (ModelSource),
+training.py (the step's parts every trainer shares), resume.py (run checkpoints); the tasks come from tasks/registry.py.
 
 One RL step, on every rank:
   1. **Rollout.** Each step takes the next `prompts_per_step` prompts of an endless stream over the train split
@@ -77,7 +78,7 @@ from reasoning.cli import DEVICE_HELP, finish_training_script, option, parse_scr
 from reasoning.resume import load_optimizer_state, load_resume_checkpoint, save_training_checkpoint, start_run
 from reasoning.training import (FinetuneConfig, RunLog, RunProgress, autocast_factory, check_step_finite,
                                 check_weights_finite, clip_gradients, run_trainer, set_learning_rate)
-from tasks.synthetic import DIFFICULTY as SYNTHETIC_DIFFICULTY
+from tasks.registry import build_rl_tasks
 
 STAGE = "rl"
 DEFAULT_DEVICE_BATCH_SIZE = 32  # rows per micro-batch when --device-batch-size is -1 off CUDA
@@ -92,8 +93,7 @@ class RLConfig(FinetuneConfig):
     task: str = field(default="synthetic", metadata=option(
         "prompt source: synthetic | GSM8K | MATH (comma list mixes them; NAME@PATH gives a task its own data)"))
     task_size: int = field(default=-1, metadata=option("train prompts per task (-1: all; synthetic: 20000)"))
-    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset (tasks.synthetic)",
-                                                                      choices=tuple(SYNTHETIC_DIFFICULTY)))
+    synthetic_difficulty: str = field(default="easy", metadata=option("synthetic task preset (tasks.synthetic)"))
     # rollouts
     num_steps: int = field(default=100, metadata=option("RL steps (one rollout batch each)"))
     prompts_per_step: int = field(default=16, metadata=option("prompts per step, all ranks together"))
@@ -179,21 +179,6 @@ class RLConfig(FinetuneConfig):
 
 
 # ----------------------------------------------------------------------------------------------- setup helpers
-
-def build_rl_tasks(config: RLConfig):
-    """(train task, held-out eval task or None): the train split of `task`, the test split of `eval_task`."""
-    from tasks.registry import build_mixture
-
-    options = {"synthetic": {"difficulty": config.synthetic_difficulty}}
-    size = None if config.task_size == -1 else config.task_size
-    train = build_mixture(config.task, split="train", data_path=config.data_path, seed=config.seed, size=size,
-                          task_options=options)
-    held_out = None
-    if config.eval_every >= 0:
-        held_out = build_mixture(config.eval_task or config.task, split="test", data_path=config.data_path,
-                                 seed=config.seed, task_options=options)
-    return train, held_out
-
 
 def _gold(example: dict) -> str:
     return str(example["answer"])
@@ -308,8 +293,8 @@ def update_policy(learner: Learner, data: TrainingRows, advantages: torch.Tensor
 
 def train(config: RLConfig, source: ModelSource, tasks=None) -> dict:
     """Run (or resume) GRPO-style RL of the model at `source` per `config`; every rank must call it. `tasks` =
-    (train, held-out or None) overrides build_rl_tasks (tests). Returns a summary: metrics, series, per-step
-    records, checkpoint dir."""
+    (train, held-out or None) overrides tasks.registry.build_rl_tasks (tests). Returns a summary: metrics, series,
+    per-step records, checkpoint dir."""
     # ---- setup: settings, processes, policy (+ frozen reference for KL), tasks, reward, engine
     config.validate()
     start_time = time.perf_counter()

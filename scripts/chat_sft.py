@@ -16,66 +16,28 @@ loop shares). Metrics go to <base>/logs/sft_<tag>.jsonl (and wandb with --run NA
 diverges.
 """
 
-import os
 import time
 
 from reasoning import checkpoint as ckpt
 from reasoning import sft
 from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.cli import add_run_args, finish_training_script, parse_script_args, script_parser
-from reasoning.common import (UserError, get_base_dir, get_compute_dtype, get_rank, get_world_size, init_distributed,
-                              print0, run_main, seed_everything)
+from reasoning.common import (get_base_dir, get_compute_dtype, get_rank, get_world_size, init_distributed, print0,
+                              run_main, seed_everything)
 from reasoning.distributed import all_gather_object
 from reasoning.resume import load_optimizer_state, load_resume_checkpoint, save_training_checkpoint, start_run
 from reasoning.sft import STAGE, ConversationStream, SFTConfig
 from reasoning.training import (RunLog, RunProgress, accumulate_gradients, autocast_factory, check_step_finite,
                                 check_weights_finite, clip_gradients, run_trainer, set_learning_rate)
-
-
-def build_sft_tasks(config: SFTConfig):
-    """(train task, validation task or None, generative eval task or None) for the config.
-
-    Validation: the test splits of the mixture's tasks, capped at val_examples. A task without a test split
-    (customjson, a single local file, a folder holding only the train file) is left out with a notice; a
-    mixture with none left gets no validation loss."""
-    from tasks.common import TaskMixture
-    from tasks.registry import build_mixture, build_task, parse_mixture
-
-    options = {"synthetic": {"difficulty": config.synthetic_difficulty}}
-    size = None if config.task_size == -1 else config.task_size
-    train_options = {"synthetic": dict(options["synthetic"], answer_only_frac=config.synthetic_answer_only)}
-    train = build_mixture(config.task, split="train", data_path=config.data_path, seed=config.seed, size=size,
-                          task_options=train_options)
-    val = None
-    if config.val_examples > 0:
-        held_out = []
-        for name, times, path in parse_mixture(config.task):
-            path = path or config.data_path
-            if name.startswith("customjson:") or (path and os.path.isfile(path) and name != "synthetic"):
-                print0(f"validation: {name} has no test split here; left out of the validation loss")
-                continue
-            try:
-                task = build_task(name, split="test", data_path=path, seed=config.seed, **options.get(name, {}))
-            except UserError as e:
-                print0(f"validation: {name} test split unavailable ({e}); left out of the validation loss")
-                continue
-            held_out.extend([task] * times)
-        if held_out:
-            val = (held_out[0] if len(held_out) == 1 else TaskMixture(held_out, seed=config.seed))
-            val = val[:config.val_examples]
-    gen_eval = None
-    if config.eval_every >= 0 and config.eval_task:
-        gen_eval = build_task(config.eval_task, split="test", data_path=config.data_path, seed=config.seed,
-                              size=config.eval_problems, **options.get(config.eval_task.lower(), {}))
-    return train, val, gen_eval
+from tasks.registry import build_sft_tasks
 
 
 def train(config: SFTConfig, model, tokenizer, source: ModelSource, tasks=None) -> dict:
-    """Fine-tune `model` (loaded from `source`, a checkpoint.ModelSource) per `config`, on the
-    device it is on; every rank of the process group calls it (collectives inside).
+    """Fine-tune `model` (loaded from `source`, a checkpoint.ModelSource) per `config`, on the device it is on; every
+    rank of the process group calls it (collectives inside).
 
-    `tasks` = (train, val, gen_eval) overrides build_sft_tasks (tests). Returns a summary: metrics, series,
-    checkpoint dir, steps."""
+    `tasks` = (train, val, gen_eval) overrides tasks.registry.build_sft_tasks (tests). Returns a summary: metrics,
+    series, checkpoint dir, steps."""
     # ---- setup: tasks, resume, optimizer, batch geometry, data stream, run folder
     device, rank, world_size = next(model.parameters()).device, get_rank(), get_world_size()
     config.validate()

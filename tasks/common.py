@@ -5,9 +5,9 @@ Every data set the chat stages touch (SFT mixtures, RL prompts, eval suites) is 
 whatever fields its grader needs, and `evaluate(example, completion) -> bool` / `reward(...) -> float`.
 
 Slicing (`task[100:200]`, `task[::2]`) returns a lightweight view, so a split or a subset never copies data.
-`TaskMixture` shuffles several tasks together (deterministically, by seed) and `TaskSequence` concatenates
-them in order; both stamp each example with the name of the task it came from so `evaluate`/`reward` on the
-composite can hand the example back to the task that knows how to grade it.
+`TaskMixture` shuffles several tasks together (deterministically, by seed) and stamps each example with the name
+of the task it came from so `evaluate`/`reward` on the mixture can hand the example back to the task that knows
+how to grade it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,18 @@ import bisect
 import operator
 
 import numpy as np
+
+from reasoning.rewards import Completion, answer_text
+from reasoning.verifiers import extract_answer
+
+GRADER_DESCRIPTION = ("reasoning.verifiers.math_equal(gold, extract_answer(text after the think span, "
+                      "strict=False)); no think-span close -> no answer")
+
+
+def final_answer(completion: str) -> str | None:
+    """The answer a completion commits to, or None (think span never closed, or nothing extractable)."""
+    visible = answer_text(Completion(text=completion))
+    return None if visible is None else extract_answer(visible, strict=False)
 
 
 class Task:
@@ -39,6 +51,17 @@ class Task:
     def reward(self, example: dict, completion: str) -> float:
         """Scalar reward for RL; by default 1.0 for a correct completion and 0.0 otherwise."""
         return float(self.evaluate(example, completion))
+
+    def extract(self, completion: str) -> str | None:
+        """The answer a completion commits to, for eval records and maj@k (default: the last box after the
+        think span)."""
+        return final_answer(completion)
+
+    @property
+    def grader_description(self) -> str:
+        """What decides correctness, saved in an eval's protocol (a view grades like its parent)."""
+        owner = getattr(self, "parent", self)
+        return f"{type(owner).__module__}.{type(owner).__name__}.evaluate"
 
     def __getitem__(self, key):
         if isinstance(key, slice):
@@ -96,10 +119,11 @@ class TaskView(Task):
         return self.parent._graders()
 
 
-class _CompositeTask(Task):
-    """Several tasks behind one index space: concatenated in order, optionally permuted by a seeded shuffle."""
+class TaskMixture(Task):
+    """All examples of all tasks behind one index space, shuffled with a fixed seed. List a task twice to
+    oversample it 2x."""
 
-    def __init__(self, tasks, shuffle_seed: int | None):
+    def __init__(self, tasks, seed: int = 0):
         tasks = list(tasks)
         if not tasks:
             raise ValueError(f"{type(self).__name__} needs at least one task")
@@ -110,9 +134,7 @@ class _CompositeTask(Task):
         # offsets[k] = first global index of tasks[k]; bisect maps a global index back to (task, local index)
         self.offsets = np.cumsum([0] + [len(t) for t in tasks]).tolist()
         total = self.offsets[-1]
-        self.order = None
-        if shuffle_seed is not None:
-            self.order = np.random.default_rng(shuffle_seed).permutation(total)
+        self.order = np.random.default_rng(seed).permutation(total)
         self.graders = {}
         for task in tasks:
             for name, grader in task._graders().items():
@@ -126,8 +148,7 @@ class _CompositeTask(Task):
 
     def locate(self, index: int) -> tuple[int, int]:
         """Global index -> (position in self.tasks, index inside that task)."""
-        if self.order is not None:
-            index = int(self.order[index])
+        index = int(self.order[index])
         task_pos = bisect.bisect_right(self.offsets, index) - 1
         return task_pos, index - self.offsets[task_pos]
 
@@ -153,17 +174,3 @@ class _CompositeTask(Task):
 
     def _graders(self) -> dict[str, Task]:
         return dict(self.graders)
-
-
-class TaskMixture(_CompositeTask):
-    """All examples of all tasks, shuffled with a fixed seed. List a task twice to oversample it 2x."""
-
-    def __init__(self, tasks, seed: int = 0):
-        super().__init__(tasks, shuffle_seed=seed)
-
-
-class TaskSequence(_CompositeTask):
-    """Tasks one after the other, in the order given (curricula, deterministic eval suites)."""
-
-    def __init__(self, tasks):
-        super().__init__(tasks, shuffle_seed=None)

@@ -20,8 +20,8 @@ import os
 from reasoning.common import UserError, iter_jsonl
 from reasoning.tokenizer import ASSISTANT_PART_TYPES
 from reasoning.verifiers import extract_answer
-from tasks.common import Task
-from tasks.math import final_answer, grade_math
+from tasks.common import GRADER_DESCRIPTION, Task
+from tasks.math import grade_math
 
 
 def _assistant_content(message: dict, where: str):
@@ -108,6 +108,8 @@ def parse_record(record: dict) -> dict:
 
 
 class CustomJSON(Task):
+    grader_description = GRADER_DESCRIPTION
+
     def __init__(self, path: str):
         path = os.path.expanduser(path)
         if not os.path.isfile(path):
@@ -138,6 +140,3 @@ class CustomJSON(Task):
         if example.get("answer") is None:
             raise ValueError(f"customjson example {example.get('id')} has no 'answer' to grade against")
         return grade_math(example["answer"], completion)
-
-    def extract(self, completion: str) -> str | None:
-        return final_answer(completion)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import re
 
-from tasks.common import Task
-from tasks.math import INSTRUCTION, final_answer, grade_math
-from tasks.registry import load_rows
+from tasks.common import GRADER_DESCRIPTION, Task
+from tasks.math import INSTRUCTION, grade_math
+from tasks.sources import load_rows
 
 HUB_ID, HUB_CONFIG = "openai/gsm8k", "main"
 _CALCULATION_RE = re.compile(r"<<([^<>]*)>>")
@@ -56,6 +56,8 @@ def parse_gsm8k_answer(answer: str) -> tuple[list[dict], str]:
 
 
 class GSM8K(Task):
+    grader_description = GRADER_DESCRIPTION
+
     def __init__(self, split: str = "train", data_path: str | None = None, hub_id: str = HUB_ID,
                  hub_config: str = HUB_CONFIG):
         if split not in ("train", "test"):
@@ -80,6 +82,3 @@ class GSM8K(Task):
 
     def evaluate(self, example: dict, completion: str) -> bool:
         return grade_math(example["answer"], completion)
-
-    def extract(self, completion: str) -> str | None:
-        return final_answer(completion)

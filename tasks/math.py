@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import re
 
-from reasoning.verifiers import Completion, answer_text, extract_answer, math_equal
-from tasks.common import Task
-from tasks.registry import find_local_file, load_rows
+from reasoning.verifiers import extract_answer, math_equal
+from tasks.common import GRADER_DESCRIPTION, Task, final_answer
+from tasks.sources import find_local_file, load_rows
 
 INSTRUCTION = "Put your final answer in \\boxed{}."
 MATH_HUB_ID = "DigitalLearningGmbH/MATH-lighteval"
@@ -28,15 +28,6 @@ MATH500_HUB_ID = "HuggingFaceH4/MATH-500"
 # EleutherAI/hendrycks_math keeps each subject in its own config; listed here so that hub id works unchanged
 HENDRYCKS_SUBJECT_CONFIGS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                              "number_theory", "prealgebra", "precalculus")
-GRADER_DESCRIPTION = ("reasoning.verifiers.math_equal(gold, extract_answer(text after the think span, "
-                      "strict=False)); no think-span close -> no answer")
-
-
-def final_answer(completion: str) -> str | None:
-    """The answer a completion commits to, or None (think span never closed, or nothing extractable)."""
-    visible = answer_text(Completion(text=completion))
-    return None if visible is None else extract_answer(visible, strict=False)
-
 
 def grade_math(gold: str, completion: str) -> bool:
     answer = final_answer(completion)
@@ -65,6 +56,8 @@ def parse_level(value) -> int | None:
 class MathProblems(Task):
     """Rows of a MATH-style data set as chat examples graded by math_equal."""
 
+    grader_description = GRADER_DESCRIPTION
+
     def __init__(self, rows, name: str, split: str):
         self.rows, self._name, self.split = rows, name, split
 
@@ -92,9 +85,6 @@ class MathProblems(Task):
 
     def evaluate(self, example: dict, completion: str) -> bool:
         return grade_math(example["answer"], completion)
-
-    def extract(self, completion: str) -> str | None:
-        return final_answer(completion)
 
 
 def MATH(split: str = "train", data_path: str | None = None, hub_id: str = MATH_HUB_ID,

@@ -1,34 +1,24 @@
-"""Task registry: task names -> Task objects, and where a task's rows come from (a local file or the HF hub).
+"""Task registry: task names -> Task objects (where their rows come from: tasks/sources.py).
 
 Names (case-insensitive): "synthetic", "GSM8K", "MATH", "MATH-500", "SmolTalk", "customjson:PATH".
 A mixture spec is a comma list of names, each optionally `*N` to oversample it N times and `@PATH` to give that
 task its own local data, e.g. "GSM8K*2,MATH,SmolTalk,customjson:traces.jsonl".
-
-Data sources, first match wins (DESIGN.md: "no hidden downloads", "offline default"):
-  1. `data_path` (the scripts' `--data-path`, or a task's own `@PATH`): a file is read as is; a folder is searched
-     for the task's conventional file names (e.g. `gsm8k_train.jsonl`, `math500_test.json`);
-  2. `$REASONING_DATA_DIR`, searched the same way (a folder without those files falls through);
-  3. the Hugging Face hub through `datasets`. Offline, this fails at once with one line naming `--data-path`
-     (the hub's own client would retry for ~30 s first).
-Local files may be JSON (a list of objects), JSONL or parquet.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import socket
-from urllib.parse import urlparse
 
-from reasoning.common import UserError, parse_json, read_jsonl  # noqa: F401 (read_jsonl: re-exported)
-from reasoning.distributed import node_leader_first
+from reasoning.common import UserError, print0
 from tasks.common import Task, TaskMixture
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.math import MATH, MATH500
+from tasks.smoltalk import SmolTalk
+from tasks.sources import DATA_FLAG
+from tasks.synthetic import DIFFICULTY, SyntheticReasoning
 
-DATA_DIR_ENV = "REASONING_DATA_DIR"
-DATA_FLAG = "--data-path"
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-# canonical name -> the factory's module (imported lazily: the task modules import this one for loading)
 TASK_NAMES = ("synthetic", "GSM8K", "MATH", "MATH-500", "SmolTalk", "customjson")
 _CANONICAL = {name.lower(): name for name in TASK_NAMES}
 _CANONICAL.update({"math500": "MATH-500", "gsm8k": "GSM8K", "smol-smoltalk": "SmolTalk"})
@@ -36,120 +26,6 @@ _CANONICAL.update({"math500": "MATH-500", "gsm8k": "GSM8K", "smol-smoltalk": "Sm
 # synthetic task sizes when none is asked for: plenty for SFT on CPU, and an eval set large enough that a greedy
 # accuracy has a standard error of <= 1.6 points (problem i is the same for any size: the first 500 are the old set)
 DEFAULT_SYNTHETIC_SIZE = {"train": 20_000, "test": 1000}
-
-
-# ----------------------------------------------------------------------------------------------- reading rows
-
-class ArrowRows:
-    """Rows of a parquet file, read lazily (memory-mapped) so a large SFT set costs no RAM up front."""
-
-    def __init__(self, path: str):
-        import pyarrow.parquet as pq
-
-        try:
-            self.table = pq.read_table(path, memory_map=True)
-        except Exception as e:  # pyarrow raises several types for truncated / non-parquet files
-            raise UserError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
-        self.path = path
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def __getitem__(self, index: int) -> dict:
-        return self.table.slice(index, 1).to_pylist()[0]
-
-
-def read_records(path: str):
-    """A local data file as an indexable sequence of dicts (list, or ArrowRows for parquet)."""
-    if not os.path.isfile(path):
-        raise UserError(f"data file {path} does not exist")
-    if path.endswith(".parquet"):
-        return ArrowRows(path)
-    if path.endswith(".jsonl"):
-        return read_jsonl(path)
-    if path.endswith(".json"):
-        with open(path, "rb") as f:
-            data = parse_json(f.read(), path)
-        if isinstance(data, dict):  # {"rows": [...]} / {"data": [...]} style wrappers: take the one list inside
-            lists = [v for v in data.values() if isinstance(v, list)]
-            data = lists[0] if len(lists) == 1 else data
-        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-            raise UserError(f"{path}: expected a JSON list of objects")
-        return data
-    raise UserError(f"data file {path}: unknown format, expected one of {', '.join(LOCAL_SUFFIXES)}")
-
-
-def find_local_file(task_name: str, data_path: str | None, filenames: list[str]) -> str | None:
-    """The local file to read for a task, or None to fall back to the hub. See the module docstring."""
-    if data_path:
-        path = os.path.abspath(os.path.expanduser(data_path))
-        if os.path.isfile(path):
-            return path
-        if not os.path.isdir(path):
-            raise UserError(f"{DATA_FLAG} {data_path}: no such file or folder")
-        found = _search_dir(path, filenames)
-        if found is None:
-            raise UserError(f"{DATA_FLAG} {data_path}: folder has none of the {task_name} files "
-                            f"{', '.join(filenames)}")
-        return found
-    env_dir = os.environ.get(DATA_DIR_ENV)
-    if env_dir and os.path.isdir(env_dir):
-        return _search_dir(env_dir, filenames)
-    return None
-
-
-def _search_dir(directory: str, filenames: list[str]) -> str | None:
-    for name in filenames:
-        candidate = os.path.join(directory, name)
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Can the HF hub be resolved at all? A DNS lookup answers in milliseconds offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
-            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    previous = socket.getdefaulttimeout()
-    try:
-        socket.setdefaulttimeout(timeout_s)
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def load_rows(task_name: str, *, data_path: str | None, filenames: list[str], hub_id: str,
-              hub_config: str | None, split: str, expected: str):
-    """Rows for a task: local file if one is given or found, else `datasets.load_dataset(hub_id, hub_config)`.
-
-    `expected` describes the local format for the error message (e.g. "JSONL with question/answer").
-    Under torchrun every rank calls it: each node's local rank 0 goes first (it downloads into the HF cache),
-    the node's other ranks then read that cache instead of all hitting the hub at once."""
-    with node_leader_first():
-        return _load_rows(task_name, data_path, filenames, hub_id, hub_config, split, expected)
-
-
-def _load_rows(task_name: str, data_path: str | None, filenames: list[str], hub_id: str, hub_config: str | None,
-               split: str, expected: str):
-    path = find_local_file(task_name, data_path, filenames)
-    if path is not None:
-        return read_records(path)
-    hint = (f"pass {DATA_FLAG} FILE|DIR ({expected}; looked for {', '.join(filenames)}) "
-            f"or set ${DATA_DIR_ENV}")
-    if not hub_reachable():
-        raise UserError(f"{task_name}: the Hugging Face hub is unreachable (offline?) and no local data was given: "
-                        f"{hint}")
-    try:
-        import datasets
-        return datasets.load_dataset(hub_id, hub_config, split=split)
-    except Exception as e:  # network errors, missing splits, auth: all end the same way for the user
-        raise UserError(f"{task_name}: could not load {hub_id} ({hub_config or 'default'}) split {split!r} from "
-                        f"the hub ({type(e).__name__}): {hint}") from None
 
 
 # ----------------------------------------------------------------------------------------------- names -> tasks
@@ -178,25 +54,22 @@ def build_task(name: str, split: str = "train", data_path: str | None = None, se
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}: expected 'train' or 'test'")
     if name == "synthetic":
-        from tasks.synthetic import SyntheticReasoning
+        difficulty = options.get("difficulty")
+        if difficulty is not None and difficulty not in DIFFICULTY:  # a flag's value (--synthetic-difficulty)
+            raise UserError(f"synthetic difficulty {difficulty!r}: expected one of {', '.join(DIFFICULTY)}")
         return SyntheticReasoning(split=split, size=size or DEFAULT_SYNTHETIC_SIZE[split], seed=seed, **options)
     if name == "GSM8K":
-        from tasks.gsm8k import GSM8K
         task = GSM8K(split=split, data_path=data_path, **options)
     elif name == "MATH":
-        from tasks.math import MATH
         task = MATH(split=split, data_path=data_path, **options)
     elif name == "MATH-500":
         if split != "test":  # a test set only; training on it would also contaminate the headline benchmark
             raise ValueError("MATH-500 has only a test split (for training use MATH, the train split of the "
                              f"competition set); got split={split!r}")
-        from tasks.math import MATH500
         task = MATH500(data_path=data_path, **options)
     elif name == "SmolTalk":
-        from tasks.smoltalk import SmolTalk
         task = SmolTalk(split=split, data_path=data_path, **options)
     else:
-        from tasks.customjson import CustomJSON
         task = CustomJSON(name.split(":", 1)[1], **options)
     return task[:size] if size is not None and size < len(task) else task
 
@@ -254,3 +127,64 @@ def task_label(name: str) -> str:
     if name.startswith("customjson:"):
         name = "customjson_" + os.path.splitext(os.path.basename(name.split(":", 1)[1]))[0]
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def section_name(task_name: str, stage: str, num_samples: int = 1) -> str:
+    """Report section of an eval: chat_eval_<stage> (synthetic), math500_<stage>, gsm8k_<stage>, ...;
+    a sampled eval (k > 1) gets its own section `<...>_k<k>` so it never replaces the greedy one."""
+    label = task_label(task_name)
+    suffix = f"_k{num_samples}" if num_samples > 1 else ""
+    if label == "synthetic":
+        return f"chat_eval_{stage}{suffix}"
+    return f"{label.lower().replace('-', '')}_{stage}{suffix}"
+
+
+# ----------------------------------------------------------------------------------------------- stage tasks
+
+def build_sft_tasks(config):
+    """(train task, validation task or None, generative eval task or None) for an SFTConfig.
+
+    Validation: the test splits of the mixture's tasks, capped at val_examples. A task without a test split
+    (customjson, a single local file, a folder holding only the train file) is left out with a notice; a
+    mixture with none left gets no validation loss."""
+    options = {"synthetic": {"difficulty": config.synthetic_difficulty}}
+    size = None if config.task_size == -1 else config.task_size
+    train_options = {"synthetic": dict(options["synthetic"], answer_only_frac=config.synthetic_answer_only)}
+    train = build_mixture(config.task, split="train", data_path=config.data_path, seed=config.seed, size=size,
+                          task_options=train_options)
+    val = None
+    if config.val_examples > 0:
+        held_out = []
+        for name, times, path in parse_mixture(config.task):
+            path = path or config.data_path
+            if name.startswith("customjson:") or (path and os.path.isfile(path) and name != "synthetic"):
+                print0(f"validation: {name} has no test split here; left out of the validation loss")
+                continue
+            try:
+                task = build_task(name, split="test", data_path=path, seed=config.seed, **options.get(name, {}))
+            except UserError as e:
+                print0(f"validation: {name} test split unavailable ({e}); left out of the validation loss")
+                continue
+            held_out.extend([task] * times)
+        if held_out:
+            val = (held_out[0] if len(held_out) == 1 else TaskMixture(held_out, seed=config.seed))
+            val = val[:config.val_examples]
+    gen_eval = None
+    if config.eval_every >= 0 and config.eval_task:
+        gen_eval = build_task(config.eval_task, split="test", data_path=config.data_path, seed=config.seed,
+                              size=config.eval_problems, **options.get(config.eval_task.lower(), {}))
+    return train, val, gen_eval
+
+
+def build_rl_tasks(config):
+    """(train task, held-out eval task or None) for an RLConfig: the train split of `task`, the test split of
+    `eval_task`."""
+    options = {"synthetic": {"difficulty": config.synthetic_difficulty}}
+    size = None if config.task_size == -1 else config.task_size
+    train = build_mixture(config.task, split="train", data_path=config.data_path, seed=config.seed, size=size,
+                          task_options=options)
+    held_out = None
+    if config.eval_every >= 0:
+        held_out = build_mixture(config.eval_task or config.task, split="test", data_path=config.data_path,
+                                 seed=config.seed, task_options=options)
+    return train, held_out

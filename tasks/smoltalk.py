@@ -9,7 +9,7 @@ Conversations are checked when read: roles must alternate user/assistant after a
 from __future__ import annotations
 
 from tasks.common import Task
-from tasks.registry import load_rows
+from tasks.sources import load_rows
 
 HUB_ID = "HuggingFaceTB/smol-smoltalk"
 

@@ -560,11 +560,8 @@ def write_synthetic_corpus(out_dir: str, num_shards: int = 8, docs_per_shard: in
 
     Deterministic in (seed, shard index) and independent of num_shards, so asking for more shards later
     extends the corpus instead of reshuffling it. Only train-split problems appear. Each shard is written
-    atomically (reasoning.common.atomic_write), so a reader never sees a half-written shard."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from reasoning.common import atomic_write
+    atomically (reasoning.dataset.write_shard), so a reader never sees a half-written shard."""
+    from reasoning.dataset import write_shard
 
     if num_shards < 1 or docs_per_shard < 1:
         raise ValueError(f"num_shards={num_shards}, docs_per_shard={docs_per_shard}: expected both >= 1")
@@ -574,9 +571,8 @@ def write_synthetic_corpus(out_dir: str, num_shards: int = 8, docs_per_shard: in
         rng = random.Random(f"synthetic-corpus/{seed}/{shard}")
         texts = [_corpus_document(rng) for _ in range(docs_per_shard)]
         path = os.path.join(out_dir, f"shard_{shard:05d}.parquet")
-        table = pa.table({"text": texts})
         # several row groups per shard so distributed readers can split a shard between ranks
-        atomic_write(path, lambda f: pq.write_table(table, f, row_group_size=max(1, docs_per_shard // 8)))
+        write_shard(path, texts, row_group_size=max(1, docs_per_shard // 8))
         paths.append(path)
     return paths
 

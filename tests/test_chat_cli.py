@@ -234,3 +234,22 @@ def test_default_reply_length_fits_the_context_explicit_one_is_checked(short_con
     assert err.startswith(f"error: --max-tokens: {room + 1} does not fit") and f"at most {room}" in err, err
     code, _, err = run_cli(monkeypatch, capsys, "--init-from", ckpt, "-p", "hi", "--max-tokens", "49")
     assert code == 2 and "--max-tokens 49: longer than the model's context (48 tokens)" in err, err
+
+
+def test_the_temperature_goes_to_the_engine_directly(short_context, monkeypatch, capsys):
+    """One check of the typed temperature, then a direct call: the CLI never builds (and re-parses) an HTTP
+    request body, and the engine samples at exactly the value given."""
+    import reasoning.chat
+    from reasoning.engine import Engine
+
+    ckpt = short_context[0]
+    monkeypatch.setattr(reasoning.chat, "parse_chat_request", lambda *a, **k: pytest.fail("request parser used"))
+    seen = []
+    generate_stream = Engine.generate_stream
+    monkeypatch.setattr(Engine, "generate_stream",
+                        lambda self, prompts, **kw: seen.append(kw["temperature"]) or generate_stream(self, prompts,
+                                                                                                       **kw))
+    code, out, err = run_cli(monkeypatch, capsys, "--init-from", ckpt, "-p", "hi", "--temperature", "0.35",
+                             "--seed", "1")
+    assert code == 0 and out, err
+    assert seen == [0.35]

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from reasoning.common import UserError
-from reasoning.dataloader import PackedLoader, build_train_loader, build_val_loader, evaluate_bpb, packing_stats
+from reasoning.dataloader import PackedLoader, build_train_loader, build_val_loader, packing_stats
 from reasoning.dataset import write_shard
+from reasoning.loss_eval import evaluate_bpb
 
 ROW_GROUP = 8
 ID_BASE = 0x4E00  # each document starts with its own CJK character, so any piece of >= 2 tokens names its doc

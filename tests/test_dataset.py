@@ -4,7 +4,6 @@ import io
 import os
 import sys
 import time
-import types
 import urllib.error
 
 import pyarrow as pa
@@ -12,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from reasoning import dataset
+from scripts import base_data
+from scripts.base_data import main as base_data_main
 from reasoning.common import UserError, run_main
 from reasoning.dataset import (ShardSet, iter_documents, iter_row_groups, list_shards, resolve_data_dir, split_shards,
                                write_shard)
@@ -172,7 +173,7 @@ def test_offline_download_fails_in_one_line_and_leaves_nothing(tmp_path, monkeyp
     monkeypatch.setattr(dataset.urllib.request, "urlopen", offline)
     target = tmp_path / "dl"
     with pytest.raises(SystemExit) as exit_info:
-        run_main(lambda: dataset.main(["-n", "2", "--data-dir", str(target), "--backoff", "0", "--retries", "5"]))
+        run_main(lambda: base_data_main(["-n", "2", "--data-dir", str(target), "--backoff", "0", "--retries", "5"]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -194,7 +195,7 @@ def test_download_gets_train_and_val_shards_and_skips_present_ones(tmp_path, mon
 
     monkeypatch.setattr(dataset.urllib.request, "urlopen", serve)
     target = str(tmp_path / "dl")
-    dataset.main(["-n", "2", "--data-dir", target, "--max-shard", "7", "--base-url", "https://example.org/x/",
+    base_data_main(["-n", "2", "--data-dir", target, "--max-shard", "7", "--base-url", "https://example.org/x/",
                   "--workers", "3"])
     assert sorted(urls) == [f"https://example.org/x/shard_{i:05d}.parquet" for i in (0, 1, 7)]
     train, val = split_shards(target)
@@ -202,7 +203,7 @@ def test_download_gets_train_and_val_shards_and_skips_present_ones(tmp_path, mon
     assert list(iter_documents(target, "val")) == ["doc 7.0", "doc 7.1", "doc 7.2"]
     assert sorted(os.listdir(target)) == [f"shard_{i:05d}.parquet" for i in (0, 1, 7)]
     urls.clear()
-    dataset.main(["-n", "2", "--data-dir", target, "--max-shard", "7"])
+    base_data_main(["-n", "2", "--data-dir", target, "--max-shard", "7"])
     assert urls == []  # everything already there
 
 
@@ -313,7 +314,7 @@ def test_http_404_is_not_retried(tmp_path, monkeypatch):
 
 def test_bad_shard_count_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="-n 5000"):
-        dataset.main(["-n", "5000", "--data-dir", str(tmp_path)])
+        base_data_main(["-n", "5000", "--data-dir", str(tmp_path)])
 
 
 # ---- offline synthetic corpus ----------------------------------------------------------------------------------
@@ -326,18 +327,16 @@ def test_synthetic_flag_calls_the_corpus_writer(tmp_path, monkeypatch):
         for s in range(num_shards):
             write_shard(os.path.join(out_dir, f"synth_{s:03d}.parquet"), [f"{s}-{d}" for d in range(docs_per_shard)])
 
-    fake_module = types.ModuleType("tasks.synthetic")
-    fake_module.write_synthetic_corpus = fake_writer
-    monkeypatch.setitem(sys.modules, "tasks.synthetic", fake_module)
+    monkeypatch.setattr(base_data, "write_synthetic_corpus", fake_writer)
     target = str(tmp_path / "synth")
-    dataset.main(["--synthetic", "--data-dir", target, "--num-shards", "3", "--docs-per-shard", "4", "--seed", "7"])
+    base_data_main(["--synthetic", "--data-dir", target, "--num-shards", "3", "--docs-per-shard", "4", "--seed", "7"])
     assert calls == [(target, 3, 4, 7)]
     assert list(iter_documents(target, "val")) == ["2-0", "2-1", "2-2", "2-3"]
 
 
 def test_real_synthetic_corpus_is_readable(tmp_path):
     target = str(tmp_path / "synth")
-    dataset.main(["--synthetic", "--data-dir", target, "--num-shards", "2", "--docs-per-shard", "5"])
+    base_data_main(["--synthetic", "--data-dir", target, "--num-shards", "2", "--docs-per-shard", "5"])
     train, val = split_shards(target)
     assert len(train) == 1 and len(val) == 1
     docs = list(iter_documents(target, "train"))
@@ -347,7 +346,7 @@ def test_real_synthetic_corpus_is_readable(tmp_path):
 def test_module_entry_point_reports_bad_flags_in_one_line(tmp_path):
     import subprocess
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-m", "reasoning.dataset", "--synthetic", "--num-shards", "1",
+    result = subprocess.run([sys.executable, "-m", "scripts.base_data", "--synthetic", "--num-shards", "1",
                              "--data-dir", str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

@@ -13,10 +13,10 @@ import pytest
 
 from helpers_models import save_tiny_checkpoint, train_small_tokenizer
 from reasoning.checkpoint import load_model
-from reasoning.evaluation import (BASE_TEMPLATE, TEMPLATE_SLOT, EvalSettings, answer_classes, build_prompt,
-                                  evaluate_task, grade_completion, majority_index, pass_at_k, section_name,
-                                  standard_error, summarize, template_text)
-from tasks.registry import build_task
+from reasoning.eval_metrics import answer_classes, majority_correct, majority_index, pass_at_k, standard_error, summarize
+from reasoning.evaluation import EvalSettings, evaluate_task, grade_completion
+from reasoning.prompts import BASE_TEMPLATE, TEMPLATE_SLOT, build_prompt, template_text
+from tasks.registry import build_task, section_name
 from tasks.synthetic import SyntheticReasoning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,7 +192,7 @@ def test_sampled_predictions_do_not_depend_on_batch_size(model_and_tokenizer, tm
 def test_majority_is_graded_where_the_samples_are_made(model_and_tokenizer, tmp_path, monkeypatch):
     """maj@k's answer-equivalence checks run in generate_records, on every rank for its own problems; rank 0's
     summarize only counts the verdicts (older prediction files without them are still graded there)."""
-    import reasoning.evaluation as evaluation
+    import reasoning.eval_metrics as eval_metrics
 
     model, tokenizer = model_and_tokenizer
     task = SyntheticReasoning("test", size=6, seed=0)
@@ -203,9 +203,9 @@ def test_majority_is_graded_where_the_samples_are_made(model_and_tokenizer, tmp_
     for r in records:
         by_problem.setdefault(r["index"], []).append(r)
     for samples in by_problem.values():
-        assert {s["majority_correct"] for s in samples} == {evaluation.majority_correct(samples)}
+        assert {s["majority_correct"] for s in samples} == {majority_correct(samples)}
     expected = summarize([{k: v for k, v in r.items() if k != "majority_correct"} for r in records], 3)["maj@3"]
-    monkeypatch.setattr(evaluation, "majority_index", lambda answers: pytest.fail("graded again on rank 0"))
+    monkeypatch.setattr(eval_metrics, "majority_index", lambda answers: pytest.fail("graded again on rank 0"))
     assert summarize(records, 3)["maj@3"] == expected
 
 

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from reasoning import grader_pool
-from reasoning.evaluation import answer_classes, grade_completion
+from reasoning.eval_metrics import answer_classes
+from reasoning.evaluation import grade_completion
 from reasoning.rewards import Completion
 from scripts.chat_rl import RLConfig, build_reward
 from reasoning.verifiers import extract_answer, math_equal

@@ -10,8 +10,8 @@ import types
 import pytest
 import torch
 
-from reasoning.grpo import (aggregate_tokens, chunked_token_logprobs, group_advantages, mask_truncated_rows,
-                            model_token_logprobs, policy_loss)
+from reasoning.grpo import aggregate_tokens, chunked_token_logprobs, group_advantages, mask_truncated_rows, policy_loss
+from reasoning.rl import token_logprobs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -422,7 +422,7 @@ def test_chunked_bad_inputs():
         chunked_token_logprobs(hidden, weight, targets, softcap=-1.0)
 
 
-def test_model_token_logprobs_uses_forward_hidden_lm_head_and_softcap():
+def test_trainer_logprobs_use_forward_hidden_lm_head_and_softcap():
     torch.manual_seed(0)
 
     class TinyModel(torch.nn.Module):
@@ -438,12 +438,12 @@ def test_model_token_logprobs_uses_forward_hidden_lm_head_and_softcap():
     model = TinyModel()
     idx = torch.randint(0, 11, (2, 5))
     targets = torch.randint(0, 11, (2, 5))
-    lp = model_token_logprobs(model, idx, targets, temperature=0.9, chunk_size=3)
+    lp = token_logprobs(model, idx, targets, temperature=0.9, chunk_size=3, compute_entropy=False)
     ref, _ = naive_logprobs(model.forward_hidden(idx), model.lm_head.weight, targets, 2.0, 0.9)
     torch.testing.assert_close(lp, ref, atol=1e-6, rtol=1e-6)
 
 
-def test_model_token_logprobs_match_real_gpt_logits():
+def test_trainer_logprobs_match_real_gpt_logits():
     # integration with reasoning.gpt: forward_hidden + lm_head + config.softcap reproduce GPT.forward's logits
     from reasoning.gpt import GPT, GPTConfig
 
@@ -460,7 +460,7 @@ def test_model_token_logprobs_match_real_gpt_logits():
     idx = torch.randint(0, 50, (2, 7))
     targets = torch.roll(idx, -1, dims=1)
     targets[:, -1] = -1
-    lp = model_token_logprobs(model, idx, targets, chunk_size=5)
+    lp = token_logprobs(model, idx, targets, temperature=1.0, chunk_size=5, compute_entropy=False)
     (lp.sum()).backward()
     grad = model.lm_head.weight.grad.clone()
     model.zero_grad()

@@ -24,7 +24,8 @@ from reasoning.checkpoint import ModelSource, add_model_args, load_model, save_c
 from reasoning.common import UserError  # noqa: E402
 from reasoning.engine import Engine  # noqa: E402
 from reasoning.gpt import GPT, GPTConfig  # noqa: E402
-from reasoning.hf import export_hf, gpt_config_from_hf, load_hf_model, main as hf_main  # noqa: E402
+from reasoning.hf import export_hf, gpt_config_from_hf, load_hf_model  # noqa: E402
+from scripts.hf_export import main as hf_export_main  # noqa: E402
 from reasoning.hf_tokenizer import HFTokenizer  # noqa: E402
 from reasoning.tokenizer import train_tokenizer  # noqa: E402
 
@@ -382,7 +383,7 @@ def test_export_roundtrip_through_transformers(tmp_path, case, capsys):
     switches, model_type = EXPORT_CASES[case]
     ckpt, model = save_our_checkpoint(tmp_path, **switches)
     out = str(tmp_path / "hf_out")
-    hf_main(["export", "--stage", ckpt, "--out", out])
+    hf_export_main(["--stage", ckpt, "--out", out])
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"RESULT out={out} model_type={model_type}")
     reference = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     idx = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
@@ -403,7 +404,7 @@ def test_export_roundtrip_through_transformers(tmp_path, case, capsys):
         assert tok.encode(text) == original.encode(text), text
     assert torch.equal(tok.token_bytes, original.token_bytes)
     with pytest.raises(UserError, match="--overwrite"):
-        hf_main(["export", "--stage", ckpt, "--out", out])
+        hf_export_main(["--stage", ckpt, "--out", out])
 
 
 def test_exported_tokenizer_matches_tiktoken_on_real_text():
@@ -429,7 +430,7 @@ def test_export_refuses_the_default_architecture(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     save_checkpoint(ckpt, 1, model.state_dict(), meta={"model_config": config.to_dict(), "tokenizer_dir": tok_dir})
     with pytest.raises(UserError, match=r"relu2 MLP.*softcap of 15") as err:
-        hf_main(["export", "--stage", ckpt, "--out", str(tmp_path / "out")])
+        hf_export_main(["--stage", ckpt, "--out", str(tmp_path / "out")])
     assert "\n" not in str(err.value)
     assert not os.path.exists(tmp_path / "out")  # nothing written
 

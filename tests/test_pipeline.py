@@ -27,7 +27,7 @@ NO_MATH500 = f"MATH-500 slice skipped: no shared data at {MATH500}"
 
 # Every env knob the run scripts read: inherited values would change what the tests run, so they are cleared.
 SCRIPT_KNOBS = (
-    "REASONING_BASE_DIR", "REASONING_DATA_DIR", "REASONING_VENV", "REASONING_EXTRAS", "WANDB_RUN", "DEPTH", "TAG",
+    "REASONING_BASE_DIR", "REASONING_DATA_DIR", "REASONING_TASK_DATA_DIR", "REASONING_VENV", "REASONING_EXTRAS", "WANDB_RUN", "DEPTH", "TAG",
     "VOCAB_SIZE", "SEQ_LEN", "BASE_STEPS", "SFT_STEPS", "RL_STEPS", "EVAL_PROBLEMS", "MATH500_PATH", "NUM_SHARDS",
     "DOCS_PER_SHARD", "TOK_ARGS", "BASE_ARGS", "BASE_EVAL_ARGS", "SFT_ARGS", "RL_ARGS", "EVAL_ARGS", "MATH500_ARGS",
     "GSM8K_ARGS", "DATA_ARGS", "NPROC", "SFT_TASKS", "RL_TASK", "MAJ_K", "TORCHRUN", "SYNTHETIC", "CHAT_EVAL_TASK",
@@ -185,8 +185,8 @@ def test_speedrun_dry_run_lists_the_stages_in_order(tmp_path):
     commands = [line[len("[speedrun] "):] for line in proc.stdout.splitlines() if line.startswith("[speedrun] ")]
     expected = [  # (command prefix, must contain), in pipeline order
         ("python -m reasoning.report reset", ""),
-        ("python -m reasoning.dataset -n 8", ""),
-        ("python -m reasoning.dataset -n 240", "&"),  # the rest downloads in the background...
+        ("python -m scripts.base_data -n 8", ""),
+        ("python -m scripts.base_data -n 240", "&"),  # the rest downloads in the background...
         ("DATASET_DOWNLOAD_PID=$!", ""),
         ("python -m scripts.tok_train", "--vocab-size 32768"),
         ("python -m scripts.tok_eval", ""),
@@ -211,7 +211,7 @@ def test_speedrun_dry_run_lists_the_stages_in_order(tmp_path):
         tmp_path, REASONING_BASE_DIR=base, SYNTHETIC=1, DEPTH=1, TORCHRUN="torchrun --nproc_per_node=2",
         SFT_TASKS="synthetic", RL_TASK="synthetic", CHAT_EVAL_TASK="synthetic", FINAL_EVAL_TASK="MATH-500",
         MATH500_ARGS="--data-path x.json"), timeout=30)
-    assert "reasoning.dataset --synthetic --num-shards 8 --docs-per-shard 4000" in proc.stdout
+    assert "scripts.base_data --synthetic --num-shards 8 --docs-per-shard 4000" in proc.stdout
     assert " -n 240" not in proc.stdout and "wait " not in proc.stdout
     assert proc.stdout.count("torchrun --nproc_per_node=2 -m scripts.") == 8
     assert "-a synthetic" in proc.stdout and "-a GSM8K" not in proc.stdout and "--task MATH " not in proc.stdout

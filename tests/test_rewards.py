@@ -1,12 +1,8 @@
-"""Tests for reasoning/rewards.py: the think span in both chat formats, correctness / format / overlong rewards,
-their combination, and the old `reasoning.verifiers` import path."""
-
-import subprocess
-import sys
+"""Tests for reasoning/rewards.py: the think span in both chat formats, correctness / format / overlong rewards
+and their combination."""
 
 import pytest
 
-from reasoning import rewards, verifiers
 from reasoning.hf_tokenizer import CHAT_FORMATS
 from reasoning.rewards import (THINK_MARKERS, Completion, answer_text, combine_rewards, correctness_reward,
                                format_reward, overlong_penalty)
@@ -146,21 +142,3 @@ def test_combine_rewards_validates():
     with pytest.raises(ValueError, match="completions"):
         format_reward()([Completion("a")], [])
 
-
-# ------------------------------------------------------------------------------------ old import path
-
-def test_reward_names_are_still_importable_from_verifiers():
-    for name in verifiers._MOVED_TO_REWARDS:
-        assert getattr(verifiers, name) is getattr(rewards, name), name
-    with pytest.raises(AttributeError, match="no_such_name"):
-        verifiers.no_such_name
-
-
-@pytest.mark.parametrize("statement", [
-    "import reasoning.rewards; from reasoning.verifiers import Completion, combine_rewards",
-    "from reasoning.verifiers import Completion, answer_text, extract_answer, math_equal; import reasoning.rewards",
-])
-def test_no_import_cycle_whichever_module_comes_first(statement):
-    """rewards imports verifiers and verifiers re-exports rewards: both orders must work in a fresh interpreter."""
-    done = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-2000:]

@@ -12,7 +12,8 @@ from reasoning.common import UserError
 from reasoning.tokenizer import Tokenizer
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import parse_gsm8k_answer
-from tasks.math import final_answer, grade_math
+from tasks.common import final_answer
+from tasks.math import grade_math
 from tasks.registry import build_mixture, build_task, canonical_name, parse_mixture, task_label
 from tasks.smoltalk import SmolTalk
 
@@ -31,7 +32,7 @@ def byte_tokenizer():
 def offline(monkeypatch):
     """No test may reach the hub: the registry then fails fast instead of retrying for ~30 s."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("REASONING_DATA_DIR", raising=False)
+    monkeypatch.delenv("REASONING_TASK_DATA_DIR", raising=False)
 
 
 # ----------------------------------------------------------------------------------------------- GSM8K
@@ -250,9 +251,23 @@ def test_math500_is_a_test_set_only(tmp_path):
 
 def test_data_dir_env_is_searched(monkeypatch, tmp_path):
     write_lines(tmp_path / "gsm8k_test.jsonl", [{"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"}])
-    monkeypatch.setenv("REASONING_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("REASONING_TASK_DATA_DIR", str(tmp_path))
     task = build_task("GSM8K", "test")
     assert len(task) == 1 and task[0]["answer"] == "2"
+
+
+def test_the_corpus_folder_is_not_a_task_folder(monkeypatch, tmp_path):
+    """$REASONING_DATA_DIR names the pretraining shards only: task files are never looked up there."""
+    write_lines(tmp_path / "gsm8k_test.jsonl", [{"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"}])
+    monkeypatch.setenv("REASONING_DATA_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="hub is unreachable"):
+        build_task("GSM8K", "test")
+
+
+def test_unknown_synthetic_difficulty_is_one_line():
+    with pytest.raises(UserError, match=r"^synthetic difficulty 'impossible': expected one of easy, ") as err:
+        build_task("synthetic", "test", size=2, difficulty="impossible")
+    assert "\n" not in str(err.value)
 
 
 def test_names_and_specs():

@@ -1,10 +1,10 @@
-"""Task base class, slicing views, TaskMixture (seeded shuffle, oversampling) and TaskSequence (order, dispatch)."""
+"""Task base class, slicing views, TaskMixture (seeded shuffle, oversampling, dispatch)."""
 
 from collections import Counter
 
 import pytest
 
-from tasks.common import Task, TaskMixture, TaskSequence
+from tasks.common import Task, TaskMixture
 
 
 class LetterTask(Task):
@@ -123,22 +123,12 @@ def test_unknown_source_and_ambiguous_names_are_rejected():
     with pytest.raises(ValueError):
         TaskMixture([])
     with pytest.raises(ValueError):
-        TaskSequence([["not a task"]])
-
-
-def test_sequence_concatenates_in_order_and_slices():
-    a, b = LetterTask("a", 3), LetterTask("b", 2)
-    seq = TaskSequence([a, b, a[1:2]])
-    assert answers(seq) == ["a0", "a1", "a2", "b0", "b1", "a1"]
-    assert [seq[i]["task"] for i in range(len(seq))] == ["Lettera"] * 3 + ["Letterb"] * 2 + ["Lettera"]
-    assert answers(seq[2:5]) == ["a2", "b0", "b1"]
-    assert seq[-1]["answer"] == "a1"
-    assert seq.evaluate(seq[3], "b0") and not seq.evaluate(seq[3], "a0")
+        TaskMixture([["not a task"]])
 
 
 def test_nested_composites_dispatch_to_the_leaf_task():
     a, h = LetterTask("a", 3), HalfRewardTask("h", 3, name="Half")
-    outer = TaskMixture([TaskSequence([a, h]), LetterTask("c", 2)], seed=0)
+    outer = TaskMixture([TaskMixture([a, h], seed=1), LetterTask("c", 2)], seed=0)
     assert len(outer) == 8
     for i in range(len(outer)):
         ex = outer[i]

@@ -11,12 +11,10 @@ import sys
 import pytest
 
 from reasoning.common import UserError, read_jsonl
-from reasoning.core_eval import _read_jsonl as read_bundle_jsonl
-from reasoning.evaluation import _read_predictions
 from reasoning.hf_tokenizer import HFTokenizer
 from reasoning.tokenizer import Tokenizer
 from tasks.customjson import CustomJSON
-from tasks.registry import read_records
+from tasks.sources import read_records
 
 GOOD_LINE = json.dumps({"problem": "2+3?", "thinking": "2+3=5", "answer": "5"}) + "\n"
 DEEP = "[" * 100_000 + "]" * 100_000  # json's C decoder raises RecursionError long before this depth
@@ -47,7 +45,7 @@ def test_customjson_line_numbers_count_blank_lines(tmp_path):
     assert [e["id"] for e in CustomJSON(str(path))] == ["traces.jsonl:1", "traces.jsonl:3"]
 
 
-@pytest.mark.parametrize("reader", [CustomJSON, read_records, read_jsonl, read_bundle_jsonl])
+@pytest.mark.parametrize("reader", [CustomJSON, read_records, read_jsonl])
 def test_deeply_nested_json_line_is_a_user_error(tmp_path, reader):
     path = tmp_path / "data.jsonl"
     path.write_text(GOOD_LINE + DEEP + "\n")
@@ -67,9 +65,9 @@ def test_predictions_file_stops_at_a_damaged_line(tmp_path):
     """Our own predictions file: a damaged line is torn, the problems from there on are generated again."""
     path = tmp_path / "predictions.jsonl"
     good = json.dumps({"problem_index": 0}) + "\n"
-    for damaged in (DEEP.encode() + b"\n", b'{"a": "\xff"}\n', b"{not json\n"):
+    for damaged in (DEEP.encode() + b"\n", b'{"a": "\xff"}\n', b"{not json\n", b"[1]\n", b'{"cut": '):
         path.write_bytes(good.encode() + damaged + good.encode())
-        assert _read_predictions(str(path)) == [{"problem_index": 0}]
+        assert read_jsonl(str(path), stop_at_torn_line=True) == [{"problem_index": 0}]
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reasoning.common import UserError
-from reasoning.core_eval import evaluate_core, is_correct, load_bundle, render_example, score_continuations
+from reasoning.loss_eval import evaluate_core, is_correct, load_bundle, render_example, score_continuations
 from reasoning.gpt import GPT, config_from_depth
 from reasoning.tokenizer import Tokenizer
 

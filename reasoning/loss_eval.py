@@ -1,4 +1,11 @@
-"""CORE-style in-context evaluation of base models (the DCLM "CORE" metric that nanochat reports).
+"""Loss-based evaluation: every figure computed from the model's loss on given tokens, never by sampling
+(sampled evaluation is reasoning/evaluation.py).
+
+  - `evaluate_bpb` / `evaluate_val_bpb`: bits per byte of the pretraining validation split (pretraining, base_eval);
+  - `mean_token_loss`: mean loss over the target tokens of padded rows (SFT's validation loss);
+  - CORE (`evaluate_core`): in-context tasks scored by continuation loss (base_eval), below.
+
+CORE-style in-context evaluation of base models (the DCLM "CORE" metric that nanochat reports).
 
 A bundle is a local folder (nothing is downloaded):
     core.yaml             icl_tasks: [{label, dataset_uri, num_fewshot: [k], icl_task_type, continuation_delimiter}]
@@ -17,14 +24,82 @@ the mean centred accuracy over tasks. Examples are sharded over ranks (i mod wor
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 
 import torch
 import torch.nn.functional as F
 
-from reasoning.common import UserError, autocast_context, read_jsonl
+from reasoning.common import UserError, autocast_context, evaluating, read_jsonl
+from reasoning.dataloader import build_val_loader
 from reasoning.distributed import all_reduce_sum
+from reasoning.fp8 import fp8_disabled
+
+
+# ----------------------------------------------------------------------------------------------- bits per byte
+
+@torch.no_grad()
+def evaluate_bpb(model, batches, token_bytes: torch.Tensor, max_steps: int | None = None) -> float:
+    """Bits per byte: summed cross-entropy (nats) of targets that stand for text, over ln 2 times their bytes.
+
+    Tokenizer-independent, unlike per-token loss. Targets that are special tokens (token_bytes == 0) or ignored
+    (-1) count in neither sum. `batches` yields (inputs, targets, ...) tuples; under torch.distributed the sums
+    are all-reduced so every rank gets the global figure.
+    """
+    total_nats, total_bytes = None, None
+    for step, batch in enumerate(batches):
+        if max_steps is not None and step >= max_steps:
+            break
+        x, y = batch[0], batch[1]
+        losses = model(x, y, loss_reduction="none").float()  # (B, T) nats
+        num_bytes = torch.where(y >= 0, token_bytes.to(y.device)[y.clamp(min=0)], 0)  # (B, T)
+        counted = num_bytes > 0
+        acc_dtype = torch.float32 if y.device.type == "mps" else torch.float64  # MPS has no float64
+        nats = torch.where(counted, losses, 0.0).sum(dtype=acc_dtype)
+        nbytes = num_bytes.sum(dtype=acc_dtype)
+        total_nats = nats if total_nats is None else total_nats + nats
+        total_bytes = nbytes if total_bytes is None else total_bytes + nbytes
+    if total_nats is None:
+        raise ValueError("evaluate_bpb got no batches")
+    sums = all_reduce_sum(torch.stack([total_nats, total_bytes]))
+    total_nats, total_bytes = sums[0], sums[1]
+    if total_bytes.item() == 0:
+        raise ValueError("evaluate_bpb: no target tokens with a byte length (all special or ignored)")
+    return total_nats.item() / (math.log(2) * total_bytes.item())
+
+
+def evaluate_val_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_tokens: int, data_dir: str | None = None,
+                     device="cpu", dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1) -> float:
+    """Bits per byte on the first `eval_tokens` tokens (all ranks together) of the validation split.
+
+    Every rank must call it (the sums are all-reduced)."""
+    loader = build_val_loader(tokenizer, batch_size, seq_len, data_dir, rank, world_size, device)
+    steps = max(1, eval_tokens // (batch_size * seq_len * world_size))
+    # fp8 layers run in high precision: this measures the weights
+    with evaluating(model), fp8_disabled(model), autocast_context(device, dtype):
+        return evaluate_bpb(model, loader, tokenizer.token_bytes, max_steps=steps)
+
+
+# ----------------------------------------------------------------------------------------------- token loss
+
+@torch.no_grad()
+def mean_token_loss(model, batches, device, autocast) -> float:
+    """Mean loss over the target tokens (>= 0) of `batches` ((inputs, targets) pairs of (B, T) tensors), summed
+    over every rank's batches: each rank passes its own share; every rank must call it."""
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of targets)
+    with evaluating(model):
+        for inputs, targets in batches:
+            inputs, targets = inputs.to(device), targets.to(device)
+            with autocast():
+                loss_sum = model(inputs, targets, loss_reduction="sum")
+            totals[0] += loss_sum.double()
+            totals[1] += (targets >= 0).sum()
+    all_reduce_sum(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+# ----------------------------------------------------------------------------------------------- CORE
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
@@ -121,21 +196,13 @@ def is_correct(task_type: str, example: dict, scores: list[tuple[float, bool]]) 
     return best == example["gold"]
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise UserError(f"eval bundle data file {path} is missing")
-    return read_jsonl(path)
-
-
 def evaluate_core(model, tokenizer, bundle_dir: str, device="cpu", dtype=torch.float32,
                   max_per_task: int | None = None, rank: int = 0, world_size: int = 1, seed: int = 1234) -> dict:
     """{"core": mean centred accuracy, "tasks": [{task, type, shots, examples, accuracy, centered}]}."""
-    was_training = model.training
-    model.eval()
     rows = []
-    try:
+    with evaluating(model):
         for spec in load_bundle(bundle_dir):
-            examples = _read_jsonl(spec["path"])
+            examples = read_jsonl(spec["path"])
             if max_per_task is not None:
                 examples = examples[:max_per_task]
             correct = torch.zeros(2, dtype=torch.float64)  # [correct, seen] on this rank
@@ -153,6 +220,4 @@ def evaluate_core(model, tokenizer, bundle_dir: str, device="cpu", dtype=torch.f
             rows.append({"task": spec["label"], "type": spec["task_type"], "shots": spec["num_fewshot"],
                          "examples": int(correct[1].item()), "accuracy": accuracy,
                          "centered": (accuracy - b) / (1 - b)})
-    finally:
-        model.train(was_training)
     return {"core": sum(r["centered"] for r in rows) / len(rows), "tasks": rows}
