@@ -274,7 +274,7 @@ def update_policy(learner: Learner, data: TrainingRows, advantages: torch.Tensor
                 # the micro-batch's share of the minibatch, over all ranks (nothing to learn anywhere: weight 0)
                 scale = 0.0 if total == 0 else float(units[index].sum()) / total * learner.world_size
                 (loss * scale).backward()
-                minibatch_loss += float(loss) * scale / learner.world_size
+                minibatch_loss += float(loss.detach()) * scale / learner.world_size
                 result.add_stats(stats, float(mask.sum()))
             if total == 0:  # every rank agrees (all-reduced count): no update from an empty minibatch
                 model.zero_grad(set_to_none=True)

@@ -372,6 +372,27 @@ def test_resume_gives_identical_metrics_and_weights(tiny_sft):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_a_diverged_update_stops_before_the_step_and_names_the_last_good_checkpoint(tiny_sft, monkeypatch):
+    """RL checks each optimizer step with the trainers' shared check_step_finite: a NaN gradient norm at step 1
+    stops the run before that update, with the one-line message that names this run's last good checkpoint."""
+    from reasoning.training import NonFiniteLossError
+
+    base_dir, ckpt_dir = tiny_sft
+    real_clip, calls = chat_rl.clip_gradients, []
+
+    def clip_then_poison(model, max_norm):
+        calls.append(max_norm)
+        norm = real_clip(model, max_norm)
+        return norm * float("nan") if len(calls) == 2 else norm  # one optimizer step per RL step here
+
+    monkeypatch.setattr(chat_rl, "clip_gradients", clip_then_poison)
+    with pytest.raises(NonFiniteLossError, match=r"^step 1: loss [-0-9.e]+, gradient norm nan: training diverged; "
+                                                 r"stopped before the update \(last good checkpoint: .*rl/diverged "
+                                                 r"step 1\)\. Try a lower --lr-scale\.$"):
+        train_rl(small_config(base_dir, out_tag="diverged", save_every=1), ckpt_dir, tasks=_tasks())
+    assert calls == [RLConfig().grad_clip] * 2
+
+
 def test_kl_coef_zero_loads_no_reference(tiny_sft, monkeypatch):
     base_dir, ckpt_dir = tiny_sft
     loads = []
