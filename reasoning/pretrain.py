@@ -277,7 +277,7 @@ def train(config: TrainConfig) -> dict:
     vocab_size = tokenizer.vocab_size if config.vocab_size == -1 else config.vocab_size
     if vocab_size < tokenizer.vocab_size:
         raise UserError(f"--vocab-size {vocab_size}: smaller than the tokenizer's {tokenizer.vocab_size} tokens")
-    model_config = config_from_depth(config.depth, vocab_size, sequence_len=config.max_seq_len,
+    model_config = config_from_depth(config.depth, vocab_size, max_seq_len=config.max_seq_len,
                                      aspect_ratio=config.aspect_ratio, **overrides)
     config = resolve_device_batch(config, model_config, device, world_size)  # before any weight is allocated
     with torch.device("meta"):

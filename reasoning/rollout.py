@@ -72,7 +72,7 @@ def collect_rollout(engine, tokenizer, examples: list[dict], reward, num_samples
 
     G = num_samples
     rendered = [tokenizer.render_for_completion({"messages": ex["messages"]}) for ex in examples]
-    fits = prompts_that_fit(rendered, engine.model.config.sequence_len)
+    fits = prompts_that_fit(rendered, engine.model.config.max_seq_len)
     examples, prompts = [examples[i] for i in fits], [rendered[i] for i in fits]
     generations = []
     if prompts:
