@@ -365,6 +365,8 @@ def check_meta_types(meta: dict, path: str, expected: dict) -> None:
                             f"expected {_type_name(kind)}")
 
 
+# model_config keys of older checkpoints -> today's GPTConfig field
+_RENAMED_CONFIG_KEYS = {"sequence_len": "max_seq_len"}
 # the keys checkpoint.py itself reads; the trainers check theirs (training.load_resume_checkpoint)
 _META_TYPES = {"step": int, "run_id": str, "files": dict, "model_config": dict, "tokenizer_dir": (str, type(None))}
 
@@ -383,6 +385,9 @@ def load_meta(ckpt_dir: str, step: int | None = None) -> dict:
     if not isinstance(meta, dict):
         raise UserError(f"checkpoint metadata {path} is corrupt (expected a JSON object)")
     check_meta_types(meta, path, _META_TYPES)
+    config = meta.get("model_config")
+    if config is not None and "sequence_len" in config:  # written before the context length had one name
+        meta["model_config"] = {_RENAMED_CONFIG_KEYS.get(key, key): value for key, value in config.items()}
     if meta.get("step", step) != step:
         raise UserError(f"checkpoint metadata {path}: 'step' is {meta['step']}, expected {step} (the file's step)")
     for name, entry in meta.get("files", {}).items():

@@ -78,7 +78,7 @@ def generate_records(engine, tokenizer, task, indices: list[int], settings: Eval
     """Generate and grade num_samples completions for each problem in `indices` (one engine call)."""
     examples = [task[i] for i in indices]
     prompts = [build_prompt(tokenizer, ex, settings.prompt_mode) for ex in examples]
-    runnable = prompts_that_fit(prompts, engine.model.config.sequence_len)
+    runnable = prompts_that_fit(prompts, engine.model.config.max_seq_len)
     generations = {}
     if runnable:
         # one seed per problem, from its index in the task: a problem's samples are the same whichever batch,

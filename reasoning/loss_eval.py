@@ -69,13 +69,13 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor, max_steps: int | Non
     return total_nats.item() / (math.log(2) * total_bytes.item())
 
 
-def evaluate_val_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_tokens: int, data_dir: str | None = None,
+def evaluate_val_bpb(model, tokenizer, batch_size: int, max_seq_len: int, eval_tokens: int, data_dir: str | None = None,
                      device="cpu", dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1) -> float:
     """Bits per byte on the first `eval_tokens` tokens (all ranks together) of the validation split.
 
     Every rank must call it (the sums are all-reduced)."""
-    loader = build_val_loader(tokenizer, batch_size, seq_len, data_dir, rank, world_size, device)
-    steps = max(1, eval_tokens // (batch_size * seq_len * world_size))
+    loader = build_val_loader(tokenizer, batch_size, max_seq_len, data_dir, rank, world_size, device)
+    steps = max(1, eval_tokens // (batch_size * max_seq_len * world_size))
     # fp8 layers run in high precision: this measures the weights
     with evaluating(model), fp8_disabled(model), autocast_context(device, dtype):
         return evaluate_bpb(model, loader, tokenizer.token_bytes, max_steps=steps)
@@ -162,7 +162,7 @@ def score_continuations(model, tokenizer, pairs: list[tuple[str, str]], device, 
     Sequences are <|bos|> context continuation, cropped from the left to the model's context, right-padded into one
     batch; padding is never a target and, being to the right, never attended to by real tokens (causal mask).
     """
-    max_len = max_len or model.config.sequence_len
+    max_len = max_len or model.config.max_seq_len
     rows, spans = [], []
     for context, continuation in pairs:
         cont = tokenizer.encode(continuation)

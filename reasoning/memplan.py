@@ -290,7 +290,7 @@ class Session:
         from reasoning.engine import Engine, _Rollout, counter_uniforms, sample_from_logits
 
         self.model.eval()
-        prompt_tokens = min(prompt_tokens, self.config.sequence_len - 1)
+        prompt_tokens = min(prompt_tokens, self.config.max_seq_len - 1)
         prompts = [[1] * prompt_tokens for _ in range(num_prompts)]
         rollout = _Rollout(Engine(self.model), prompts, num_samples, max_tokens, 1.0, None, None, None, 0, [], True)
         if self.target == "cuda":  # what the engine picks on a bf16 GPU: bf16 keys/values under autocast
@@ -315,12 +315,12 @@ def micro_steps(accumulation: int) -> int:
     return 2 if accumulation > 1 else 1
 
 
-def plan_base_eval(device_batch_size: int, seq_len: int, model_config: GPTConfig, target: str = "cuda",
+def plan_base_eval(device_batch_size: int, max_seq_len: int, model_config: GPTConfig, target: str = "cuda",
                    fake: bool = True) -> list[PhasePlan]:
-    """base_eval per rank: a no-grad forward of device_batch_size × seq_len with per-token losses."""
+    """base_eval per rank: a no-grad forward of device_batch_size × max_seq_len with per-token losses."""
     with Session(model_config, target, fake) as s:
-        return [s.phase("base_eval", "eval", {"device_batch_size": device_batch_size, "max_seq_len": seq_len},
-                        lambda: s.eval_forward(device_batch_size, seq_len))]
+        return [s.phase("base_eval", "eval", {"device_batch_size": device_batch_size, "max_seq_len": max_seq_len},
+                        lambda: s.eval_forward(device_batch_size, max_seq_len))]
 
 
 def plan_chat_eval(batch_size: int, num_samples: int, max_tokens: int, model_config: GPTConfig,

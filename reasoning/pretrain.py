@@ -251,7 +251,7 @@ def model_config_of(config: TrainConfig, tokenizer):
     vocab_size = tokenizer.vocab_size if config.vocab_size == -1 else config.vocab_size
     if vocab_size < tokenizer.vocab_size:
         raise UserError(f"--vocab-size {vocab_size}: smaller than the tokenizer's {tokenizer.vocab_size} tokens")
-    return config_from_depth(config.depth, vocab_size, sequence_len=config.max_seq_len,
+    return config_from_depth(config.depth, vocab_size, max_seq_len=config.max_seq_len,
                              aspect_ratio=config.aspect_ratio, **overrides)
 
 

@@ -56,6 +56,6 @@ def completion_text(tokenizer, tokens: list[int], stop_reason: str | None, promp
     return text
 
 
-def prompts_that_fit(prompts: list[list[int]], context_len: int) -> list[int]:
-    """Indices of the prompts that leave room for at least one generated token in a context of `context_len`."""
-    return [i for i, prompt in enumerate(prompts) if len(prompt) < context_len]
+def prompts_that_fit(prompts: list[list[int]], max_seq_len: int) -> list[int]:
+    """Indices of the prompts that leave room for at least one generated token in a context of `max_seq_len`."""
+    return [i for i, prompt in enumerate(prompts) if len(prompt) < max_seq_len]

@@ -67,7 +67,7 @@ def sample_groups(engine, tokenizer, examples: list[dict], seed: int, *, num_sam
     from reasoning.prompts import completion_text, prompts_that_fit
 
     rendered = [tokenizer.render_for_completion({"messages": ex["messages"]}) for ex in examples]
-    fits = prompts_that_fit(rendered, engine.model.config.sequence_len)
+    fits = prompts_that_fit(rendered, engine.model.config.max_seq_len)
     examples, prompts = [examples[i] for i in fits], [rendered[i] for i in fits]
     generations = []
     if prompts:

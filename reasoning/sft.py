@@ -223,7 +223,7 @@ def plan_memory(config: SFTConfig, model_config, world_size: int = 1, target: st
     case) and the in-loop generative eval: [PhasePlan "train", "eval"]."""
     from reasoning import memplan
 
-    B, T = config.device_batch_size, min(config.max_seq_len, model_config.sequence_len)
+    B, T = config.device_batch_size, min(config.max_seq_len, model_config.max_seq_len)
     accumulation = max(1, math.ceil(config.total_batch_rows / (B * world_size)))
     plans = []
     with memplan.Session(model_config, target, fake) as s:

@@ -59,7 +59,7 @@ class ChatSession:
 
     def __init__(self, engine: Engine, tokenizer, args):
         self.engine, self.tokenizer = engine, tokenizer
-        self.context_len = engine.model.config.sequence_len
+        self.max_seq_len = engine.model.config.max_seq_len
         self.temperature, self.show_think = args.temperature, not args.hide_think
         self.top_p, self.max_tokens, self.seed, self.system = args.top_p, args.max_tokens, args.seed, args.system
         self.history = []
@@ -68,7 +68,7 @@ class ChatSession:
         """Stream the assistant's answer to `user_text`; the turn joins the history unless nothing came back."""
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         messages.append({"role": "user", "content": user_text})
-        prompt_ids, max_tokens = fit_prompt(conversation_from_messages(messages), self.tokenizer, self.context_len,
+        prompt_ids, max_tokens = fit_prompt(conversation_from_messages(messages), self.tokenizer, self.max_seq_len,
                                             self.max_tokens, DEFAULT_MAX_TOKENS)
         decoder = ReplyDecoder(self.tokenizer)
         printer = ReplyPrinter(out, color, self.show_think)
@@ -189,9 +189,9 @@ def main():
         raise UserError(f"--max-tokens {args.max_tokens}: expected an integer >= 1")
     source = ModelSource.from_args(args)
     model, tokenizer, _ = source.load(get_device(args.device))
-    if args.max_tokens is not None and args.max_tokens > model.config.sequence_len:
+    if args.max_tokens is not None and args.max_tokens > model.config.max_seq_len:
         raise UserError(f"--max-tokens {args.max_tokens}: longer than the model's context "
-                        f"({model.config.sequence_len} tokens)")
+                        f"({model.config.max_seq_len} tokens)")
     session = ChatSession(Engine(model, tokenizer), tokenizer, args)
     if args.prompt is not None:
         try:

@@ -453,7 +453,7 @@ def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str
 
     prompts = max(1, config.prompts_per_step // world_size)
     G = config.num_samples
-    width = min(prompt_tokens + config.max_new_tokens - 1, model_config.sequence_len)
+    width = min(prompt_tokens + config.max_new_tokens - 1, model_config.max_seq_len)
     rows = min(config.device_batch_size, prompts * G)
     rows_per_step = rows * memplan.micro_steps(math.ceil(prompts * G / rows))
     one_update = dataclasses.replace(config, num_minibatches=1, ppo_epochs=1)

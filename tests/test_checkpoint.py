@@ -257,7 +257,7 @@ def tiny_run(tmp_path):
     tokenizer = tok.train_tokenizer(iter(text), vocab_size=300)
     tokenizer.save(os.path.join(base, "tokenizer"))
     torch.manual_seed(0)
-    config = gpt.GPTConfig(sequence_len=32, vocab_size=320, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    config = gpt.GPTConfig(max_seq_len=32, vocab_size=320, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
     model = gpt.GPT(config)
     model.init_weights()
     with torch.no_grad():  # init zeroes the output projections; make every weight matter for the comparison
@@ -278,6 +278,22 @@ def test_load_model_rebuilds_the_same_network(tiny_run):
         assert torch.equal(loaded(idx), model(idx))
     by_path, _, _ = ckpt.load_model(checkpoint_dir("sft", "d1", base), base_dir=base, phase="train")
     assert by_path.training
+
+
+def test_checkpoints_written_before_the_rename_still_load(tiny_run):
+    """model_config's context length was `sequence_len` before it had one name (`max_seq_len`): such a checkpoint
+    loads to the same network, and resuming compares it with today's config under the new key."""
+    base, model = tiny_run
+    old = checkpoint_dir("sft", "old", base)
+    config = model.config.to_dict()
+    old_config = {("sequence_len" if key == "max_seq_len" else key): value for key, value in config.items()}
+    save_checkpoint(old, 5, model.state_dict(), meta={"model_config": old_config})
+    assert load_meta(old)["model_config"] == config
+    loaded, tokenizer, _ = ckpt.load_model(old, base_dir=base)
+    idx = torch.tensor([tokenizer.encode("Mia has 12 apples.")])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
 
 
 def test_load_model_errors(tiny_run, tmp_path):

@@ -121,7 +121,7 @@ def test_optimizer_settings_come_from_the_config():
     assert settings.betas == OptimizerSettings().betas  # SFT keeps the optimizer's default betas
     from helpers_models import tiny_model
 
-    model = tiny_model(64, depth=1, n_embd=32, sequence_len=16)
+    model = tiny_model(64, depth=1, n_embd=32, max_seq_len=16)
     groups = {g["name"]: g for g in model.setup_optimizer(pre.optimizer_settings()).param_groups}
     assert groups["matrix"]["lr"] == 0.03 and groups["matrix"]["momentum"] == 0.9
     assert groups["matrix"]["weight_decay"] == 0.1 and groups["embedding"]["betas"] == (0.7, 0.9)
