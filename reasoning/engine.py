@@ -253,6 +253,7 @@ class Engine:
         self.max_kv_tokens, self.max_batch_rows = max_kv_tokens, max_batch_rows
         self.block_size, self.kv_dtype, self.compile_decode = int(block_size), kv_dtype, compile_decode
         self._compiled = None
+        self._static_pool = None  # compiled decode keeps its KV pool between calls
         self.last_stats = {}  # of the latest generate call: peak_kv_bytes, preemptions, ...
 
     def generate(self, prompts, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
@@ -284,12 +285,14 @@ class Engine:
             def decode(idx, cache):
                 return self.model.compute_logits(self.model.forward_hidden(idx, kv_cache=cache)[:, -1])
             device = next(self.model.parameters()).device
+            # one graph per batch bucket (fullgraph: a graph break would split the CUDA graph)
+            options = dict(dynamic=False, fullgraph=True)
             if isinstance(self.compile_decode, str):
-                self._compiled = torch.compile(decode, backend=self.compile_decode, dynamic=False)
+                self._compiled = torch.compile(decode, backend=self.compile_decode, **options)
             elif device.type == "cuda":
-                self._compiled = torch.compile(decode, mode="reduce-overhead", dynamic=False)
+                self._compiled = torch.compile(decode, mode="reduce-overhead", **options)
             else:
-                self._compiled = torch.compile(decode, dynamic=False)
+                self._compiled = torch.compile(decode, **options)
         return self._compiled
 
 
@@ -425,9 +428,23 @@ class _Rollout:
         need += self.engine.block_size * len(self.generations)  # the admission watermark: a spare block per row
         budget = need if budget is None else min(budget, need)
         self.stats["max_kv_tokens"] = budget
-        self.cache = PagedKVCache.for_model(config, bs, 1 + max(1, budget // bs), device=self.device,
-                                            dtype=self.dtype, kv_dtype=self.kv_dtype,
-                                            preallocate=self.device.type == "cuda", initial_blocks=64)
+        max_blocks = 1 + max(1, budget // bs)
+        pool = engine._static_pool
+        if engine.compile_decode and pool is not None and (pool.max_blocks, pool.kv_dtype, pool.dtype) == (
+                max_blocks, self.kv_dtype, self.dtype):
+            pool.reset()  # compiled decode: the same pool (shapes, addresses) call after call
+            self.cache = pool
+            return
+        # compiled decode needs a pool of fixed shape (and, for CUDA graphs, fixed addresses): allocated at once
+        self.cache = PagedKVCache.for_model(config, bs, max_blocks, device=self.device, dtype=self.dtype,
+                                            kv_dtype=self.kv_dtype, initial_blocks=64,
+                                            preallocate=self.device.type == "cuda" or bool(engine.compile_decode))
+        if engine.compile_decode:
+            engine._static_pool = self.cache
+            if self.device.type == "cuda":  # CUDA graphs may then write the pool in place (unverified on a GPU)
+                for pool in (self.cache.k, self.cache.v, self.cache.k_scale, self.cache.v_scale):
+                    if pool is not None:
+                        torch._dynamo.mark_static_address(pool)
 
     # -- admission and memory -------------------------------------------------------------------------------
 

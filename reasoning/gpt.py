@@ -423,6 +423,12 @@ class PagedKVCache:
         self.static = False
         self.set_batch([[]], [0])
 
+    def reset(self) -> None:
+        """Every block free again (the pool itself is kept: a compiled decode reuses it call after call)."""
+        self.free_blocks = list(range(self.num_blocks - 1, 0, -1))
+        self.static = False
+        self.set_batch([[]], [0])
+
     @classmethod
     def for_model(cls, config: GPTConfig, block_size: int, max_blocks: int, **kwargs) -> "PagedKVCache":
         return cls(config.n_layer, config.n_kv_head, config.get_head_dim(), block_size, max_blocks, **kwargs)
