@@ -383,6 +383,9 @@ class _Rollout:
         self.autocast_dtype = compute_dtype if compute_dtype in (torch.bfloat16, torch.float16) else None
         self.dtype = self.autocast_dtype or model.lm_head.weight.dtype
         self.kv_dtype = engine.kv_dtype or self.dtype
+        # the pool at its full budget at once: on CUDA (static addresses, no regrowth copies, as vLLM) and for a
+        # compiled decode (a fixed shape); elsewhere it grows with the rows
+        self.preallocate = self.device.type == "cuda" or bool(engine.compile_decode)
 
     # -- driving --------------------------------------------------------------------------------------------
 
@@ -437,8 +440,7 @@ class _Rollout:
             return
         # compiled decode needs a pool of fixed shape (and, for CUDA graphs, fixed addresses): allocated at once
         self.cache = PagedKVCache.for_model(config, bs, max_blocks, device=self.device, dtype=self.dtype,
-                                            kv_dtype=self.kv_dtype, initial_blocks=64,
-                                            preallocate=self.device.type == "cuda" or bool(engine.compile_decode))
+                                            kv_dtype=self.kv_dtype, initial_blocks=64, preallocate=self.preallocate)
         if engine.compile_decode:
             engine._static_pool = self.cache
             if self.device.type == "cuda":  # CUDA graphs may then write the pool in place (unverified on a GPU)
@@ -525,8 +527,8 @@ class _Rollout:
                 if row != rows[0]:
                     cache.copy_blocks(self.blocks[rows[0]][:filled], self.blocks[row][:filled])
         self.batch_dirty = True
-        counts = torch.tensor([len(rows) for rows, _ in admitted], device=self.device)
-        return first.repeat_interleave(counts, dim=0)
+        which = [i for i, (rows, _) in enumerate(admitted) for _ in rows]  # each row's context
+        return first.index_select(0, torch.tensor(which, device=self.device))
 
     def _preempt(self, row: int):
         """Free a resident row's blocks and queue it first for recompute (prefill of its prompt + tokens)."""

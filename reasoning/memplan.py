@@ -3,8 +3,8 @@
 The planner builds the real `GPT` under torch's fake-tensor machinery (`FakeTensorMode`: tensors carry shape,
 dtype and device but no data, so a depth-26 step at 32 × 2048 tokens costs seconds of Python on a CPU) and runs
 the stage's own code paths on it — `training.accumulate_gradients` + the Muon/AdamW step (pretraining, SFT),
-`rl.optimize_rollout` with the chunked log-prob pass (RL), the engine's prefill and decode steps with its up-front
-KV cache (rollouts, evaluation). A `MemoryTracker` (a TorchDispatchMode) counts every tensor storage from its
+`rl.optimize_rollout` with the chunked log-prob pass (RL), the engine's admission (prefill) and decode steps with
+its paged KV pool at the budget the engine takes on a GPU (rollouts, evaluation). A `MemoryTracker` (a TorchDispatchMode) counts every tensor storage from its
 allocation to its release and records the breakdown at the peak: parameters, gradients, optimizer state (and its
 update temporaries), activations (saved tensors + temporaries), logits (any tensor whose last dim is the vocabulary)
 and the engine's KV cache. `torch.distributed._tools.mem_tracker.MemTracker` works on this CPU build too, but has
@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_leaves
 from reasoning.gpt import GPT, GPTConfig
 
 GIB = 2 ** 30
+PLANNED_GPU_GIB: float | None = None  # scripts/plan_memory sets its --gpu-memory-gib here (the engine's KV budget)
 CATEGORIES = ("params", "grads", "optimizer", "activations", "logits", "kv_cache")
 TARGETS = ("cuda", "cpu")
 DEFAULT_HEADROOM = 0.10  # share of the GPU kept free: CUDA context, allocator fragmentation, NCCL buffers
@@ -207,10 +208,13 @@ class Session:
     """A model (fake or real) + tracker; phases run one after the other and each gets its own peak."""
 
     def __init__(self, model_config: GPTConfig, target: str = "cuda", fake: bool = True,
-                 fp8_min_dim: int | None = None):
+                 fp8_min_dim: int | None = None, gpu_memory_gib: float | None = None):
         if target not in TARGETS:
             raise ValueError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
         self.target, self.fake, self.config = target, fake, model_config
+        # the GPU the engine's KV budget is planned for (it takes a share of the device's memory)
+        self.gpu_memory_gib = gpu_memory_gib or PLANNED_GPU_GIB or detected_gpu_memory(
+            "cuda" if torch.cuda.is_available() else "cpu") or 80.0
         self._stack = contextlib.ExitStack()
         if fake:
             from torch._subclasses.fake_tensor import FakeTensorMode
@@ -286,20 +290,40 @@ class Session:
             self.model(x, x, loss_reduction="none")
 
     def generate(self, num_prompts: int, prompt_tokens: int, num_samples: int, max_tokens: int):
-        """The engine's prefill of every prompt (KV cache allocated up front) and two decode steps with sampling."""
-        from reasoning.engine import Engine, _Rollout, counter_uniforms, sample_from_logits
+        """The engine's paged KV pool at its default budget, its first admission (the prefill of every prompt the
+        budget admits) and two decode steps with sampling.
+
+        On "cuda" the pool is allocated at once at the budget the engine takes on a GPU (engine.kv_budget_tokens:
+        KV_MEMORY_FRACTION of `gpu_memory_gib`, minus what is allocated now and the call's activation reserve),
+        so the plan fits by construction when the reserve covers the real activations, which the plan checks;
+        prompts beyond the budget wait for freed blocks. On "cpu" the pool grows with the rows (planned: all
+        prompts admitted, each row holding its prompt)."""
+        from reasoning.engine import (Engine, _Rollout, counter_uniforms, keys_tensor, kv_budget_tokens,
+                                      sample_from_logits)
 
         self.model.eval()
         prompt_tokens = min(prompt_tokens, self.config.sequence_len - 1)
         prompts = [[1] * prompt_tokens for _ in range(num_prompts)]
-        rollout = _Rollout(Engine(self.model), prompts, num_samples, max_tokens, 1.0, None, None, None, 0, [], True)
+        budget = None
+        if self.target == "cuda":
+            in_use = sum(self.tracker.totals.values())
+            budget = kv_budget_tokens(self.config, int(self.gpu_memory_gib * GIB), in_use, num_prompts * num_samples,
+                                      torch.bfloat16)
+        engine = Engine(self.model, max_kv_tokens=max(1, budget) if budget is not None else None)
+        rollout = _Rollout(engine, prompts, num_samples, max_tokens, 1.0, None, None, None, 0, [], True)
         if self.target == "cuda":  # what the engine picks on a bf16 GPU: bf16 keys/values under autocast
-            rollout.autocast_dtype = rollout.dtype = torch.bfloat16
+            rollout.autocast_dtype = rollout.dtype = rollout.kv_dtype = torch.bfloat16
             rollout._compute = cuda_autocast
-        logits = rollout._prefill()
+            rollout.preallocate = True
+        rollout.waiting.extend(("prompt", p) for p in range(num_prompts))
+        rollout._open_cache()
+        logits = rollout._admit()
+        self.kv_budget_tokens = rollout.stats["max_kv_tokens"]
+        self.admitted_rows = len(rollout.resident)
         for step in range(2):
+            keys = keys_tensor([rollout.keys[row] for row in rollout.resident], "cpu")
             with torch.inference_mode():
-                sample_from_logits(logits, counter_uniforms(rollout.resident_keys, step), **rollout.sampling)
+                sample_from_logits(logits, counter_uniforms(keys, step), **rollout.sampling)
             for row in rollout.resident:
                 rollout.generations[row].tokens.append(1)
             logits = rollout._decode()
@@ -324,11 +348,15 @@ def plan_base_eval(device_batch_size: int, seq_len: int, model_config: GPTConfig
 
 
 def plan_chat_eval(batch_size: int, num_samples: int, max_tokens: int, model_config: GPTConfig,
-                   target: str = "cuda", fake: bool = True, prompt_tokens: int = 256) -> list[PhasePlan]:
-    """chat_eval per rank: one engine call of batch_size problems × num_samples rows."""
-    with Session(model_config, target, fake) as s:
-        return [s.phase("chat_eval", "eval", {"rows": batch_size * num_samples, "max_tokens": max_tokens},
-                        lambda: s.generate(batch_size, prompt_tokens, num_samples, max_tokens))]
+                   target: str = "cuda", fake: bool = True, prompt_tokens: int = 256,
+                   gpu_memory_gib: float | None = None) -> list[PhasePlan]:
+    """chat_eval per rank: one engine call of batch_size problems × num_samples rows (KV pool at the budget)."""
+    with Session(model_config, target, fake, gpu_memory_gib=gpu_memory_gib) as s:
+        settings = {"rows": batch_size * num_samples, "max_tokens": max_tokens}
+        plan = s.phase("chat_eval", "eval", settings, lambda: s.generate(batch_size, prompt_tokens, num_samples,
+                                                                         max_tokens))
+        settings.update(kv_budget_tokens=s.kv_budget_tokens, first_admitted_rows=s.admitted_rows)
+        return [plan]
 
 
 # ------------------------------------------------------------------------------------------- choosing and checking

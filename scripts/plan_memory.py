@@ -76,6 +76,7 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
     GPU of `gpu_memory_gib` exactly as the stage would choose it on one."""
     from reasoning.training import parse_script_args
 
+    memplan.PLANNED_GPU_GIB = gpu_memory_gib  # the engine phases take their KV budget from this GPU's memory
     if stage == "base_train":
         from reasoning.pretrain import config_from_args, plan_memory, resolve_device_batch
         from scripts.base_train import build_parser
@@ -98,7 +99,7 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
         return memplan.plan_base_eval(args.device_batch_size, seq_len, model_config, target)
     if stage == "chat_eval":
         return memplan.plan_chat_eval(args.batch_size, args.num_samples, args.max_tokens, model_config, target,
-                                      prompt_tokens=prompt_tokens)
+                                      prompt_tokens=prompt_tokens, gpu_memory_gib=gpu_memory_gib)
     if stage == "chat_sft":
         from reasoning.sft import config_from_args, plan_memory, resolve_device_batch
 
