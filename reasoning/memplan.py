@@ -298,7 +298,7 @@ class Session:
         so the plan fits by construction when the reserve covers the real activations, which the plan checks;
         prompts beyond the budget wait for freed blocks. On "cpu" the pool grows with the rows (planned: all
         prompts admitted, each row holding its prompt)."""
-        from reasoning.engine import (Engine, _Rollout, counter_uniforms, keys_tensor, kv_budget_tokens,
+        from reasoning.engine import (BLOCK_SIZE, Engine, _Rollout, counter_uniforms, keys_tensor, kv_budget_tokens,
                                       sample_from_logits)
 
         self.model.eval()
@@ -309,7 +309,9 @@ class Session:
             in_use = sum(self.tracker.totals.values())
             budget = kv_budget_tokens(self.config, int(self.gpu_memory_gib * GIB), in_use, num_prompts * num_samples,
                                       torch.bfloat16)
-        engine = Engine(self.model, max_kv_tokens=max(1, budget) if budget is not None else None)
+            # at least one prompt's rows (where the engine would refuse to start, the plan shows what it needs)
+            budget = max(budget, num_samples * (-(-(prompt_tokens + 1) // BLOCK_SIZE) + 1) * BLOCK_SIZE)
+        engine = Engine(self.model, max_kv_tokens=budget)
         rollout = _Rollout(engine, prompts, num_samples, max_tokens, 1.0, None, None, None, 0, [], True)
         if self.target == "cuda":  # what the engine picks on a bf16 GPU: bf16 keys/values under autocast
             rollout.autocast_dtype = rollout.dtype = rollout.kv_dtype = torch.bfloat16
