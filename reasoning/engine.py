@@ -1,18 +1,26 @@
 """Batched KV-cache generation: the sampler behind RL rollouts, evaluation and chat.
 
-One `generate` call runs every (prompt, sample) row of a batch together:
+One `generate` call runs every (prompt, sample) row of a batch:
 
-- **Ragged prefill, shared across samples.** The P distinct prompts are prefilled once, right-padded with
-  `new_lengths` = true lengths (each row's rotary positions start at 0), in groups of similar length so that
-  padding wastes little; the first-token logits come from each row's last real position.
-  `KVCache.repeat_rows(G)` then gives every sample its own copy (GRPO's G rollouts per prompt cost one prefill).
-- **Row retirement.** Finished rows leave the compute batch (`KVCache.select_rows`), so a decode step costs what
-  its live rows cost. Compaction copies the cache, so it waits until a quarter of the batch has finished
-  (`Engine.retire_fraction`); finished rows in the batch meanwhile write nothing (new_lengths 0). `retire=False`
-  keeps every row to the end, which exists to test that retirement changes nothing.
+- **Paged KV cache that grows with need** (`reasoning.gpt.PagedKVCache`). Keys/values live in blocks of
+  `block_size` tokens taken from a pool as rows grow and returned when a row finishes, so a long-tailed batch
+  holds the tokens its live rows really have, not rows x max_len. The pool grows on demand up to the KV budget
+  (`max_kv_tokens`; on CUDA, by default, what KV_MEMORY_FRACTION of the GPU leaves, allocated at once as vLLM does).
+- **Continuous batching.** Prompts wait in a queue and are admitted (prefilled) whenever batch slots
+  (`max_batch_rows`) and blocks allow, so rows freed by finished ones are refilled at once. When growing rows would
+  exceed the budget, the youngest row is preempted: its blocks are freed and it is queued first for recompute
+  (a prefill of its prompt + tokens so far), which continues it exactly where it was.
+- **Ragged prefill, shared across samples.** Admitted contexts are prefilled right-padded (`new_lengths` = true
+  lengths), in groups of similar length so that padding wastes little; the first-token logits come from each row's
+  last real position. A prompt's G samples are prefilled once and copy its blocks (GRPO's G rollouts per prompt
+  cost one prefill).
+- **Row retirement.** Finished rows leave the compute batch at once (a block-table rebuild, no cache copy).
+  `retire=False` keeps them riding along, writing nothing, which exists to test that retirement changes nothing.
+- **Compiled decode** (`compile_decode`): static shapes — the batch padded to a power of two, every row reading its
+  whole block table — so torch.compile captures one graph per bucket (CUDA graphs on a GPU).
 - **Per-row, counter-based randomness.** The uniform that picks row r's t-th token is a hash of
   (seed, prompt_index, sample_index, t): a row's samples do not depend on which other rows share the batch,
-  on retirement, or on the device. `seed` may also be a list with one seed per prompt; rows are then keyed by
+  on retirement, admission order, preemption, or on the device. `seed` may also be a list with one seed per prompt; rows are then keyed by
   (seed[p], sample_index, t), independent of the prompt's position in the call. All rows draw in one
   vectorised op; the token is the inverse-CDF pick.
 - **Sampling.** temperature 0 = greedy; otherwise softmax(logits / temperature) filtered by top-k, then top-p
