@@ -28,6 +28,10 @@ One `generate` call runs every (prompt, sample) row of a batch together:
   calculator and `<|output_start|> result <|output_end|>` is forced into that row one token per step (mask 0), then
   sampling resumes. A rejected expression forces an empty output block, so the transcript keeps the chat format
   and the model is never credited with writing a tool result itself.
+- **Latent mode** (`latent_steps=N`, Coconut; reasoning/latent.py): after the prefill each row is fed
+  <|start-latent|>, then N positions whose inputs are the previous position's final hidden state, then
+  <|end-latent|>; decoding starts after that. The span is not part of `tokens` (`Generation.latent_steps` = N)
+  and takes N + 2 slots of the context. `_latent_phase` is the whole of it.
 
 `tokens` include the stop token when stop_reason == "stop" (the trainer learns to emit <|assistant_end|>).
 Results are prompt-major: prompt 0 samples 0..G-1, prompt 1, ...
@@ -47,6 +51,7 @@ import torch
 from reasoning.calculator import calculate
 from reasoning.common import autocast_context, get_compute_dtype
 from reasoning.gpt import KVCache
+from reasoning.latent import END_LATENT, START_LATENT, run_latent_steps
 
 STOP, LENGTH, CONTEXT = "stop", "length", "context"
 DEFAULT_STOP_NAMES = ("<|assistant_end|>", "<|bos|>")
@@ -62,6 +67,7 @@ class Generation:
     stop_reason: str | None = None  # "stop" | "length" | "context"
     prompt_index: int = 0
     sample_index: int = 0
+    latent_steps: int = 0  # latent positions before the tokens (latent mode)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,25 +207,27 @@ class Engine:
 
     def generate(self, prompts, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                 seed: int | list[int] | None = 0, stop_tokens=None, retire: bool = True) -> list[Generation]:
-        """Sample num_samples completions of every prompt (lists of token ids); prompt-major results."""
+                 seed: int | list[int] | None = 0, stop_tokens=None, retire: bool = True,
+                 latent_steps: int | None = None) -> list[Generation]:
+        """Sample num_samples completions of every prompt (lists of token ids); prompt-major results.
+        `latent_steps` N: latent mode (module docstring), N continuous thoughts before the first token."""
         rollout = _Rollout(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p, seed,
-                           stop_tokens, retire)
+                           stop_tokens, retire, latent_steps)
         for _ in rollout.steps():
             pass
         return rollout.generations
 
     def generate_stream(self, prompts, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                        seed: int | list[int] | None = 0, stop_tokens=None,
-                        retire: bool = True) -> Iterator[tuple[int, int, int]]:
+                        seed: int | list[int] | None = 0, stop_tokens=None, retire: bool = True,
+                        latent_steps: int | None = None) -> Iterator[tuple[int, int, int]]:
         """Like generate, but yields (row, token, mask) as tokens are produced, row = prompt_index * G + sample.
 
         Arguments are checked now; the work happens as the caller iterates, and stops when it stops
         (break / close()): nothing runs ahead of the consumer.
         """
         rollout = _Rollout(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p, seed,
-                           stop_tokens, retire)
+                           stop_tokens, retire, latent_steps)
         return _stream_events(rollout)
 
 
@@ -235,7 +243,7 @@ class _Rollout:
     """The state of one generate call: rows, their budgets and tool state, the KV cache of resident rows."""
 
     def __init__(self, engine: Engine, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p,
-                 seed, stop_tokens, retire):
+                 seed, stop_tokens, retire, latent_steps=None):
         model = engine.model
         config = model.config
         self.model, self.engine = model, engine
@@ -271,11 +279,14 @@ class _Rollout:
         self.tool_tokens = engine.tool_tokens
         self.tokenizer = engine.tokenizer
 
+        self.latent_steps, self.latent_slots = self._check_latent(latent_steps)
+
         G = self.num_samples
-        self.generations = [Generation(prompt_index=p, sample_index=s)
+        self.generations = [Generation(prompt_index=p, sample_index=s, latent_steps=self.latent_steps or 0)
                             for p in range(len(self.prompts)) for s in range(G)]
         # a row may produce max_tokens tokens, or fewer if prompt + completion would exceed the model's context
-        self.budgets = [min(self.max_tokens, self.context_len - len(self.prompts[g.prompt_index]))
+        self.budgets = [min(self.max_tokens,
+                            self.context_len - len(self.prompts[g.prompt_index]) - self.latent_slots)
                         for g in self.generations]
         self.keys = [row_key(*row_seeds[g.prompt_index], g.sample_index) for g in self.generations]
         self.done = [False] * len(self.generations)
@@ -301,6 +312,8 @@ class _Rollout:
         if all(self.done):
             return
         logits = self._prefill()
+        if self.latent_steps is not None:
+            logits = self._latent_phase()
         step = 0
         while True:
             events = self._take_step(logits, step)
@@ -336,7 +349,7 @@ class _Rollout:
                         key=lambda p: -len(self.prompts[p]))
         # a row feeds back its prompt and every generated token but the last: len + budget - 1 slots, plus one
         # spare where a finished row that still rides in the batch writes its (discarded) input
-        max_len = max(len(self.prompts[p]) + self.budgets[p * G] for p in active)
+        max_len = max(len(self.prompts[p]) + self.budgets[p * G] for p in active) + self.latent_slots
         self.cache = KVCache.for_model(config, len(active), max_len, device=self.device, dtype=self.dtype)
         logits = torch.empty(len(active), config.vocab_size, device=self.device)
         for start, stop in _length_groups([len(self.prompts[p]) for p in active]):
@@ -359,6 +372,33 @@ class _Rollout:
         self.resident = [p * G + s for p in active for s in range(G)]
         self.resident_keys = keys_tensor([self.keys[row] for row in self.resident], self.device)
         return logits
+
+    # -- latent mode (Coconut) ------------------------------------------------------------------------------
+
+    def _check_latent(self, latent_steps) -> tuple[int | None, int]:
+        """(latent steps or None, context slots the latent span takes)."""
+        if latent_steps is None:
+            return None, 0
+        if not isinstance(latent_steps, numbers.Integral) or isinstance(latent_steps, bool) or latent_steps < 0:
+            raise ValueError(f"latent_steps={latent_steps!r}: expected None or an integer >= 0")
+        self.latent_ids = [_special_id(self.tokenizer, name) for name in (START_LATENT, END_LATENT)]
+        if None in self.latent_ids:
+            raise ValueError("latent_steps: the tokenizer has no <|start-latent|>/<|end-latent|> tokens "
+                             "(reasoning.latent.with_latent_tokens)")
+        return int(latent_steps), int(latent_steps) + 2
+
+    @torch.inference_mode()
+    def _latent_phase(self) -> torch.Tensor:
+        """Every resident row (all fresh from the prefill) takes <|start-latent|>, latent_steps hidden states fed
+        back, and <|end-latent|>; returns the logits of the first token after the span (B_resident, V)."""
+        start, end = self.latent_ids
+        rows = len(self.resident)
+        with self._compute():
+            marker = torch.full((rows, 1), start, dtype=torch.long, device=self.device)
+            hidden = self.model.forward_hidden(marker, kv_cache=self.cache)[:, 0]  # (B, D)
+            run_latent_steps(self.model, self.cache, hidden, self.latent_steps)
+            marker = torch.full((rows, 1), end, dtype=torch.long, device=self.device)
+            return self.model.compute_logits(self.model.forward_hidden(marker, kv_cache=self.cache)[:, -1])
 
     @torch.inference_mode()
     def _decode(self) -> torch.Tensor:
