@@ -192,14 +192,16 @@ def _special_id(tokenizer, name: str) -> int | None:
 
 
 class Engine:
-    """Generation for a GPT (reasoning.gpt) and its tokenizer (None: no tool calls, no default stop tokens)."""
+    """Generation for a GPT (reasoning.gpt) and its tokenizer (None: no tool calls, no default stop tokens).
+    `latent_steps`: the latent mode every call uses unless it passes its own (a chat_latent checkpoint's count)."""
 
     # with retire=True, finished rows leave the batch once they are this fraction of it (0: at every finish)
     retire_fraction = 0.25
 
-    def __init__(self, model, tokenizer=None):
+    def __init__(self, model, tokenizer=None, latent_steps: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.latent_steps = latent_steps
         special = {name: _special_id(tokenizer, name) for name in DEFAULT_STOP_NAMES + TOOL_NAMES}
         self.default_stop_tokens = [special[n] for n in DEFAULT_STOP_NAMES if special[n] is not None]
         tool_ids = [special[n] for n in TOOL_NAMES]
@@ -212,7 +214,7 @@ class Engine:
         """Sample num_samples completions of every prompt (lists of token ids); prompt-major results.
         `latent_steps` N: latent mode (module docstring), N continuous thoughts before the first token."""
         rollout = _Rollout(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p, seed,
-                           stop_tokens, retire, latent_steps)
+                           stop_tokens, retire, self.latent_steps if latent_steps is None else latent_steps)
         for _ in rollout.steps():
             pass
         return rollout.generations
@@ -227,7 +229,7 @@ class Engine:
         (break / close()): nothing runs ahead of the consumer.
         """
         rollout = _Rollout(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p, seed,
-                           stop_tokens, retire, latent_steps)
+                           stop_tokens, retire, self.latent_steps if latent_steps is None else latent_steps)
         return _stream_events(rollout)
 
 

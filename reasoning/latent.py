@@ -17,10 +17,13 @@ span; the no-CoT baseline removes every step with no latent positions.
 
 The forward runs through the KV cache (`latent_suffix_hidden`): one prefill of the ragged prefixes, one cached
 forward per latent position (B rows x 1 position), then one forward over the suffixes; not a re-forward of the
-whole sequence per latent step. Training backpropagates through it: the cache is written in place, so the forward
-and backward run under `torch.autograd.graph.allow_mutation_on_saved_tensors` (`training_context`), which keeps
-the pre-write values autograd saved (tests/test_latent.py checks values and gradients against an uncached
-sequential computation).
+whole sequence per latent step. Training backpropagates through it. Attention writes the new keys/values into the
+cache in place, and autograd refuses a backward through a tensor modified after it was saved, so the training cache
+(`TrainingKVCache`) keeps one tensor per layer and copies them before each forward (`fork`): a forward writes into
+fresh copies and the earlier forwards' saved keys stay as they were (a copy of B x layers x cache per forward,
+small beside the activations). tests/test_latent.py checks values and gradients against an uncached sequential
+computation. (torch.autograd.graph.allow_mutation_on_saved_tensors does the same generically but intercepts every
+op in Python: twice the step time on CPU.)
 """
 
 from __future__ import annotations
@@ -77,6 +80,18 @@ def grow_vocab(model, vocab_size: int) -> None:
         model.lm_head.weight.copy_(torch.cat([head, head.new_zeros(vocab_size - old, head.size(1))]))
     model.config = dataclasses.replace(model.config, vocab_size=vocab_size)
     model._tie_embeddings()
+
+
+def serving_mode(tokenizer, meta: dict):
+    """(tokenizer, latent steps) to serve a checkpoint: a chat_latent checkpoint's latent-step count (meta["latent"])
+    with the latent tokens added; (tokenizer, None) for any other checkpoint."""
+    latent = meta.get("latent")
+    if not isinstance(latent, dict):
+        return tokenizer, None
+    steps = latent.get("latent_steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise UserError(f"checkpoint meta latent.latent_steps={steps!r}: expected an integer >= 0")
+    return with_latent_tokens(tokenizer), steps
 
 
 # ----------------------------------------------------------------------------------------------- curriculum
@@ -168,6 +183,28 @@ def collate(rows: list[LatentRow], pad_id: int) -> tuple[LatentBatch, torch.Tens
 
 # ----------------------------------------------------------------------------------------------- forward
 
+class TrainingKVCache(KVCache):
+    """A KVCache whose layers are separate tensors, copied by `fork` before each forward when autograd records."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.k = [layer.clone() for layer in self.k.unbind(0)]  # clones: views of one tensor share its version
+        self.v = [layer.clone() for layer in self.v.unbind(0)]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].size(0)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].size(2 if self.layout == "bhsd" else 1)
+
+    def fork(self) -> None:
+        if torch.is_grad_enabled():
+            self.k = [layer.clone() for layer in self.k]
+            self.v = [layer.clone() for layer in self.v]
+
+
 def _cache_dtype(model, device: torch.device) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -181,6 +218,8 @@ def run_latent_steps(model, cache: KVCache, last_hidden: torch.Tensor, num_laten
     `new_lengths` (per row 0/1) keeps rows that ride along without a latent step from growing (engine)."""
     hidden = last_hidden
     for _ in range(num_latents):
+        if isinstance(cache, TrainingKVCache):
+            cache.fork()
         hidden = model.forward_hidden(None, kv_cache=cache, new_lengths=new_lengths,
                                       input_embeds=hidden[:, None])[:, 0]
     return hidden
@@ -191,10 +230,11 @@ def latent_suffix_hidden(model, batch: LatentBatch) -> torch.Tensor:
     device = batch.prefix.device
     B = batch.prefix.size(0)
     max_len = batch.prefix.size(1) + batch.num_latents + batch.suffix.size(1)
-    cache = KVCache.for_model(model.config, B, max_len, device=device, dtype=_cache_dtype(model, device))
+    cache = TrainingKVCache.for_model(model.config, B, max_len, device=device, dtype=_cache_dtype(model, device))
     hidden = model.forward_hidden(batch.prefix, kv_cache=cache, new_lengths=batch.prefix_lengths)  # (B, Tp, D)
     last = hidden[torch.arange(B, device=device), torch.tensor(batch.prefix_lengths, device=device) - 1]  # (B, D)
     run_latent_steps(model, cache, last, batch.num_latents)
+    cache.fork()
     return model.forward_hidden(batch.suffix, kv_cache=cache, new_lengths=batch.suffix_lengths)
 
 
@@ -210,7 +250,3 @@ class LatentObjective:
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
 
-
-def training_context():
-    """Forward and backward of the cached latent forward must run inside this (see the module docstring)."""
-    return torch.autograd.graph.allow_mutation_on_saved_tensors()

@@ -30,8 +30,8 @@ from reasoning.checkpoint import add_model_args, load_model_from_args
 from reasoning.common import (UserError, get_base_dir, get_compute_dtype, init_distributed, print0, run_main,
                               seed_everything)
 from reasoning.evaluation import EvalSettings, broadcast_summary, evaluate_task, resolve_source
-from reasoning.latent import LatentObjective, grow_vocab, render_latent, stage_layout, training_context, \
-    with_latent_tokens, example_prompt, collate
+from reasoning.latent import (LatentObjective, collate, example_prompt, grow_vocab, render_latent, stage_layout,
+                              with_latent_tokens)
 from reasoning.sft import ConversationStream
 from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, accumulate_gradients,
                                 add_run_args, autocast_factory, check_weights_finite, diverged_message,
@@ -207,8 +207,7 @@ def train_latent(config: LatentConfig, model, tokenizer, source: dict, device, r
             for rows in micro_rows:
                 batch, targets = stream.next_batch(rows, layout)
                 micro_batches.append((batch.to(device), targets.to(device)))
-            with training_context():  # backward through the in-place KV-cache writes of the latent forward
-                loss = accumulate_gradients(objective, micro_batches, autocast)
+            loss = accumulate_gradients(objective, micro_batches, autocast)
             optimizer.reduce_gradients()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0
                                                   else float("inf"))
