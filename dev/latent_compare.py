@@ -83,6 +83,9 @@ def main():
     parser.add_argument("--rows", type=int, default=32, help="rows per optimizer step")
     parser.add_argument("--eval-problems", type=int, default=1000)
     parser.add_argument("--eval-max-tokens", type=int, default=96)
+    parser.add_argument("--arms", default="cot,latent,nocot",
+                        help="which fine-tunes to run (latent continues cot's checkpoint in the same --base-dir); "
+                             "the others print na")
     args = parser.parse_args()
 
     import torch
@@ -115,8 +118,13 @@ def main():
                                           steps_per_stage=args.cot_steps + latent_total,
                                           out_tag=f"nocot_s{args.seed}")),
     }
+    wanted = args.arms.split(",")
+    if not wanted or set(wanted) - set(arms):
+        raise SystemExit(f"--arms {args.arms}: expected a comma list of {', '.join(arms)}")
     results = {}
     for name, (source_dir, config) in arms.items():
+        if name not in wanted:
+            continue
         source_dir = source_dir or ckpt.checkpoint_dir("latent", f"cot_s{args.seed}", base_dir)  # (c) continues (b)
         t0 = time.perf_counter()
         seed_everything(args.seed)
@@ -131,11 +139,14 @@ def main():
               f"({r['latent_steps']} latent) | {r['truncated']} cut at max tokens | {summary['step']} steps, "
               f"train loss {summary['metrics']['train_loss']:.4f} | train {train_minutes:.2f} min, eval "
               f"{(time.perf_counter() - t0) / 60:.2f} min", flush=True)
-    print(f"RESULT nocot_acc={results['nocot']['acc']:.4f} cot_acc={results['cot']['acc']:.4f} "
-          f"latent_acc={results['latent']['acc']:.4f} cot_tokens={results['cot']['tokens']:.1f} "
-          f"latent_tokens={results['latent']['tokens']:.1f} nocot_tokens={results['nocot']['tokens']:.1f} "
-          f"nocot_se={results['nocot']['se']:.4f} cot_se={results['cot']['se']:.4f} "
-          f"latent_se={results['latent']['se']:.4f} seed={args.seed}")
+    def figure(arm: str, key: str, digits: int) -> str:
+        return f"{results[arm][key]:.{digits}f}" if arm in results else "na"
+
+    print(f"RESULT nocot_acc={figure('nocot', 'acc', 4)} cot_acc={figure('cot', 'acc', 4)} "
+          f"latent_acc={figure('latent', 'acc', 4)} cot_tokens={figure('cot', 'tokens', 1)} "
+          f"latent_tokens={figure('latent', 'tokens', 1)} nocot_tokens={figure('nocot', 'tokens', 1)} "
+          f"nocot_se={figure('nocot', 'se', 4)} cot_se={figure('cot', 'se', 4)} "
+          f"latent_se={figure('latent', 'se', 4)} seed={args.seed}")
 
 
 if __name__ == "__main__":

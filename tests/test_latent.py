@@ -138,6 +138,23 @@ def test_curriculum_layout_per_stage(tokenizer):
     assert [config.layout_at(s) for s in (0, 9, 10, 29)] == [(1, 2), (1, 2), (2, 4), (3, 6)]
 
 
+def test_gsm8k_icot_steps_are_the_calculator_annotations(tmp_path, tokenizer):
+    from tasks.gsm8k_icot import GSM8KiCoT, icot_steps
+
+    answer = "Natalia sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    assert icot_steps(answer) == ["48/2=24", "48+24=72"]
+    path = tmp_path / "gsm8k_train.jsonl"
+    path.write_text(json.dumps({"question": "How many clips?", "answer": answer}) + "\n")
+    example = GSM8KiCoT("train", data_path=str(path))[0]
+    assert example["steps"] == ["48/2=24", "48+24=72"] and example["answer"] == "72"
+    assert example["messages"][1]["content"] == "48/2=24\n48+24=72\nThe answer is \\boxed{72}."
+    task = GSM8KiCoT("train", data_path=str(path))
+    assert task.evaluate(example, "The answer is \\boxed{72}.") and not task.evaluate(example, "\\boxed{71}")
+    prompt = tokenizer.render_for_completion({"messages": example["messages"][:1]})
+    row = render_latent(tokenizer, prompt, example["steps"], example["answer"], *stage_layout(1, 2))
+    assert tokenizer.decode(row.suffix) == "<|end-latent|>48+24=72\nThe answer is \\boxed{72}.<|assistant_end|>"
+
+
 def reference_latent_greedy(model, prompt, num_latents, start, end, max_tokens):
     """Greedy decoding of the latent layout without a cache."""
     embeds = model.wte(torch.tensor(prompt + [start]))[None]
