@@ -9,7 +9,8 @@ No-CoT trains as many optimizer steps as (b) and (c) together, so (c) has no com
 Each is evaluated greedily on the same --eval-problems held-out test problems (computations disjoint from train);
 generated tokens are the decoded tokens (with <assistant_end>) plus, for Coconut, its latent positions.
 Prints a line per arm (accuracy ± standard error, mean generated tokens, steps, minutes) and as its last line
-`RESULT nocot_acc=… cot_acc=… latent_acc=… cot_tokens=… latent_tokens=… nocot_tokens=… seed=…`.
+`RESULT nocot_acc=… cot_acc=… latent_acc=… cot_tokens=… latent_tokens=… nocot_tokens=… … seed=…`; latent_empty_acc is
+a control: the Coconut model evaluated with an empty latent span (0 latent steps).
 
 The base comes from --base-from DIR (a pipeline folder holding tokenizer/ and checkpoints/base/<tag>/, e.g. made by
 dev/rl_learning.py or runs/runcpu.sh) or is built in --base-dir by the project's stages (synthetic corpus ->
@@ -45,15 +46,16 @@ def build_base(base_dir: str, depth: int, steps: int, vocab_size: int) -> None:
                       overwrite=True))
 
 
-def evaluate(ckpt_dir: str, config, problems: int, max_tokens: int) -> dict:
-    """Greedy accuracy, its standard error and mean generated tokens (latent positions included)."""
+def evaluate(ckpt_dir: str, config, problems: int, max_tokens: int, latent_steps: int | None = None) -> dict:
+    """Greedy accuracy, its standard error and mean generated tokens (latent positions included), with the
+    checkpoint's latent-step count or `latent_steps`."""
     from reasoning.checkpoint import load_model
     from reasoning.evaluation import EvalSettings, evaluate_task, standard_error
     from reasoning.latent import with_latent_tokens
     from scripts.chat_latent import build_task
 
     model, tokenizer, meta = load_model(ckpt_dir, device="cpu")
-    latent_steps = meta["latent"]["latent_steps"]
+    latent_steps = meta["latent"]["latent_steps"] if latent_steps is None else latent_steps
     task = build_task(config, "test", problems)
     with tempfile.TemporaryDirectory(prefix="latent_compare_eval_") as out_dir:
         evaluate_task(model, with_latent_tokens(tokenizer), task,
@@ -139,6 +141,11 @@ def main():
               f"({r['latent_steps']} latent) | {r['truncated']} cut at max tokens | {summary['step']} steps, "
               f"train loss {summary['metrics']['train_loss']:.4f} | train {train_minutes:.2f} min, eval "
               f"{(time.perf_counter() - t0) / 60:.2f} min", flush=True)
+        if name == "latent":  # control: the same model with an empty latent span (do the thoughts carry anything?)
+            r = results["latent_empty"] = evaluate(summary["checkpoint_dir"], config, args.eval_problems,
+                                                   args.eval_max_tokens, latent_steps=0)
+            print(f"[latent_compare] latent model, 0 latent steps: acc {r['acc']:.4f} ± {r['se']:.4f} | "
+                  f"{r['tokens']:.1f} generated tokens", flush=True)
     def figure(arm: str, key: str, digits: int) -> str:
         return f"{results[arm][key]:.{digits}f}" if arm in results else "na"
 
@@ -146,7 +153,8 @@ def main():
           f"latent_acc={figure('latent', 'acc', 4)} cot_tokens={figure('cot', 'tokens', 1)} "
           f"latent_tokens={figure('latent', 'tokens', 1)} nocot_tokens={figure('nocot', 'tokens', 1)} "
           f"nocot_se={figure('nocot', 'se', 4)} cot_se={figure('cot', 'se', 4)} "
-          f"latent_se={figure('latent', 'se', 4)} seed={args.seed}")
+          f"latent_se={figure('latent', 'se', 4)} latent_empty_acc={figure('latent_empty', 'acc', 4)} "
+          f"seed={args.seed}")
 
 
 if __name__ == "__main__":
