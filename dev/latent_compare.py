@@ -9,8 +9,8 @@ No-CoT trains as many optimizer steps as (b) and (c) together, so (c) has no com
 Each is evaluated greedily on the same --eval-problems held-out test problems (computations disjoint from train);
 generated tokens are the decoded tokens (with <assistant_end>) plus, for Coconut, its latent positions.
 Prints a line per arm (accuracy ± standard error, mean generated tokens, steps, minutes) and as its last line
-`RESULT nocot_acc=… cot_acc=… latent_acc=… cot_tokens=… latent_tokens=… nocot_tokens=… … seed=…`; latent_empty_acc is
-a control: the Coconut model evaluated with an empty latent span (0 latent steps).
+`RESULT nocot_acc=… cot_acc=… latent_acc=… cot_tokens=… latent_tokens=… nocot_tokens=… … seed=…`;
+latent_empty_acc is a control: the Coconut model evaluated with an empty latent span (0 latent steps).
 
 The base comes from --base-from DIR (a pipeline folder holding tokenizer/ and checkpoints/base/<tag>/, e.g. made by
 dev/rl_learning.py or runs/runcpu.sh) or is built in --base-dir by the project's stages (synthetic corpus ->
