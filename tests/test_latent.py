@@ -205,9 +205,9 @@ def test_chat_display_shows_the_latent_count(tokenizer):
     assert deltas[0] == (REASONING, "[6 latent steps]") and decoder.reasoning.startswith("[6 latent steps]")
 
 
-def test_chat_latent_trains_resumes_exactly_and_evaluates(tiny_corpus, tmp_path, capsys):
+def test_chat_latent_trains_resumes_exactly_and_evaluates(tiny_corpus, tmp_path, capsys, monkeypatch):
     """A tiny curriculum (stages 0..2) from a random checkpoint; a run stopped mid-way and resumed ends with the
-    same weights; chat_eval evaluates the latent checkpoint in latent mode."""
+    same weights; chat_eval evaluates the latent checkpoint in latent mode; chat_cli shows the latent count."""
     import sys
     sys.path.insert(0, os.path.dirname(__file__))
     from helpers_models import save_tiny_checkpoint
@@ -244,6 +244,13 @@ def test_chat_latent_trains_resumes_exactly_and_evaluates(tiny_corpus, tmp_path,
     with open(tmp_path / "eval" / "predictions.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert len(records) == 6 and all(r["latent_steps"] == 4 for r in records)
+
+    from scripts import chat_cli
+    monkeypatch.setenv("REASONING_BASE_DIR", base)
+    monkeypatch.setattr(sys, "argv", ["chat_cli", "--device", "cpu", "--stage", "latent", "--tag", "full", "-p",
+                                      "2+2?", "--temperature", "0", "--max-tokens", "4"])
+    chat_cli.main()
+    assert capsys.readouterr().out.startswith("[thinking] [4 latent steps]")
 
 
 @pytest.mark.slow
