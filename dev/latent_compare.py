@@ -18,6 +18,8 @@ tokenizer -> base_train, as dev/rl_learning.py does; ~5 min of CPU).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m dev.latent_compare --base-from /tmp/rlclean_pipe --seed 0
     OMP_NUM_THREADS=1 .venv/bin/python -m dev.latent_compare --base-dir /tmp/latent_pipe --seed 1   # builds a base
+    # arms trained apart (--arms nocot --base-dir B2): put their checkpoints in one folder, evaluate all with --reuse
+    OMP_NUM_THREADS=1 .venv/bin/python -m dev.latent_compare --base-from /tmp/rlclean_pipe --base-dir B --reuse
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def main():
     parser.add_argument("--rows", type=int, default=32, help="rows per optimizer step")
     parser.add_argument("--eval-problems", type=int, default=1000)
     parser.add_argument("--eval-max-tokens", type=int, default=96)
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate (not train) an arm whose finished checkpoint is already in --base-dir")
     parser.add_argument("--arms", default="cot,latent,nocot",
                         help="which fine-tunes to run (latent continues cot's checkpoint in the same --base-dir); "
                              "the others print na")
@@ -127,23 +131,25 @@ def main():
     for name, (source_dir, config) in arms.items():
         if name not in wanted:
             continue
-        source_dir = source_dir or ckpt.checkpoint_dir("latent", f"cot_s{args.seed}", base_dir)  # (c) continues (b)
+        ckpt_dir = ckpt.checkpoint_dir("latent", config.out_tag, base_dir)
+        if not (args.reuse and ckpt.find_last_step(ckpt_dir) == config.num_iterations):
+            source_dir = source_dir or ckpt.checkpoint_dir("latent", f"cot_s{args.seed}", base_dir)  # (c) after (b)
+            seed_everything(args.seed)
+            model, tokenizer, meta = ckpt.load_model(source_dir, device="cpu", phase="train")
+            source = {"dir": source_dir, "step": meta["step"], "tag": name, "tokenizer_dir": meta.get("tokenizer_dir")}
+            train_latent(config, model, tokenizer, source, torch.device("cpu"))
+        meta = ckpt.load_meta(ckpt_dir)
+        losses = [loss for _, loss in meta["history"]["train_loss"]][-20:]
         t0 = time.perf_counter()
-        seed_everything(args.seed)
-        model, tokenizer, meta = ckpt.load_model(source_dir, device="cpu", phase="train")
-        source = {"dir": source_dir, "step": meta["step"], "tag": name, "tokenizer_dir": meta.get("tokenizer_dir")}
-        summary = train_latent(config, model, tokenizer, source, torch.device("cpu"))
-        train_minutes = (time.perf_counter() - t0) / 60
-        t0 = time.perf_counter()
-        results[name] = evaluate(summary["checkpoint_dir"], config, args.eval_problems, args.eval_max_tokens)
+        results[name] = evaluate(ckpt_dir, config, args.eval_problems, args.eval_max_tokens)
         r = results[name]
         print(f"[latent_compare] {name}: acc {r['acc']:.4f} ± {r['se']:.4f} | {r['tokens']:.1f} generated tokens "
-              f"({r['latent_steps']} latent) | {r['truncated']} cut at max tokens | {summary['step']} steps, "
-              f"train loss {summary['metrics']['train_loss']:.4f} | train {train_minutes:.2f} min, eval "
-              f"{(time.perf_counter() - t0) / 60:.2f} min", flush=True)
+              f"({r['latent_steps']} latent) | {r['truncated']} cut at max tokens | {meta['step']} steps, "
+              f"train loss {sum(losses) / len(losses):.4f} (last 20) | train {meta['train_seconds'] / 60:.2f} min, "
+              f"eval {(time.perf_counter() - t0) / 60:.2f} min", flush=True)
         if name == "latent":  # control: the same model with an empty latent span (do the thoughts carry anything?)
-            r = results["latent_empty"] = evaluate(summary["checkpoint_dir"], config, args.eval_problems,
-                                                   args.eval_max_tokens, latent_steps=0)
+            r = results["latent_empty"] = evaluate(ckpt_dir, config, args.eval_problems, args.eval_max_tokens,
+                                                   latent_steps=0)
             print(f"[latent_compare] latent model, 0 latent steps: acc {r['acc']:.4f} ± {r['se']:.4f} | "
                   f"{r['tokens']:.1f} generated tokens", flush=True)
     def figure(arm: str, key: str, digits: int) -> str:
