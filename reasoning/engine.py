@@ -36,6 +36,11 @@ One `generate` call runs every (prompt, sample) row of a batch:
   calculator and `<|output_start|> result <|output_end|>` is forced into that row one token per step (mask 0), then
   sampling resumes. A rejected expression forces an empty output block, so the transcript keeps the chat format
   and the model is never credited with writing a tool result itself.
+- **Latent mode** (`latent_steps=N`, Coconut; reasoning/latent.py): after the prefill each row is fed
+  <|start-latent|>, then N positions whose inputs are the previous position's final hidden state, then
+  <|end-latent|>; decoding starts after that. The span is not part of `tokens` (`Generation.latent_steps` = N)
+  and takes N + 2 slots of the context. `_latent_span` (run after each admission's prefill) is the whole of
+  it; latent mode holds every row's whole span in the cache (no preemption).
 
 `tokens` include the stop token when stop_reason == "stop" (the trainer learns to emit <|assistant_end|>).
 Results are prompt-major: prompt 0 samples 0..G-1, prompt 1, ...
@@ -55,6 +60,7 @@ import torch
 from reasoning.calculator import calculate
 from reasoning.common import autocast_context, get_compute_dtype
 from reasoning.gpt import FP8_KV_DTYPE, PagedKVCache
+from reasoning.latent import END_LATENT, START_LATENT, run_latent_steps
 
 STOP, LENGTH, CONTEXT = "stop", "length", "context"
 DEFAULT_STOP_NAMES = ("<|assistant_end|>", "<|bos|>")
@@ -70,6 +76,7 @@ class Generation:
     stop_reason: str | None = None  # "stop" | "length" | "context"
     prompt_index: int = 0
     sample_index: int = 0
+    latent_steps: int = 0  # latent positions before the tokens (latent mode)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,12 +247,16 @@ class Engine:
                       of two (padding rows write to the scratch block and are dropped) and every row reading its
                       whole block table; on CUDA in mode "reduce-overhead" (CUDA graphs). A backend name
                       (e.g. "aot_eager") compiles with that backend.
+      latent_steps    the latent mode (Coconut) every call uses unless it passes its own (a chat_latent
+                      checkpoint's count); module docstring.
     """
 
     def __init__(self, model, tokenizer=None, *, max_kv_tokens: int | None = None, max_batch_rows: int | None = None,
-                 block_size: int = BLOCK_SIZE, kv_dtype: torch.dtype | None = None, compile_decode=False):
+                 block_size: int = BLOCK_SIZE, kv_dtype: torch.dtype | None = None, compile_decode=False,
+                 latent_steps: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.latent_steps = latent_steps
         special = {name: _special_id(tokenizer, name) for name in DEFAULT_STOP_NAMES + TOOL_NAMES}
         self.default_stop_tokens = [special[n] for n in DEFAULT_STOP_NAMES if special[n] is not None]
         tool_ids = [special[n] for n in TOOL_NAMES]
@@ -266,25 +277,27 @@ class Engine:
 
     def generate(self, prompts, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                 seed: int | list[int] | None = 0, stop_tokens=None, retire: bool = True) -> list[Generation]:
-        """Sample num_samples completions of every prompt (lists of token ids); prompt-major results."""
+                 seed: int | list[int] | None = 0, stop_tokens=None, retire: bool = True,
+                 latent_steps: int | None = None) -> list[Generation]:
+        """Sample num_samples completions of every prompt (lists of token ids); prompt-major results.
+        `latent_steps` N: latent mode (module docstring), N continuous thoughts before the first token."""
         rollout = _Rollout(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p, seed,
-                           stop_tokens, retire)
+                           stop_tokens, retire, self.latent_steps if latent_steps is None else latent_steps)
         for _ in rollout.steps():
             pass
         return rollout.generations
 
     def generate_stream(self, prompts, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                        seed: int | list[int] | None = 0, stop_tokens=None,
-                        retire: bool = True) -> Iterator[tuple[int, int, int]]:
+                        seed: int | list[int] | None = 0, stop_tokens=None, retire: bool = True,
+                        latent_steps: int | None = None) -> Iterator[tuple[int, int, int]]:
         """Like generate, but yields (row, token, mask) as tokens are produced, row = prompt_index * G + sample.
 
         Arguments are checked now; the work happens as the caller iterates, and stops when it stops
         (break / close()): nothing runs ahead of the consumer.
         """
         rollout = _Rollout(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p, seed,
-                           stop_tokens, retire)
+                           stop_tokens, retire, self.latent_steps if latent_steps is None else latent_steps)
         return _stream_events(rollout)
 
     def decode_function(self):
@@ -326,7 +339,7 @@ class _Rollout:
     """
 
     def __init__(self, engine: Engine, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p,
-                 seed, stop_tokens, retire):
+                 seed, stop_tokens, retire, latent_steps=None):
         model = engine.model
         config = model.config
         self.model, self.engine = model, engine
@@ -362,12 +375,15 @@ class _Rollout:
         self.tool_tokens = engine.tool_tokens
         self.tokenizer = engine.tokenizer
 
+        self.latent_steps, self.latent_slots = self._check_latent(latent_steps)
+
         G = self.num_samples
-        self.generations = [Generation(prompt_index=p, sample_index=s)
+        self.generations = [Generation(prompt_index=p, sample_index=s, latent_steps=self.latent_steps or 0)
                             for p in range(len(self.prompts)) for s in range(G)]
         n = len(self.generations)
         # a row may produce max_tokens tokens, or fewer if prompt + completion would exceed the model's context
-        self.budgets = [min(self.max_tokens, self.context_len - len(self.prompts[g.prompt_index]))
+        self.budgets = [min(self.max_tokens,
+                            self.context_len - len(self.prompts[g.prompt_index]) - self.latent_slots)
                         for g in self.generations]
         self.keys = [row_key(*row_seeds[g.prompt_index], g.sample_index) for g in self.generations]
         self.done = [False] * n
@@ -430,10 +446,13 @@ class _Rollout:
     def _open_cache(self):
         """A block pool bounded by the budget; on CUDA allocated at once (static addresses), else grown on demand."""
         engine, config, bs = self.engine, self.model.config, self.engine.block_size
-        need = sum(-(-(len(self.prompts[g.prompt_index]) + b) // bs) * bs
+        need = sum(-(-(len(self.prompts[g.prompt_index]) + self.latent_slots + b) // bs) * bs
                    for g, b, d in zip(self.generations, self.budgets, self.done) if not d)  # every row at its end
         budget = engine.max_kv_tokens
-        if budget is None and self.device.type == "cuda":
+        if self.latent_steps is not None:
+            # latent mode never preempts: a recompute would have to run the latent span again, not just a prefill
+            budget = None
+        elif budget is None and self.device.type == "cuda":
             budget = kv_budget_tokens(config, torch.cuda.get_device_properties(self.device).total_memory,
                                       torch.cuda.memory_allocated(self.device), len(self.generations), self.kv_dtype)
         need += self.engine.block_size * len(self.generations)  # the admission watermark: a spare block per row
@@ -480,7 +499,8 @@ class _Rollout:
         while self.waiting:
             rows = self._unit_rows(self.waiting[0])
             context = self._context(rows[0])
-            per_row = -(-(len(context) + 1) // bs)  # its context and the slot of its next token
+            # its context (+ the latent span in latent mode) and the slot of its next token
+            per_row = -(-(len(context) + self.latent_slots + 1) // bs)
             if slots is not None and running + len(rows) > slots and running > 0:
                 break
             # keep one free block per running row, so that the next decode step does not preempt at once
@@ -528,10 +548,13 @@ class _Rollout:
                 last = hidden[torch.arange(len(group), device=self.device),
                               torch.tensor(lengths, device=self.device) - 1]  # (n, D)
                 first[torch.tensor(order[start:stop], device=self.device)] = self.model.compute_logits(last)
+        if self.latent_steps is not None:
+            first = self._latent_span(admitted)
         for rows, context in admitted:
-            filled = -(-len(context) // bs)
+            cached = len(context) + self.latent_slots
+            filled = -(-cached // bs)
             for row in rows:
-                self.cached[row] = len(context)
+                self.cached[row] = cached
                 if row != rows[0]:
                     cache.copy_blocks(self.blocks[rows[0]][:filled], self.blocks[row][:filled])
         self.batch_dirty = True
@@ -595,6 +618,37 @@ class _Rollout:
             self.batch_dirty = True
             return self._sync_batch([], static)
         cache.set_blocks([(position[row], column, self.blocks[row][column]) for row, column in added])
+
+    # -- latent mode (Coconut) ------------------------------------------------------------------------------
+
+    def _check_latent(self, latent_steps) -> tuple[int | None, int]:
+        """(latent steps or None, context slots the latent span takes)."""
+        if latent_steps is None:
+            return None, 0
+        if not isinstance(latent_steps, numbers.Integral) or isinstance(latent_steps, bool) or latent_steps < 0:
+            raise ValueError(f"latent_steps={latent_steps!r}: expected None or an integer >= 0")
+        self.latent_ids = [_special_id(self.tokenizer, name) for name in (START_LATENT, END_LATENT)]
+        if None in self.latent_ids:
+            raise ValueError("latent_steps: the tokenizer has no <|start-latent|>/<|end-latent|> tokens "
+                             "(reasoning.latent.with_latent_tokens)")
+        return int(latent_steps), int(latent_steps) + 2
+
+    def _latent_span(self, admitted) -> torch.Tensor:
+        """Each freshly prefilled context (one per admitted unit, in its first row's blocks) takes
+        <|start-latent|>, latent_steps hidden states fed back, and <|end-latent|>; a prompt's G rows then copy the
+        blocks. Returns the logits of the first token after the span, one per admitted unit (n, V)."""
+        start, end = self.latent_ids
+        bs, cache, n = self.engine.block_size, self.cache, len(admitted)
+        lengths = [len(context) for _, context in admitted]
+        columns = -(-(max(lengths) + self.latent_slots) // bs)
+        cache.static = False
+        cache.set_batch([self.blocks[rows[0]][:columns] for rows, _ in admitted], lengths, table_width=columns)
+        with self._compute():
+            marker = torch.full((n, 1), start, dtype=torch.long, device=self.device)
+            hidden = self.model.forward_hidden(marker, kv_cache=cache)[:, 0]  # (n, D)
+            run_latent_steps(self.model, cache, hidden, self.latent_steps)
+            marker = torch.full((n, 1), end, dtype=torch.long, device=self.device)
+            return self.model.compute_logits(self.model.forward_hidden(marker, kv_cache=cache)[:, -1])
 
     @torch.inference_mode()
     def _decode(self) -> torch.Tensor | None:

@@ -683,9 +683,17 @@ class GPT(nn.Module):
             return torch.get_autocast_dtype(device.type)
         return self.lm_head.weight.dtype
 
-    def forward_hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-                       new_lengths=None) -> torch.Tensor:
-        """idx (B, T) -> final normed hidden states (B, T, n_embd)."""
+    def forward_hidden(self, idx: torch.Tensor | None, kv_cache: KVCache | None = None,
+                       new_lengths=None, input_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> final normed hidden states (B, T, n_embd).
+
+        `input_embeds` (B, T, n_embd) replaces the token embeddings (idx None): latent reasoning feeds a
+        position's output hidden state back as the next input (reasoning/latent.py)."""
+        if input_embeds is not None:
+            if idx is not None or input_embeds.ndim != 3 or input_embeds.size(-1) != self.config.n_embd:
+                raise ValueError(f"input_embeds has shape {tuple(input_embeds.shape)}; expected (batch, time, "
+                                 f"{self.config.n_embd}) and idx None")
+            idx = input_embeds[..., 0]  # (B, T): only its shape and device are read below
         if idx.ndim != 2:
             raise ValueError(f"idx has shape {tuple(idx.shape)}; expected (batch, time)")
         B, T = idx.shape
@@ -704,7 +712,8 @@ class GPT(nn.Module):
             cos, sin = self.rotary_cos[positions][:, :, None, :], self.rotary_sin[positions][:, :, None, :]
         dtype = self._activation_dtype(idx.device)
         cos, sin = cos.to(dtype), sin.to(dtype)
-        x = self.wte(idx).to(dtype)  # the residual stream in the activation dtype (bf16 under GPU autocast)
+        # the residual stream in the activation dtype (bf16 under GPU autocast)
+        x = (self.wte(idx) if input_embeds is None else input_embeds).to(dtype)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache, spans)
         if kv_cache is not None:

@@ -21,6 +21,7 @@ from reasoning.checkpoint import add_model_args, load_model_from_args
 from reasoning.common import UserError, get_base_dir, init_distributed, is_master, print0, run_main
 from reasoning.evaluation import (PROMPT_MODES, EvalSettings, evaluate_task, format_table, grader_description,
                                   resolve_source, section_name, template_text)
+from reasoning.latent import serving_mode
 from reasoning.report import log_stage
 from reasoning.training import add_run_args, parse_script_args, print_result, script_parser
 from tasks.registry import build_task, task_label
@@ -72,19 +73,21 @@ def main(argv: list[str] | None = None):
     base_dir = args.base_dir or get_base_dir()
     source = resolve_source(args, base_dir)
     model, tokenizer, meta = load_model_from_args(args, info.device, phase="eval", base_dir=base_dir)
+    tokenizer, latent_steps = serving_mode(tokenizer, meta)  # a chat_latent checkpoint thinks in latent steps
     memplan.check_stage(lambda: memplan.plan_chat_eval(args.batch_size, args.num_samples, args.max_tokens,
                                                        model.config), info.device, "--batch-size or --max-tokens")
     stage = source["stage"]
     prompt_mode = args.prompt_mode or ("base" if stage == "base" else "chat")
     settings = EvalSettings(num_samples=args.num_samples, temperature=temperature, top_k=args.top_k,
                             max_tokens=args.max_tokens, batch_size=args.batch_size, prompt_mode=prompt_mode,
-                            seed=args.seed)
+                            seed=args.seed, latent_steps=latent_steps)
     try:
         settings.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
     print0(f"model: {source['dir']} step {source['step']} ({stage}) | prompt mode {prompt_mode}: "
-           f"{template_text(prompt_mode, tokenizer)}")
+           f"{template_text(prompt_mode, tokenizer)}"
+           + ("" if latent_steps is None else f" | latent mode: {latent_steps} latent steps"))
 
     results = []
     for name in task_names:
