@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reasoning.checkpointing import checkpointed_block
 from reasoning.flash_attention import CACHE_LAYOUTS, attention, attention_with_cache, cache_layout, key_spans
 
 _MLP_KINDS = ("relu2", "swiglu")
@@ -372,6 +373,8 @@ class KVCache:
 # the model
 
 class GPT(nn.Module):
+    activation_checkpointing = "off"  # off | on | offload: reasoning.checkpointing.set_activation_checkpointing
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -468,8 +471,13 @@ class GPT(nn.Module):
         dtype = self._activation_dtype(idx.device)
         cos, sin = cos.to(dtype), sin.to(dtype)
         x = self.wte(idx).to(dtype)  # the residual stream in the activation dtype (bf16 under GPU autocast)
+        # a training forward may keep only each block's input for the backward (reasoning.checkpointing)
+        checkpointing = self.activation_checkpointing if kv_cache is None and torch.is_grad_enabled() else "off"
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, spans)
+            if checkpointing == "off":
+                x = block(x, cos, sin, kv_cache, spans)
+            else:
+                x = checkpointed_block(block, x, cos, sin, offload=checkpointing == "offload")
         if kv_cache is not None:
             kv_cache.advance(T, new_lengths)
         return self.norm_f(x)
