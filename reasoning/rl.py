@@ -62,6 +62,7 @@ from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "rl"
 DEFAULT_DEVICE_BATCH_SIZE = 32  # rows per micro-batch when --device-batch-size is -1 off CUDA
+LOGPROB_MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --logprob-matmul-dtype
 LOG_NAME = "chat_rl"
 
 
@@ -116,6 +117,9 @@ class RLConfig(FinetuneConfig):
         "rows per forward/backward micro-batch (-1: 32, or on CUDA the largest power of two up to 32 that the memory "
         "planner says fits the GPU; it changes only how the update is split, not the update)"))
     logprob_chunk_size: int = field(default=1024, metadata=option("token rows per chunk of the log-prob kernel"))
+    logprob_matmul_dtype: str = field(default="fp32", metadata=option(
+        "operand dtype of the log-prob kernel's lm_head matmuls (bf16: tensor cores; logits, log-softmax and "
+        "gradients still accumulate in fp32)", choices=tuple(LOGPROB_MATMUL_DTYPES)))
     # optimizer: FinetuneConfig's rates, scaled down (an RL update moves a fine-tuned model; SFT's scale is 1)
     lr_scale: float = field(default=0.05, metadata=option("multiplier on every learning rate below"))
     # evaluation
@@ -217,7 +221,8 @@ def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, config: R
     valid = targets >= 0
     out = chunked_token_logprobs(hidden[valid], model.lm_head.weight, targets[valid], softcap=model.config.softcap,
                                  chunk_size=config.logprob_chunk_size, temperature=config.temperature,
-                                 compute_entropy=compute_entropy)       # (n_valid,) each
+                                 compute_entropy=compute_entropy,
+                                 matmul_dtype=LOGPROB_MATMUL_DTYPES[config.logprob_matmul_dtype])  # (n_valid,) each
     results = []
     for flat in (out if compute_entropy else (out,)):
         full = flat.new_zeros(targets.shape)
