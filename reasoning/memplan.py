@@ -81,6 +81,7 @@ class MemoryTracker(TorchDispatchMode):
         self.live: dict[int, list] = {}  # id(storage) -> [nbytes, category]
         self.totals = dict.fromkeys((*CATEGORIES, HOST), 0)  # HOST: offloaded copies, outside the device total
         self.peak_total, self.peak, self.host_peak = 0, dict.fromkeys(CATEGORIES, 0), 0
+        self.working_peak = 0  # the largest activations + logits at any moment (a pass's own memory)
         self.context: str | None = None  # "optimizer" while an optimizer step runs
 
     # -- bookkeeping
@@ -115,10 +116,12 @@ class MemoryTracker(TorchDispatchMode):
         if total > self.peak_total:
             self.peak_total, self.peak = total, {c: self.totals[c] for c in CATEGORIES}
         self.host_peak = max(self.host_peak, self.totals[HOST])
+        self.working_peak = max(self.working_peak, self.totals["activations"] + self.totals["logits"])
 
     def reset_peak(self) -> None:
         self.peak_total, self.peak = self._device_total(), {c: self.totals[c] for c in CATEGORIES}
         self.host_peak = self.totals[HOST]
+        self.working_peak = self.totals["activations"] + self.totals["logits"]
 
     def _category(self, t: torch.Tensor) -> str:
         if copying_to_host():  # an offloaded block input: host memory, not the device's
