@@ -67,6 +67,29 @@ def _from_host(packed) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
+_recompute_contexts = []  # factories of context managers each recomputation also runs under (recompute_under)
+
+
+@contextlib.contextmanager
+def recompute_under(factory):
+    """While active, blocks checkpointed from now on recompute under factory() as well: for state a backward does
+    not carry, such as the memory planner's Python function mode that gives CPU autocast CUDA's fp32 list
+    (torch.utils.checkpoint restores autocast itself, not Python modes)."""
+    _recompute_contexts.append(factory)
+    try:
+        yield
+    finally:
+        _recompute_contexts.remove(factory)
+
+
+@contextlib.contextmanager
+def _entered(factories):
+    with contextlib.ExitStack() as stack:
+        for factory in factories:
+            stack.enter_context(factory())
+        yield
+
+
 def set_activation_checkpointing(model, mode: str) -> None:
     """Set how `model` (a reasoning.gpt.GPT) runs its blocks in a training forward: one of MODES."""
     if mode not in MODES:
@@ -80,6 +103,10 @@ def checkpointed_block(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     model's rotary tables (or small casts of them): the closure holds them, only x goes through the saver."""
     run = lambda h: block(h, cos, sin)  # noqa: E731
     hooks = torch.autograd.graph.saved_tensors_hooks(_to_host, _from_host) if offload else contextlib.nullcontext()
+    extra = {}
+    if _recompute_contexts:
+        factories = list(_recompute_contexts)
+        extra["context_fn"] = lambda: (contextlib.nullcontext(), _entered(factories))
     with hooks:
         # blocks draw no random numbers: no RNG state to save and restore
-        return checkpoint(run, x, use_reentrant=False, preserve_rng_state=False)
+        return checkpoint(run, x, use_reentrant=False, preserve_rng_state=False, **extra)

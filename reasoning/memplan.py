@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from reasoning.checkpointing import copying_to_host
+from reasoning.checkpointing import copying_to_host, recompute_under
 from reasoning.gpt import GPT, GPTConfig
 
 GIB = 2 ** 30
@@ -204,7 +204,7 @@ class _CudaFp32Policy(TorchFunctionMode):
 @contextlib.contextmanager
 def cuda_autocast(dtype: torch.dtype = torch.bfloat16):
     """CPU autocast with CUDA's fp32 list imposed: the dtypes a CUDA bf16 autocast forward produces."""
-    with torch.autocast("cpu", dtype=dtype), _CudaFp32Policy():
+    with torch.autocast("cpu", dtype=dtype), _CudaFp32Policy(), recompute_under(_CudaFp32Policy):
         yield
 
 

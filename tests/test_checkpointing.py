@@ -137,3 +137,33 @@ def test_auto_mode_is_the_cheapest_that_fits_the_batch_and_off_without_a_gpu():
     assert resolve(memplan.AUTO, 32, "auto", plan_of, None) == (32, "off")  # CPU: unchanged defaults
     with pytest.raises(UserError, match="--device-batch-size 0"):
         resolve(0, 32, "auto", plan_of, 80.0)
+
+
+def test_rl_and_sft_plans_run_the_mode_and_the_token_budget():
+    from reasoning.gpt import config_from_depth
+    from reasoning.rl import plan_memory as rl_plan
+    from reasoning.sft import SFTConfig
+    from reasoning.sft import plan_memory as sft_plan
+
+    model_config = config_from_depth(4, 512, sequence_len=256)
+    totals = {}
+    for mode in ("off", "on", "offload"):
+        for budget in (0, 200):
+            rl_config = RLConfig(prompts_per_step=2, num_samples=4, max_new_tokens=64, device_batch_size=8,
+                                 logprob_chunk_size=64, eval_every=-1, activation_checkpointing=mode,
+                                 max_tokens_per_micro_batch=budget)
+            train = [p for p in rl_plan(rl_config, model_config, prompt_tokens=64) if p.phase == "train"][0]
+            assert train.settings["activation_checkpointing"] == mode
+            assert train.settings["device_batch_size"] == (8 if budget == 0 else 1)  # 200 tokens: one 127-token row
+            totals["rl", mode, budget] = train.total
+        sft_config = SFTConfig(device_batch_size=4, total_batch_rows=4, max_seq_len=128, eval_every=-1,
+                               activation_checkpointing=mode)
+        totals["sft", mode] = sft_plan(sft_config, model_config)[0].total
+    assert totals["rl", "offload", 0] < totals["rl", "on", 0] < totals["rl", "off", 0]
+    assert totals["rl", "off", 200] < totals["rl", "off", 0]
+    assert totals["sft", "offload"] < totals["sft", "on"] < totals["sft", "off"]
+    # a plan asked for directly with "auto" plans the CPU default (off)
+    auto = RLConfig(prompts_per_step=2, num_samples=4, max_new_tokens=64, device_batch_size=8, logprob_chunk_size=64,
+                    eval_every=-1)
+    assert [p for p in rl_plan(auto, model_config, prompt_tokens=64) if p.phase == "train"][0].total == \
+        totals["rl", "off", 0]
