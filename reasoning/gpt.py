@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from reasoning.checkpointing import checkpointed_block
 from reasoning.flash_attention import (CACHE_LAYOUTS, attention, attention_with_cache, attention_with_page_table,
                                       cache_layout, fa3_takes_cache, key_spans, sdpa_over_slots)
 
@@ -609,6 +610,8 @@ class PagedKVCache:
 # the model
 
 class GPT(nn.Module):
+    activation_checkpointing = "off"  # off | on | offload: reasoning.checkpointing.set_activation_checkpointing
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -714,8 +717,13 @@ class GPT(nn.Module):
         cos, sin = cos.to(dtype), sin.to(dtype)
         # the residual stream in the activation dtype (bf16 under GPU autocast)
         x = (self.wte(idx) if input_embeds is None else input_embeds).to(dtype)
+        # a training forward may keep only each block's input for the backward (reasoning.checkpointing)
+        checkpointing = self.activation_checkpointing if kv_cache is None and torch.is_grad_enabled() else "off"
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, spans)
+            if checkpointing == "off":
+                x = block(x, cos, sin, kv_cache, spans)
+            else:
+                x = checkpointed_block(block, x, cos, sin, offload=checkpointing == "offload")
         if kv_cache is not None:
             kv_cache.advance(T, new_lengths)
         return self.norm_f(x)

@@ -36,11 +36,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from reasoning.checkpointing import copying_to_host, recompute_under
 from reasoning.gpt import GPT, GPTConfig
 
 GIB = 2 ** 30
 PLANNED_GPU_GIB: float | None = None  # scripts/plan_memory sets its --gpu-memory-gib here (the engine's KV budget)
 CATEGORIES = ("params", "grads", "optimizer", "activations", "logits", "kv_cache")
+HOST = "host"  # block inputs offloaded to CPU memory by activation checkpointing: tracked, not device memory
 TARGETS = ("cuda", "cpu")
 DEFAULT_HEADROOM = 0.10  # share of the GPU kept free: CUDA context, allocator fragmentation, NCCL buffers
 
@@ -78,8 +80,9 @@ class MemoryTracker(TorchDispatchMode):
         super().__init__()
         self.vocab_size, self.n_layer, self.fake = vocab_size, n_layer, fake
         self.live: dict[int, list] = {}  # id(storage) -> [nbytes, category]
-        self.totals = dict.fromkeys(CATEGORIES, 0)
-        self.peak_total, self.peak = 0, dict(self.totals)
+        self.totals = dict.fromkeys((*CATEGORIES, HOST), 0)  # HOST: offloaded copies, outside the device total
+        self.peak_total, self.peak, self.host_peak = 0, dict.fromkeys(CATEGORIES, 0), 0
+        self.working_peak = 0  # the largest activations + logits at any moment (a pass's own memory)
         self.context: str | None = None  # "optimizer" while an optimizer step runs
 
     # -- bookkeeping
@@ -106,15 +109,24 @@ class MemoryTracker(TorchDispatchMode):
         if entry is not None:
             self.totals[entry[1]] -= entry[0]
 
+    def _device_total(self) -> int:
+        return sum(self.totals[c] for c in CATEGORIES)
+
     def _update_peak(self) -> None:
-        total = sum(self.totals.values())
+        total = self._device_total()
         if total > self.peak_total:
-            self.peak_total, self.peak = total, dict(self.totals)
+            self.peak_total, self.peak = total, {c: self.totals[c] for c in CATEGORIES}
+        self.host_peak = max(self.host_peak, self.totals[HOST])
+        self.working_peak = max(self.working_peak, self.totals["activations"] + self.totals["logits"])
 
     def reset_peak(self) -> None:
-        self.peak_total, self.peak = sum(self.totals.values()), dict(self.totals)
+        self.peak_total, self.peak = self._device_total(), {c: self.totals[c] for c in CATEGORIES}
+        self.host_peak = self.totals[HOST]
+        self.working_peak = self.totals["activations"] + self.totals["logits"]
 
     def _category(self, t: torch.Tensor) -> str:
+        if copying_to_host():  # an offloaded block input: host memory, not the device's
+            return HOST
         if self.context is not None:
             return self.context
         if t.dim() == 5 and t.shape[0] == self.n_layer:  # KVCache.k / .v: (n_layer, B, ..., ..., head_dim)
@@ -193,7 +205,7 @@ class _CudaFp32Policy(TorchFunctionMode):
 @contextlib.contextmanager
 def cuda_autocast(dtype: torch.dtype = torch.bfloat16):
     """CPU autocast with CUDA's fp32 list imposed: the dtypes a CUDA bf16 autocast forward produces."""
-    with torch.autocast("cpu", dtype=dtype), _CudaFp32Policy():
+    with torch.autocast("cpu", dtype=dtype), _CudaFp32Policy(), recompute_under(_CudaFp32Policy):
         yield
 
 
@@ -264,6 +276,8 @@ class Session:
         """Run `run()` and return the peak breakdown it reached (the state it started from included)."""
         self.tracker.reset_peak()
         run()
+        if self.tracker.host_peak:  # offloaded block inputs: CPU memory, shown beside the device plan
+            settings = {**settings, "host_gib": round(self.tracker.host_peak / GIB, 2)}
         return PhasePlan(stage, phase, settings, dict(self.tracker.peak))
 
     # -- the phases, each calling the stage's own code
@@ -426,6 +440,47 @@ def resolve_device_batch_size(requested: int, default: int, plan_of, gpu: float 
     raise UserError(f"memory plan: even {flag} 1 does not fit {gpu:.0f} GiB per GPU with "
                     f"{DEFAULT_HEADROOM:.0%} headroom; change {other_flags or 'the model size'} "
                     "(python -m scripts.plan_memory shows the plan)")
+
+
+def resolve_training_memory(requested_rows: int, default_rows: int, requested_mode: str, plan_of, gpu: float | None,
+                            flag: str = "--device-batch-size", allowed=lambda b: True,
+                            other_flags: str = "") -> tuple[int, str]:
+    """(device batch size, activation checkpointing mode) of a training stage; plan_of(rows, mode) -> [PhasePlan].
+
+    Checkpointing "auto" is off without a GPU (gpu None), so CPU runs are unchanged. On a GPU it is the first of
+    off, on, offload under which the requested micro-batch (the default one when the batch is auto) fits: keeping
+    the micro-batch costs one extra block forward in the backward, where shrinking it would cost more passes of
+    small matmuls (and in RL the update is the small part of a step, the rollout the large one). When no mode fits
+    that batch, offload with the largest batch that fits (resolve_device_batch_size). An explicit mode is kept and
+    only the batch is resolved."""
+    from reasoning.checkpointing import AUTO as AUTO_MODE
+    from reasoning.checkpointing import MODES
+    from reasoning.common import UserError, print0
+
+    if gpu is None or requested_mode != AUTO_MODE:
+        mode = "off" if requested_mode == AUTO_MODE else requested_mode
+        rows = resolve_device_batch_size(requested_rows, default_rows, lambda b: plan_of(b, mode), gpu, flag,
+                                         allowed, other_flags)
+        return rows, mode
+    if requested_rows != AUTO and requested_rows < 1:
+        raise UserError(f"{flag} {requested_rows}: expected a positive number of rows or -1 (auto)")
+    rows = default_rows if requested_rows == AUTO else requested_rows
+    refused = []
+    for mode in MODES:
+        plans = plan_of(rows, mode)
+        if all(p.fits(gpu) for p in plans):
+            why = f"{', '.join(refused)} did not fit" if refused else "fits without it"
+            print0(f"--activation-checkpointing {mode} (auto: {why}) | {flag} {rows} | " + summary_line(plans, gpu))
+            return rows, mode
+        refused.append(mode)
+    print0(f"--activation-checkpointing offload (auto: {flag} {rows} does not fit in any mode)")
+    return resolve_device_batch_size(requested_rows, default_rows, lambda b: plan_of(b, "offload"), gpu, flag,
+                                     allowed, other_flags), "offload"
+
+
+def planned_mode(mode: str) -> str:
+    """The checkpointing mode a plan runs with: "auto" unresolved (a plan asked for directly) counts as off."""
+    return "off" if mode == "auto" else mode
 
 
 def check_stage(plan, device, flag_hint: str) -> None:

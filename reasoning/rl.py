@@ -50,8 +50,10 @@ import numpy as np
 import torch
 
 from reasoning import checkpoint as ckpt
+from reasoning.checkpointing import set_activation_checkpointing
 from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_distributed, print0
 from reasoning.grpo import LOSS_TYPES, chunked_token_logprobs, policy_loss
+from reasoning.microbatch import micro_batches
 from reasoning.rollout import PromptStream, TrainingRows, collect_rollout, training_rows
 from reasoning.training import (DEVICE_HELP, FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, all_reduce_sum,
                                 autocast_factory, check_weights_finite, load_optimizer_state, load_resume_checkpoint,
@@ -60,6 +62,7 @@ from tasks.synthetic import DIFFICULTY as _SYNTHETIC_DIFFICULTY
 
 STAGE = "rl"
 DEFAULT_DEVICE_BATCH_SIZE = 32  # rows per micro-batch when --device-batch-size is -1 off CUDA
+LOGPROB_MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --logprob-matmul-dtype
 LOG_NAME = "chat_rl"
 
 
@@ -114,6 +117,9 @@ class RLConfig(FinetuneConfig):
         "rows per forward/backward micro-batch (-1: 32, or on CUDA the largest power of two up to 32 that the memory "
         "planner says fits the GPU; it changes only how the update is split, not the update)"))
     logprob_chunk_size: int = field(default=1024, metadata=option("token rows per chunk of the log-prob kernel"))
+    logprob_matmul_dtype: str = field(default="fp32", metadata=option(
+        "operand dtype of the log-prob kernel's lm_head matmuls (bf16: tensor cores; logits, log-softmax and "
+        "gradients still accumulate in fp32)", choices=tuple(LOGPROB_MATMUL_DTYPES)))
     # optimizer: FinetuneConfig's rates, scaled down (an RL update moves a fine-tuned model; SFT's scale is 1)
     lr_scale: float = field(default=0.05, metadata=option("multiplier on every learning rate below"))
     # evaluation
@@ -215,17 +221,14 @@ def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, config: R
     valid = targets >= 0
     out = chunked_token_logprobs(hidden[valid], model.lm_head.weight, targets[valid], softcap=model.config.softcap,
                                  chunk_size=config.logprob_chunk_size, temperature=config.temperature,
-                                 compute_entropy=compute_entropy)       # (n_valid,) each
+                                 compute_entropy=compute_entropy,
+                                 matmul_dtype=LOGPROB_MATMUL_DTYPES[config.logprob_matmul_dtype])  # (n_valid,) each
     results = []
     for flat in (out if compute_entropy else (out,)):
         full = flat.new_zeros(targets.shape)
         full[valid] = flat                                                # differentiable scatter back to (B, T)
         results.append(full)
     return tuple(results) if compute_entropy else results[0]
-
-
-def _micro_batches(rows: list[int], size: int) -> list[list[int]]:
-    return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
 def _slice(rows_data: TrainingRows, index: list[int], device):
@@ -244,7 +247,7 @@ def reference_pass(model, ref_model, data: TrainingRows, rows: list[int], config
     old = torch.zeros((N, T))
     entropy = torch.zeros((N, T))
     ref = torch.zeros((N, T)) if ref_model is not None else None
-    for index in _micro_batches(sorted(rows, key=lambda i: data.lengths[i]), config.device_batch_size):
+    for index in micro_batches(data.lengths, rows, config.device_batch_size, config.max_tokens_per_micro_batch):
         inputs, targets, _, _ = _slice(data, index, device)
         width = inputs.shape[1]
         with autocast():
@@ -299,8 +302,10 @@ def optimize_rollout(model, optimizer, data: TrainingRows, advantages: torch.Ten
         for chunk, total in zip(chunks, counts.tolist()):
             if not chunk:  # nothing here, but other ranks may have rows: enter their all-reduce with zeros
                 _zero_backward(model, data, device, autocast)
-            # micro-batches of similar lengths pad less; the order does not change the accumulated gradient
-            for index in _micro_batches(sorted(chunk, key=lambda i: data.lengths[i]), config.device_batch_size):
+            # micro-batches of similar lengths pad less; neither their order nor their grouping changes the
+            # accumulated gradient (each is scaled by its share of the minibatch's units above)
+            for index in micro_batches(data.lengths, chunk, config.device_batch_size,
+                                       config.max_tokens_per_micro_batch):
                 inputs, targets, sampler, mask = _slice(data, index, device)
                 width = inputs.shape[1]
                 with autocast():
@@ -390,6 +395,9 @@ def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str
     G = config.num_samples
     width = min(prompt_tokens + config.max_new_tokens - 1, model_config.sequence_len)
     rows = min(config.device_batch_size, prompts * G)
+    if config.max_tokens_per_micro_batch:  # the budget's worst case: full-width rows up to it (one at least)
+        rows = min(rows, max(1, config.max_tokens_per_micro_batch // width))
+    checkpointing = memplan.planned_mode(config.activation_checkpointing)
     rows_per_step = rows * memplan.micro_steps(math.ceil(prompts * G / rows))
     eval_tokens = config.max_new_tokens if config.eval_max_tokens == -1 else config.eval_max_tokens
     one_update = dataclasses.replace(config, num_minibatches=1, ppo_epochs=1)
@@ -407,8 +415,10 @@ def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str
         s.build_optimizer(**config.optimizer_args(config.lr_scale))
         reference = s.add_frozen_copy() if config.kl_coef > 0 else None  # the KL penalty's frozen model
         # the update first: it creates the optimizer state that every phase lives with from the second step on
+        set_activation_checkpointing(s.model, checkpointing)
         train = s.phase("chat_rl", "train", {"device_batch_size": rows, "width": width,
-                                             "logprob_chunk_size": config.logprob_chunk_size},
+                                             "logprob_chunk_size": config.logprob_chunk_size,
+                                             "activation_checkpointing": checkpointing},
                         lambda: [update() for _ in range(2)])
         plans = [s.phase("chat_rl", "rollout", {"rows": prompts * G, "prompt_tokens": prompt_tokens,
                                                 "max_new_tokens": config.max_new_tokens},
@@ -421,18 +431,19 @@ def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str
 
 def resolve_device_batch(config: RLConfig, model_config, device, world_size: int,
                          gpu_memory_gib: float | None = None) -> RLConfig:
-    """The config with a concrete device batch size (reasoning.memplan: on CUDA the planner plans the rollout,
-    the update and the eval, and checks or chooses the micro-batch)."""
+    """The config with a concrete device batch size and activation checkpointing mode (reasoning.memplan: on CUDA
+    the planner plans the rollout, the update and the eval, and checks or chooses both)."""
     from reasoning import memplan
 
-    def plan_of(rows: int):
-        return plan_memory(dataclasses.replace(config, device_batch_size=rows), model_config, world_size)
+    def plan_of(rows: int, mode: str):
+        return plan_memory(dataclasses.replace(config, device_batch_size=rows, activation_checkpointing=mode),
+                           model_config, world_size)
 
-    rows = memplan.resolve_device_batch_size(
-        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of,
+    rows, mode = memplan.resolve_training_memory(
+        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, config.activation_checkpointing, plan_of,
         gpu_memory_gib if gpu_memory_gib is not None else memplan.detected_gpu_memory(device),
         other_flags="--prompts-per-step, --num-samples, --max-new-tokens or --eval-batch-size")
-    return dataclasses.replace(config, device_batch_size=rows)
+    return dataclasses.replace(config, device_batch_size=rows, activation_checkpointing=mode)
 
 
 def train_rl(config: RLConfig, tasks=None) -> dict:
@@ -453,6 +464,7 @@ def train_rl(config: RLConfig, tasks=None) -> dict:
     source = resolve_source(config, base_dir)
     model, tokenizer, source_meta = _load_policy(config, device, base_dir)
     config = resolve_device_batch(config, model.config, device, world_size)  # on CUDA: plans every phase
+    set_activation_checkpointing(model, config.activation_checkpointing)
     ref_model = _load_reference(config, device, base_dir) if config.kl_coef > 0 else None
     train_task, eval_task = tasks if tasks is not None else build_rl_tasks(config)
     reward = build_reward(config)

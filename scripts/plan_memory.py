@@ -105,14 +105,16 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
 
         config = config_from_args(args)
         config.validate()
-        if config.device_batch_size == -1:  # auto: what the stage would choose on this GPU (explicit: as given)
+        if config.device_batch_size == -1 or config.activation_checkpointing == "auto":
+            # auto: what the stage would choose on this GPU (explicit: as given)
             config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
         return plan_memory(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
     from reasoning.rl import config_from_args, plan_memory, resolve_device_batch
 
     config = config_from_args(args)
     config.validate()
-    if config.device_batch_size == -1:  # auto: what the stage would choose on this GPU (explicit: as given)
+    if config.device_batch_size == -1 or config.activation_checkpointing == "auto":
+        # auto: what the stage would choose on this GPU (explicit: as given)
         config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
     return plan_memory(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
 
