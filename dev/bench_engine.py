@@ -59,7 +59,7 @@ SECTIONS = ["throughput", "retirement", "longtail", "fp8", "compiled"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_models(sequence_len: int, seed: int = 0, kv_heads: int = HEADS, device=torch.device("cpu"),
+def build_models(max_seq_len: int, seed: int = 0, kv_heads: int = HEADS, device=torch.device("cpu"),
                  dtype: torch.dtype = torch.float32):
     """The same random Llama network as (our GPT, HF LlamaForCausalLM), on `device` with weights in `dtype`.
     The weights are drawn on CPU in fp32 whatever the device, so every device runs the same network."""
@@ -67,12 +67,12 @@ def build_models(sequence_len: int, seed: int = 0, kv_heads: int = HEADS, device
 
     hf_config = LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=MLP_WIDTH, num_hidden_layers=LAYERS,
                             num_attention_heads=HEADS, num_key_value_heads=kv_heads,
-                            max_position_embeddings=sequence_len,
+                            max_position_embeddings=max_seq_len,
                             rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=0, bos_token_id=None,
                             eos_token_id=None)
     torch.manual_seed(seed)
     hf = LlamaForCausalLM(hf_config).eval()
-    ours = GPT(llama_shaped_config(sequence_len, kv_heads))
+    ours = GPT(llama_shaped_config(max_seq_len, kv_heads))
     ours.load_state_dict(hf_to_ours(hf.state_dict()))
     ours.to(device=device, dtype=dtype)  # GPT rebuilds its rotary tables in fp32
     hf.to(device)
@@ -87,8 +87,8 @@ def placed_like(model, ours: GPT):
     return model.to(device=weight.device, dtype=weight.dtype)
 
 
-def llama_shaped_config(sequence_len: int, kv_heads: int = HEADS) -> GPTConfig:
-    return GPTConfig(sequence_len=sequence_len, vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_kv_head=kv_heads,
+def llama_shaped_config(max_seq_len: int, kv_heads: int = HEADS) -> GPTConfig:
+    return GPTConfig(max_seq_len=max_seq_len, vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_kv_head=kv_heads,
                      n_embd=DIM, softcap=None, mlp="swiglu", intermediate_size=MLP_WIDTH, norm_weight=True,
                      qk_norm=False)
 
@@ -412,7 +412,7 @@ def qwen_shaped_model(args) -> GPT:
     """Qwen3's layout (16 heads, 8 kv heads, head_dim 128, hidden 1024, SwiGLU 3072, q/k-norm gains, tied
     embeddings) with --qwen-layers layers and --qwen-vocab ids, random weights; the stop token's logit is pinned to
     --stop-logit, so every row stops with about the same probability at every step: geometric lengths, a long tail."""
-    config = GPTConfig(sequence_len=args.longtail_prompt_max + args.longtail_max_tokens, vocab_size=args.qwen_vocab,
+    config = GPTConfig(max_seq_len=args.longtail_prompt_max + args.longtail_max_tokens, vocab_size=args.qwen_vocab,
                        n_layer=args.qwen_layers, n_head=16, n_kv_head=8, head_dim=128, n_embd=1024, mlp="swiglu",
                        intermediate_size=3072, norm_weight=True, qk_norm=True, qk_norm_weight=True,
                        tie_embeddings=True, softcap=None, rope_theta=1e6)

@@ -42,7 +42,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = train_small_tokenizer(os.path.join(tmp, "tokenizer"))
-    model = tiny_model(tokenizer.vocab_size, depth=2, n_embd=64, sequence_len=2048).eval()
+    model = tiny_model(tokenizer.vocab_size, depth=2, n_embd=64, max_seq_len=2048).eval()
     task = build_task("MATH-500", "test", data_path=args.data_path)
     prompts = [build_prompt(tokenizer, task[i], "chat") for i in range(args.problems)]
     engine = Engine(model, tokenizer)

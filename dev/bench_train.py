@@ -1,6 +1,6 @@
 """Benchmark: CPU pretraining throughput and MFU for depths 2/4/6, one optimizer step split into its phases.
 
-For each depth: a GPT from `gpt.config_from_depth(depth, vocab, sequence_len=256)`, the Muon+AdamW optimizer of
+For each depth: a GPT from `gpt.config_from_depth(depth, vocab, max_seq_len=256)`, the Muon+AdamW optimizer of
 `GPT.setup_optimizer`, fixed random token batches of `--batch-size` rows × 256 tokens. Each step is timed in three
 parts -- forward (summed loss, as the trainer computes it), backward, optimizer step -- and the table reports the
 median over `--steps` steps after `--warmup` untimed ones. MFU = GPT.estimate_flops() × tokens/s ÷ the measured
@@ -29,7 +29,7 @@ from reasoning.gpt import GPT, config_from_depth
 from reasoning.mfu import measure_cpu_matmul_flops
 
 
-def time_steps(depth: int, vocab: int, seq_len: int, batch_size: int, warmup: int, steps: int,
+def time_steps(depth: int, vocab: int, max_seq_len: int, batch_size: int, warmup: int, steps: int,
                compile_backend: str | None = None) -> list[dict]:
     """Median seconds of forward / backward / optimizer over `steps` steps, plus model facts: one row for the eager
     model and, with `compile_backend`, one for its compiled twin (steps of the two alternate)."""
@@ -37,13 +37,13 @@ def time_steps(depth: int, vocab: int, seq_len: int, batch_size: int, warmup: in
     runs = {}
     for mode in modes:
         torch.manual_seed(0)  # the same initial weights for both
-        model = GPT(config_from_depth(depth, vocab, sequence_len=seq_len))
+        model = GPT(config_from_depth(depth, vocab, max_seq_len=max_seq_len))
         model.init_weights()
         forward = torch.compile(model, dynamic=False, backend=compile_backend) if mode == "compiled" else model
         runs[mode] = (model, forward, model.setup_optimizer(), {"forward": [], "backward": [], "optimizer": []})
     gen = torch.Generator().manual_seed(depth)
-    inputs = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
-    targets = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+    inputs = torch.randint(0, vocab, (batch_size, max_seq_len), generator=gen)
+    targets = torch.randint(0, vocab, (batch_size, max_seq_len), generator=gen)
     for i in range(warmup + steps):
         for mode in modes:
             model, forward, optimizer, phases = runs[mode]
@@ -71,7 +71,7 @@ def time_steps(depth: int, vocab: int, seq_len: int, batch_size: int, warmup: in
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 6])
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=4096, help="the CPU pipeline's tokenizer size")
     parser.add_argument("--warmup", type=int, default=2)
@@ -86,13 +86,13 @@ def main():
 
     peak_before = measure_cpu_matmul_flops(num_threads=threads)
     rows = [row for d in args.depths
-            for row in time_steps(d, args.vocab_size, args.seq_len, args.batch_size, args.warmup, args.steps,
+            for row in time_steps(d, args.vocab_size, args.max_seq_len, args.batch_size, args.warmup, args.steps,
                                   args.compile_backend if args.compile else None)]
     measure_cpu_matmul_flops.cache_clear()  # a second, independent measurement after the load of the runs
     peak = max(peak_before, measure_cpu_matmul_flops(num_threads=threads))
 
-    tokens = args.batch_size * args.seq_len
-    print(f"CPU, {threads} threads, fp32, batch {args.batch_size} × {args.seq_len} tokens, vocab {args.vocab_size}, "
+    tokens = args.batch_size * args.max_seq_len
+    print(f"CPU, {threads} threads, fp32, batch {args.batch_size} × {args.max_seq_len} tokens, vocab {args.vocab_size}, "
           f"median of {args.steps} steps; matmul peak {peak / 1e9:.1f} GFLOP/s (before {peak_before / 1e9:.1f})")
     print(f"{'depth':>5} {'mode':>8} {'width':>5} {'params':>10} {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>8} "
           f"{'step ms':>8} {'tok/s':>8} {'MFU':>7}")

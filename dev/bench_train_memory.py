@@ -31,7 +31,7 @@ from reasoning.training import print_result
 
 
 def qwen_shaped(layers: int, vocab: int, max_len: int) -> GPTConfig:
-    return GPTConfig(sequence_len=max_len, vocab_size=vocab, n_layer=layers, n_head=16, n_kv_head=8, n_embd=1024,
+    return GPTConfig(max_seq_len=max_len, vocab_size=vocab, n_layer=layers, n_head=16, n_kv_head=8, n_embd=1024,
                      head_dim=128, intermediate_size=3072, mlp="swiglu", norm_weight=True, qk_norm_weight=True,
                      tie_embeddings=True, softcap=None, rope_theta=1e6)
 

@@ -111,7 +111,7 @@ def run_stage(launcher: list[str], stage: str, flags: str, env: dict, log_dir: s
     return output, seconds
 
 
-def attention_parity(seq_len: int) -> tuple[str, float | None]:
+def attention_parity(max_seq_len: int) -> tuple[str, float | None]:
     """Max |FA3 - SDPA| over outputs and q-gradients on the same bf16 inputs (a direct call: parity only)."""
     from reasoning import flash_attention as fa
 
@@ -120,11 +120,11 @@ def attention_parity(seq_len: int) -> tuple[str, float | None]:
     if fa.resolve_backend("cuda", torch.bfloat16) != "fa3":
         return f"unavailable ({fa._fa3_error})", None
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn((2, seq_len, 8, 128), device="cuda", dtype=torch.bfloat16, generator=gen)
-    k, v = (torch.randn((2, seq_len, 2, 128), device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    q = torch.randn((2, max_seq_len, 8, 128), device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn((2, max_seq_len, 2, 128), device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
     worst = 0.0
     try:
-        for window in (None, seq_len // 4):
+        for window in (None, max_seq_len // 4):
             results = []
             for backend in ("fa3", "sdpa"):
                 fa.set_backend(backend)

@@ -30,24 +30,24 @@ def _stage_cases():
     """(name, plan function(fake) -> [PhasePlan]) for 3+ small configurations per stage."""
     cases = []
     for depth, vocab, B, T in ((2, 512, 4, 64), (3, 1024, 8, 128), (4, 2048, 4, 256)):
-        mc = config_from_depth(depth, vocab, sequence_len=T)
+        mc = config_from_depth(depth, vocab, max_seq_len=T)
         cfg = TrainConfig(depth=depth, device_batch_size=B, max_seq_len=T)
         cases.append((f"base_train d{depth} V{vocab} {B}x{T}",
                       lambda fake, cfg=cfg, mc=mc: pretrain_plan(cfg, mc, target="cpu", fake=fake)))
     for depth, vocab, B, T, acc in ((2, 512, 4, 64, 1), (3, 1024, 4, 128, 2), (4, 2048, 2, 256, 1)):
-        mc = config_from_depth(depth, vocab, sequence_len=T)
+        mc = config_from_depth(depth, vocab, max_seq_len=T)
         cfg = SFTConfig(device_batch_size=B, max_seq_len=T, total_batch_rows=B * acc, eval_every=-1)
         cases.append((f"chat_sft d{depth} V{vocab} {B}x{T} acc{acc}",
                       lambda fake, cfg=cfg, mc=mc: sft_plan(cfg, mc, target="cpu", fake=fake)))
     for depth, vocab, P, G, new, rows in ((2, 512, 2, 4, 32, 4), (3, 1024, 4, 4, 64, 8), (4, 2048, 2, 8, 96, 8)):
-        mc = config_from_depth(depth, vocab, sequence_len=256)
+        mc = config_from_depth(depth, vocab, max_seq_len=256)
         cfg = RLConfig(prompts_per_step=P, num_samples=G, max_new_tokens=new, device_batch_size=rows,
                        logprob_chunk_size=64, eval_every=-1)
         cases.append((f"chat_rl d{depth} V{vocab} {P}x{G} new{new} rows{rows}",
                       lambda fake, cfg=cfg, mc=mc: rl_plan(cfg, mc, target="cpu", fake=fake,
                                                                    prompt_tokens=24)))
     for depth, vocab, B, k, new in ((2, 512, 4, 1, 32), (3, 1024, 4, 4, 64), (4, 2048, 8, 2, 96)):
-        mc = config_from_depth(depth, vocab, sequence_len=256)
+        mc = config_from_depth(depth, vocab, max_seq_len=256)
         cases.append((f"chat_eval d{depth} V{vocab} {B}x{k} new{new}",
                       lambda fake, B=B, k=k, new=new, mc=mc: memplan.plan_chat_eval(B, k, new, mc, target="cpu",
                                                                                    fake=fake, prompt_tokens=24)))

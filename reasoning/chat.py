@@ -192,7 +192,7 @@ def _optional_int(body: dict, name: str, low: int, high: int):
     return int(value)
 
 
-def parse_chat_request(body: dict, tokenizer, context_len: int, default_max_tokens: int) -> ChatRequest:
+def parse_chat_request(body: dict, tokenizer, max_seq_len: int, default_max_tokens: int) -> ChatRequest:
     """Check a decoded JSON request body and render its prompt. Raises RequestError (a ValueError)."""
     if not isinstance(body, dict):
         raise RequestError(f"request body: expected a JSON object, got {_json_type(body)}")
@@ -227,7 +227,7 @@ def parse_chat_request(body: dict, tokenizer, context_len: int, default_max_toke
     top_k = None if top_k in (None, -1, 0) else _optional_int(body, "top_k", 1, 1 << 31)  # vLLM: -1/0 = off
     seed = _optional_int(body, "seed", -(1 << 63), (1 << 64) - 1)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _optional_int(body, name, 1, context_len)
+    max_tokens = _optional_int(body, name, 1, max_seq_len)
     stop = body.get("stop")
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS or \
@@ -241,20 +241,20 @@ def parse_chat_request(body: dict, tokenizer, context_len: int, default_max_toke
                      for part in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}]))
     # Cheap early refusal: no token covers more bytes than the longest one, so this many bytes cannot fit.
     longest_token = max(1, int(tokenizer.token_bytes.max()))
-    if text_bytes / longest_token >= context_len:
-        raise _context_error(f"at least {text_bytes // longest_token}", context_len)
+    if text_bytes / longest_token >= max_seq_len:
+        raise _context_error(f"at least {text_bytes // longest_token}", max_seq_len)
     try:
         prompt_ids = tokenizer.render_for_completion(conversation)
     except ValueError as e:  # the chat format's own rules (roles alternate, system message first)
         raise RequestError(f"messages: {e}", "messages") from None
-    if len(prompt_ids) >= context_len:
-        raise _context_error(str(len(prompt_ids)), context_len)
-    room = context_len - len(prompt_ids)  # what the context leaves for the reply
+    if len(prompt_ids) >= max_seq_len:
+        raise _context_error(str(len(prompt_ids)), max_seq_len)
+    room = max_seq_len - len(prompt_ids)  # what the context leaves for the reply
     if max_tokens is None:  # as vLLM: an unset length gets the room left (up to the default)
         max_tokens = min(default_max_tokens, room)
     elif max_tokens > room:  # as vLLM and OpenAI: refused (400), never silently shortened
         raise RequestError(f"{name}: {max_tokens} does not fit: the conversation takes {len(prompt_ids)} of this "
-                           f"model's {context_len} context tokens and leaves {room} for the reply; ask for at most "
+                           f"model's {max_seq_len} context tokens and leaves {room} for the reply; ask for at most "
                            f"{room}, or leave {name} unset to get what is left", name, "context_length_exceeded")
     return ChatRequest(prompt_ids=prompt_ids, max_tokens=max_tokens,
                        temperature=1.0 if temperature is None else temperature, top_p=top_p, top_k=top_k,
@@ -262,8 +262,8 @@ def parse_chat_request(body: dict, tokenizer, context_len: int, default_max_toke
                        include_usage=bool(options and options.get("include_usage")))
 
 
-def _context_error(count: str, context_len: int) -> RequestError:
-    return RequestError(f"messages: the conversation takes {count} tokens but this model's context is {context_len} "
+def _context_error(count: str, max_seq_len: int) -> RequestError:
+    return RequestError(f"messages: the conversation takes {count} tokens but this model's context is {max_seq_len} "
                         "tokens and the reply needs at least one; shorten the conversation", "messages",
                         "context_length_exceeded")
 

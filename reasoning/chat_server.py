@@ -180,7 +180,7 @@ class ChatService:
                  body_timeout: float = DEFAULT_BODY_TIMEOUT_S, latent_steps: int | None = None):
         self.tokenizer = tokenizer
         self.body_timeout = body_timeout
-        self.context_len = models[0].config.sequence_len
+        self.max_seq_len = models[0].config.max_seq_len
         self.pool = WorkerPool([Engine(models[i % len(models)], tokenizer, latent_steps=latent_steps)
                                 for i in range(workers)], max_queue)
         self.api_key = api_key
@@ -490,7 +490,7 @@ def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_k
         service.check_auth(request)
         # max_model_len as vLLM names it; default_max_tokens is ours (the UI shows what an unset length gets)
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": service.created,
-                                            "owned_by": "reasoning", "max_model_len": service.context_len,
+                                            "owned_by": "reasoning", "max_model_len": service.max_seq_len,
                                             "default_max_tokens": service.default_max_tokens}]}
 
     @app.post("/v1/chat/completions")
@@ -498,7 +498,7 @@ def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_k
         service.check_auth(request)
         body = await service.read_json(request)
         # tokenising up to max_body_bytes of text takes a while: keep the event loop free meanwhile
-        chat = await asyncio.to_thread(parse_chat_request, body, tokenizer, service.context_len, default_max_tokens)
+        chat = await asyncio.to_thread(parse_chat_request, body, tokenizer, service.max_seq_len, default_max_tokens)
         try:
             engine = await service.acquire(request)
         except _ClientGone:

@@ -87,7 +87,7 @@ def score_continuations(model, tokenizer, pairs: list[tuple[str, str]], device, 
     Sequences are <|bos|> context continuation, cropped from the left to the model's context, right-padded into one
     batch; padding is never a target and, being to the right, never attended to by real tokens (causal mask).
     """
-    max_len = max_len or model.config.sequence_len
+    max_len = max_len or model.config.max_seq_len
     rows, spans = [], []
     for context, continuation in pairs:
         cont = tokenizer.encode(continuation)

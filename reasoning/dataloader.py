@@ -41,17 +41,17 @@ class PackedLoader:
     whole row group, so the buffer holds between buffer_size and buffer_size + one row group of documents.
     """
 
-    def __init__(self, tokenizer, batch_size: int, seq_len: int, data_dir: str | None = None, split: str = "train",
+    def __init__(self, tokenizer, batch_size: int, max_seq_len: int, data_dir: str | None = None, split: str = "train",
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", buffer_size: int = 1000,
                  num_epochs: int | None = None, resume_state: dict | None = None):
-        if batch_size < 1 or seq_len < 1 or buffer_size < 1:
-            raise ValueError(f"batch_size, seq_len and buffer_size must be >= 1, "
-                             f"got {batch_size}, {seq_len}, {buffer_size}")
+        if batch_size < 1 or max_seq_len < 1 or buffer_size < 1:
+            raise ValueError(f"batch_size, max_seq_len and buffer_size must be >= 1, "
+                             f"got {batch_size}, {max_seq_len}, {buffer_size}")
         if num_epochs is not None and num_epochs < 1:
             raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
         self.tokenizer = tokenizer
         self.bos = tokenizer.bos_token_id
-        self.batch_size, self.seq_len, self.buffer_size = batch_size, seq_len, buffer_size
+        self.batch_size, self.max_seq_len, self.buffer_size = batch_size, max_seq_len, buffer_size
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.num_epochs = num_epochs
@@ -125,12 +125,12 @@ class PackedLoader:
         rows = []
         for _ in range(self.batch_size):
             row: list[int] = []
-            while len(row) <= self.seq_len:
+            while len(row) <= self.max_seq_len:
                 while len(self._keys) < self.buffer_size and self._refill():
                     pass
                 if not self._keys:
                     return None
-                row.extend(self._take(self.seq_len + 1 - len(row)))
+                row.extend(self._take(self.max_seq_len + 1 - len(row)))
             rows.append(row)
         return rows
 
@@ -143,7 +143,7 @@ class PackedLoader:
         if rows is None:
             raise StopIteration
         self.batches += 1
-        self._counts["tokens_emitted"] += self.batch_size * (self.seq_len + 1)
+        self._counts["tokens_emitted"] += self.batch_size * (self.max_seq_len + 1)
         packed = np.array(rows, dtype=np.int64)  # (B, T+1); ~10x faster than torch.tensor on nested lists
         inputs = torch.from_numpy(np.ascontiguousarray(packed[:, :-1]))  # (B, T)
         targets = torch.from_numpy(np.ascontiguousarray(packed[:, 1:]))  # (B, T)
@@ -284,18 +284,18 @@ class Prefetcher:
         self._thread.join(timeout=10)
 
 
-def build_train_loader(tokenizer, batch_size: int, seq_len: int, data_dir: str | None = None, rank: int = 0,
+def build_train_loader(tokenizer, batch_size: int, max_seq_len: int, data_dir: str | None = None, rank: int = 0,
                        world_size: int = 1, device: str | torch.device = "cpu", buffer_size: int = 1000,
                        resume_state: dict | None = None) -> PackedLoader:
     """Endless multi-epoch loader over the train shards."""
-    return PackedLoader(tokenizer, batch_size, seq_len, data_dir, "train", rank, world_size, device, buffer_size,
+    return PackedLoader(tokenizer, batch_size, max_seq_len, data_dir, "train", rank, world_size, device, buffer_size,
                         num_epochs=None, resume_state=resume_state)
 
 
-def build_val_loader(tokenizer, batch_size: int, seq_len: int, data_dir: str | None = None, rank: int = 0,
+def build_val_loader(tokenizer, batch_size: int, max_seq_len: int, data_dir: str | None = None, rank: int = 0,
                      world_size: int = 1, device: str | torch.device = "cpu", buffer_size: int = 1000) -> PackedLoader:
     """One deterministic pass over the validation shard (same batches every call), for bits per byte."""
-    return PackedLoader(tokenizer, batch_size, seq_len, data_dir, "val", rank, world_size, device, buffer_size,
+    return PackedLoader(tokenizer, batch_size, max_seq_len, data_dir, "val", rank, world_size, device, buffer_size,
                         num_epochs=1)
 
 

@@ -343,9 +343,9 @@ class _Rollout:
         model = engine.model
         config = model.config
         self.model, self.engine = model, engine
-        self.context_len = config.sequence_len
+        self.max_seq_len = config.max_seq_len
         vocab_size = config.vocab_size
-        self.prompts = _check_prompts(prompts, vocab_size, self.context_len)
+        self.prompts = _check_prompts(prompts, vocab_size, self.max_seq_len)
         if not isinstance(num_samples, numbers.Integral) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r}: expected an integer >= 1")
         if not isinstance(max_tokens, numbers.Integral) or isinstance(max_tokens, bool) or max_tokens < 1:
@@ -383,7 +383,7 @@ class _Rollout:
         n = len(self.generations)
         # a row may produce max_tokens tokens, or fewer if prompt + completion would exceed the model's context
         self.budgets = [min(self.max_tokens,
-                            self.context_len - len(self.prompts[g.prompt_index]) - self.latent_slots)
+                            self.max_seq_len - len(self.prompts[g.prompt_index]) - self.latent_slots)
                         for g in self.generations]
         self.keys = [row_key(*row_seeds[g.prompt_index], g.sample_index) for g in self.generations]
         self.done = [False] * n
@@ -604,7 +604,7 @@ class _Rollout:
             tables = [self.blocks[row] for row in self.resident]
             lengths = [self.cached[row] for row in self.resident]
             if static:
-                width = -(-self.context_len // bs)
+                width = -(-self.max_seq_len // bs)
                 cache.set_batch(tables, lengths, batch_size=_bucket(len(tables)), table_width=width)
             else:  # finished rows riding along (retire=False) still write, at a slot past their blocks
                 width = max(max(len(t), self.cached[row] // bs + 1) for t, row in zip(tables, self.resident))
@@ -766,7 +766,7 @@ def _length_groups(lengths: list[int]) -> list[tuple[int, int]]:
     return groups
 
 
-def _check_prompts(prompts, vocab_size: int, context_len: int) -> list[list[int]]:
+def _check_prompts(prompts, vocab_size: int, max_seq_len: int) -> list[list[int]]:
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
@@ -777,9 +777,9 @@ def _check_prompts(prompts, vocab_size: int, context_len: int) -> list[list[int]
             prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
             raise ValueError(f"prompt {i}: expected a non-empty list of token ids, got {prompt!r:.80}")
-        if len(prompt) > context_len:
+        if len(prompt) > max_seq_len:
             raise ValueError(f"prompt {i} has {len(prompt)} tokens, longer than the model context of "
-                             f"{context_len} (sequence_len)")
+                             f"{max_seq_len} (max_seq_len)")
         for j, token in enumerate(prompt):
             if not isinstance(token, numbers.Integral) or isinstance(token, bool) or not 0 <= token < vocab_size:
                 raise ValueError(f"prompt {i} token {j} is {token!r}: expected a token id in [0, {vocab_size})")

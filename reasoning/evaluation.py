@@ -271,7 +271,7 @@ def generate_records(engine, tokenizer, task, indices: list[int], settings: Eval
     """Generate and grade num_samples completions for each problem in `indices` (one engine call)."""
     examples = [task[i] for i in indices]
     prompts = [build_prompt(tokenizer, ex, settings.prompt_mode) for ex in examples]
-    context = engine.model.config.sequence_len
+    context = engine.model.config.max_seq_len
     runnable = [j for j, p in enumerate(prompts) if len(p) < context]
     generations = {}
     if runnable:

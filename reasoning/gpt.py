@@ -27,13 +27,13 @@ from reasoning.flash_attention import (CACHE_LAYOUTS, attention, attention_with_
 
 _MLP_KINDS = ("relu2", "swiglu")
 _LOSS_REDUCTIONS = ("mean", "sum", "none")
-_ROTARY_MARGIN = 2  # rotary tables cover this many times sequence_len before they must be regrown
+_ROTARY_MARGIN = 2  # rotary tables cover this many times max_seq_len before they must be regrown
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
 class GPTConfig:
-    sequence_len: int = 2048
+    max_seq_len: int = 2048
     vocab_size: int = 65536
     n_layer: int = 12
     n_head: int = 6
@@ -57,7 +57,7 @@ class GPTConfig:
     rope_scaling: dict | None = None
 
     def __post_init__(self):
-        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+        for name in ("max_seq_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name}={value!r}: expected a positive integer")
@@ -108,7 +108,7 @@ class GPTConfig:
         return cls(**d)
 
 
-def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, aspect_ratio: int = 64,
+def config_from_depth(depth: int, vocab_size: int, max_seq_len: int = 2048, aspect_ratio: int = 64,
                       head_dim: int | None = None, **overrides) -> GPTConfig:
     """The single size dial: n_embd ≈ depth * aspect_ratio, rounded up to a multiple of head_dim.
 
@@ -126,7 +126,7 @@ def config_from_depth(depth: int, vocab_size: int, sequence_len: int = 2048, asp
             head_dim //= 2
     n_embd = head_dim * math.ceil(raw_width / head_dim)
     n_head = n_embd // head_dim
-    fields = dict(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+    fields = dict(max_seq_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                   n_kv_head=n_head, n_embd=n_embd)
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(overrides) - known)
@@ -624,7 +624,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         # Rotary tables are derived state: non-persistent (not in checkpoints), rebuilt whenever the module moves.
-        cos, sin = rotary_tables(_ROTARY_MARGIN * config.sequence_len, config.get_head_dim(), config.rope_theta,
+        cos, sin = rotary_tables(_ROTARY_MARGIN * config.max_seq_len, config.get_head_dim(), config.rope_theta,
                                  self.wte.weight.device, config.rope_scaling)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
@@ -764,7 +764,7 @@ class GPT(nn.Module):
         """
         cfg = self.config
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        context = cfg.sequence_len if cfg.window is None else min(cfg.window, cfg.sequence_len)
+        context = cfg.max_seq_len if cfg.window is None else min(cfg.window, cfg.max_seq_len)
         return 6.0 * matmul_weights + 12.0 * cfg.n_layer * cfg.n_head * cfg.get_head_dim() * context
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -92,7 +92,7 @@ def _rope_from_hf(hf: dict, source: str) -> tuple[float, dict | None]:
     raise UserError(f"{source}: rope type {kind!r} is not supported (expected 'default' or 'llama3')")
 
 
-def gpt_config_from_hf(hf: dict, source: str = CONFIG_FILE, sequence_len: int | None = None) -> GPTConfig:
+def gpt_config_from_hf(hf: dict, source: str = CONFIG_FILE, max_seq_len: int | None = None) -> GPTConfig:
     """Translate a Llama/Qwen2/Qwen3 config.json into GPTConfig switches."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -113,7 +113,7 @@ def gpt_config_from_hf(hf: dict, source: str = CONFIG_FILE, sequence_len: int | 
     n_head = hf["num_attention_heads"]
     try:
         return GPTConfig(
-            sequence_len=sequence_len or int(hf.get("max_position_embeddings") or 2048),
+            max_seq_len=max_seq_len or int(hf.get("max_position_embeddings") or 2048),
             vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
             n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
             head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
@@ -148,7 +148,7 @@ def hf_config_from_gpt(config: GPTConfig, bos_token_id: int | None, eos_token_id
         "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
         "intermediate_size": config.get_intermediate_size(), "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
-        "head_dim": config.get_head_dim(), "hidden_act": "silu", "max_position_embeddings": config.sequence_len,
+        "head_dim": config.get_head_dim(), "hidden_act": "silu", "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.rms_eps, "rope_theta": config.rope_theta,
         "rope_scaling": dict(config.rope_scaling, rope_type="llama3") if config.rope_scaling else None,
         "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0,
@@ -240,15 +240,15 @@ def hf_folder(path: str) -> str:
 
 
 def load_hf_model(path: str, device="cpu", phase: str = "eval", dtype: torch.dtype = torch.float32,
-                  sequence_len: int | None = None):
+                  max_seq_len: int | None = None):
     """(model, tokenizer, meta) from a local HF folder, like checkpoint.load_model. fp32 by default (training keeps
-    fp32 master weights; autocast does bf16 compute on GPU). `sequence_len` defaults to max_position_embeddings."""
+    fp32 master weights; autocast does bf16 compute on GPU). `max_seq_len` defaults to max_position_embeddings."""
     if phase not in ("eval", "train"):
         raise ValueError(f"phase={phase!r}: expected 'eval' or 'train'")
     path = hf_folder(path)
     config_path = os.path.join(path, CONFIG_FILE)
     hf_config = read_json_object(config_path, "the model's config")
-    config = gpt_config_from_hf(hf_config, config_path, sequence_len)
+    config = gpt_config_from_hf(hf_config, config_path, max_seq_len)
     tokenizer = HFTokenizer.load(path)  # before the weights: a bad tokenizer should not cost a model load
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"{os.path.join(path, TOKENIZER_FILE)} has {tokenizer.vocab_size} tokens but "
@@ -305,7 +305,7 @@ def export_hf(model: GPT, tokenizer, out_dir: str, dtype: torch.dtype = torch.fl
         names = {v: k for k, v in tokenizer.special_tokens.items()}
         tokenizer_config = {"bos_token": names.get(tokenizer.bos_token_id), "eos_token": names[eos],
                             "chat_template": native_chat_template(), "clean_up_tokenization_spaces": False,
-                            "model_max_length": config.sequence_len, "tokenizer_class": "PreTrainedTokenizerFast"}
+                            "model_max_length": config.max_seq_len, "tokenizer_class": "PreTrainedTokenizerFast"}
         with open(os.path.join(out_dir, TOKENIZER_CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(tokenizer_config, f, indent=2)
         stale = os.path.join(out_dir, CHAT_TEMPLATE_FILE)

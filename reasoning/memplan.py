@@ -316,7 +316,7 @@ class Session:
                                       sample_from_logits)
 
         self.model.eval()
-        prompt_tokens = min(prompt_tokens, self.config.sequence_len - 1)
+        prompt_tokens = min(prompt_tokens, self.config.max_seq_len - 1)
         prompts = [[1] * prompt_tokens for _ in range(num_prompts)]
         budget = None
         if self.target == "cuda":
@@ -355,12 +355,12 @@ def micro_steps(accumulation: int) -> int:
     return 2 if accumulation > 1 else 1
 
 
-def plan_base_eval(device_batch_size: int, seq_len: int, model_config: GPTConfig, target: str = "cuda",
+def plan_base_eval(device_batch_size: int, max_seq_len: int, model_config: GPTConfig, target: str = "cuda",
                    fake: bool = True) -> list[PhasePlan]:
-    """base_eval per rank: a no-grad forward of device_batch_size × seq_len with per-token losses."""
+    """base_eval per rank: a no-grad forward of device_batch_size × max_seq_len with per-token losses."""
     with Session(model_config, target, fake) as s:
-        return [s.phase("base_eval", "eval", {"device_batch_size": device_batch_size, "max_seq_len": seq_len},
-                        lambda: s.eval_forward(device_batch_size, seq_len))]
+        return [s.phase("base_eval", "eval", {"device_batch_size": device_batch_size, "max_seq_len": max_seq_len},
+                        lambda: s.eval_forward(device_batch_size, max_seq_len))]
 
 
 def plan_chat_eval(batch_size: int, num_samples: int, max_tokens: int, model_config: GPTConfig,

@@ -182,7 +182,7 @@ def _fp8_off(model):
     return fp8_disabled(model)
 
 
-def evaluate_val_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_tokens: int, data_dir: str | None = None,
+def evaluate_val_bpb(model, tokenizer, batch_size: int, max_seq_len: int, eval_tokens: int, data_dir: str | None = None,
                      device="cpu", dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1) -> float:
     """Bits per byte on the first `eval_tokens` tokens (all ranks together) of the validation split.
 
@@ -190,8 +190,8 @@ def evaluate_val_bpb(model, tokenizer, batch_size: int, seq_len: int, eval_token
     """
     from reasoning.dataloader import build_val_loader, evaluate_bpb
 
-    loader = build_val_loader(tokenizer, batch_size, seq_len, data_dir, rank, world_size, device)
-    steps = max(1, eval_tokens // (batch_size * seq_len * world_size))
+    loader = build_val_loader(tokenizer, batch_size, max_seq_len, data_dir, rank, world_size, device)
+    steps = max(1, eval_tokens // (batch_size * max_seq_len * world_size))
     was_training = model.training
     model.eval()
     try:
@@ -295,7 +295,7 @@ def train(config: TrainConfig) -> dict:
     vocab_size = tokenizer.vocab_size if config.vocab_size == -1 else config.vocab_size
     if vocab_size < tokenizer.vocab_size:
         raise UserError(f"--vocab-size {vocab_size}: smaller than the tokenizer's {tokenizer.vocab_size} tokens")
-    model_config = config_from_depth(config.depth, vocab_size, sequence_len=config.max_seq_len,
+    model_config = config_from_depth(config.depth, vocab_size, max_seq_len=config.max_seq_len,
                                      aspect_ratio=config.aspect_ratio, **overrides)
     config = resolve_device_batch(config, model_config, device, world_size)  # before any weight is allocated
     with torch.device("meta"):

@@ -393,7 +393,7 @@ def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str
 
     prompts = max(1, config.prompts_per_step // world_size)
     G = config.num_samples
-    width = min(prompt_tokens + config.max_new_tokens - 1, model_config.sequence_len)
+    width = min(prompt_tokens + config.max_new_tokens - 1, model_config.max_seq_len)
     rows = min(config.device_batch_size, prompts * G)
     if config.max_tokens_per_micro_batch:  # the budget's worst case: full-width rows up to it (one at least)
         rows = min(rows, max(1, config.max_tokens_per_micro_batch // width))

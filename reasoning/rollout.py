@@ -71,7 +71,7 @@ def collect_rollout(engine, tokenizer, examples: list[dict], reward, num_samples
     from reasoning.rewards import Completion
 
     G = num_samples
-    context = engine.model.config.sequence_len
+    context = engine.model.config.max_seq_len
     rendered = [tokenizer.render_for_completion({"messages": ex["messages"]}) for ex in examples]
     fits = [i for i, p in enumerate(rendered) if len(p) < context]
     examples, prompts = [examples[i] for i in fits], [rendered[i] for i in fits]

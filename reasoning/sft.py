@@ -301,7 +301,7 @@ def plan_memory(config: SFTConfig, model_config, world_size: int = 1, target: st
     case) and the in-loop generative eval: [PhasePlan "train", "eval"]."""
     from reasoning import memplan
 
-    B, T = config.device_batch_size, min(config.max_seq_len, model_config.sequence_len)
+    B, T = config.device_batch_size, min(config.max_seq_len, model_config.max_seq_len)
     accumulation = max(1, math.ceil(config.total_batch_rows / (B * world_size)))
     if config.max_tokens_per_micro_batch:  # the budget's worst case: full-length rows up to it (one at least)
         B = min(B, max(1, config.max_tokens_per_micro_batch // T))

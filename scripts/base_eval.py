@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None):
     base_dir = args.base_dir or get_base_dir()
     model, tokenizer, meta = load_model_from_args(args, device=info.device, base_dir=base_dir)
     dtype = get_compute_dtype(info.device)
-    seq_len = args.max_seq_len or model.config.sequence_len
-    if seq_len < 1:
-        raise UserError(f"--max-seq-len {seq_len}: expected a positive integer")
-    memplan.check_stage(lambda: memplan.plan_base_eval(args.device_batch_size, seq_len, model.config), info.device,
+    max_seq_len = args.max_seq_len or model.config.max_seq_len
+    if max_seq_len < 1:
+        raise UserError(f"--max-seq-len {max_seq_len}: expected a positive integer")
+    memplan.check_stage(lambda: memplan.plan_base_eval(args.device_batch_size, max_seq_len, model.config), info.device,
                         "--device-batch-size")
     print0(f"checkpoint step {meta['step']}: {model.num_params():,} params, evaluating on {info.device}")
 
-    bpb = evaluate_val_bpb(model, tokenizer, args.device_batch_size, seq_len, args.eval_tokens, args.data_dir,
+    bpb = evaluate_val_bpb(model, tokenizer, args.device_batch_size, max_seq_len, args.eval_tokens, args.data_dir,
                            info.device, dtype, info.rank, info.world_size)
     print0(f"val bpb: {bpb:.4f}")
     samples = []

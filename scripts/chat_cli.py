@@ -60,7 +60,7 @@ class ChatSession:
 
     def __init__(self, engine: Engine, tokenizer, args):
         self.engine, self.tokenizer = engine, tokenizer
-        self.context_len = engine.model.config.sequence_len
+        self.max_seq_len = engine.model.config.max_seq_len
         self.temperature, self.show_think = args.temperature, not args.hide_think
         self.top_p, self.max_tokens, self.seed, self.system = args.top_p, args.max_tokens, args.seed, args.system
         self.history = []
@@ -71,7 +71,7 @@ class ChatSession:
         messages.append({"role": "user", "content": user_text})
         body = {"messages": messages, "temperature": self.temperature, "top_p": self.top_p,
                 "max_tokens": self.max_tokens, "seed": self.seed}
-        chat = parse_chat_request(body, self.tokenizer, self.context_len, default_max_tokens=DEFAULT_MAX_TOKENS)
+        chat = parse_chat_request(body, self.tokenizer, self.max_seq_len, default_max_tokens=DEFAULT_MAX_TOKENS)
         decoder = ReplyDecoder(self.tokenizer, chat.stop)
         printer = ReplyPrinter(out, color, self.show_think)
         deltas = stream_reply(self.engine, chat.prompt_ids, decoder, **chat.sampling())
@@ -181,9 +181,9 @@ def main():
         raise UserError(f"--max-tokens {args.max_tokens}: expected an integer >= 1")
     model, tokenizer, meta = load_model_from_args(args, get_device(args.device))
     tokenizer, latent_steps = serving_mode(tokenizer, meta)  # a chat_latent checkpoint thinks in latent steps
-    if args.max_tokens is not None and args.max_tokens > model.config.sequence_len:
+    if args.max_tokens is not None and args.max_tokens > model.config.max_seq_len:
         raise UserError(f"--max-tokens {args.max_tokens}: longer than the model's context "
-                        f"({model.config.sequence_len} tokens)")
+                        f"({model.config.max_seq_len} tokens)")
     session = ChatSession(Engine(model, tokenizer, latent_steps=latent_steps), tokenizer, args)
     if args.prompt is not None:
         try:

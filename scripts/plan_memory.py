@@ -38,7 +38,7 @@ HF_PRESETS = {
 }
 
 
-def preset_config(name: str, sequence_len: int = 2048) -> GPTConfig:
+def preset_config(name: str, max_seq_len: int = 2048) -> GPTConfig:
     """GPTConfig of a --model preset: d<depth> (our architecture, speedrun vocabulary), a Qwen3 preset or hf:PATH."""
     from reasoning.hf import gpt_config_from_hf
 
@@ -51,7 +51,7 @@ def preset_config(name: str, sequence_len: int = 2048) -> GPTConfig:
         with open(path) as f:
             return gpt_config_from_hf(json.load(f), path)
     if name.startswith("d") and name[1:].isdigit() and int(name[1:]) > 0:
-        return config_from_depth(int(name[1:]), SPEEDRUN_VOCAB, sequence_len=sequence_len)
+        return config_from_depth(int(name[1:]), SPEEDRUN_VOCAB, max_seq_len=max_seq_len)
     raise UserError(f"--model {name}: expected d<depth> (e.g. d20), {', '.join(HF_PRESETS)} or hf:PATH")
 
 
@@ -85,7 +85,7 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
         config.validate()
         vocab = SPEEDRUN_VOCAB if config.vocab_size == -1 else config.vocab_size
         overrides = {} if config.head_dim is None else {"head_dim": config.head_dim}
-        model_config = config_from_depth(config.depth, vocab, sequence_len=config.max_seq_len,
+        model_config = config_from_depth(config.depth, vocab, max_seq_len=config.max_seq_len,
                                          aspect_ratio=config.aspect_ratio, **overrides)
         if config.device_batch_size == -1:  # auto: what the stage would choose on this GPU (explicit: as given)
             config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
@@ -95,8 +95,8 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
     args = parse_script_args(__import__(module, fromlist=["build_parser"]).build_parser(), stage_argv)
     model_config = preset_config(model) if model else source_config(args)
     if stage == "base_eval":
-        seq_len = args.max_seq_len or model_config.sequence_len
-        return memplan.plan_base_eval(args.device_batch_size, seq_len, model_config, target)
+        max_seq_len = args.max_seq_len or model_config.max_seq_len
+        return memplan.plan_base_eval(args.device_batch_size, max_seq_len, model_config, target)
     if stage == "chat_eval":
         return memplan.plan_chat_eval(args.batch_size, args.num_samples, args.max_tokens, model_config, target,
                                       prompt_tokens=prompt_tokens, gpu_memory_gib=gpu_memory_gib)

@@ -36,10 +36,10 @@ def train_small_tokenizer(out_dir: str, vocab_size: int = 512) -> Tokenizer:
     return tokenizer
 
 
-def tiny_model(vocab_size: int, depth: int = 2, n_embd: int = 64, n_head: int = 2, sequence_len: int = 512,
+def tiny_model(vocab_size: int, depth: int = 2, n_embd: int = 64, n_head: int = 2, max_seq_len: int = 512,
                seed: int = 0, noise: float = 0.1) -> GPT:
     torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+    config = GPTConfig(max_seq_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                        n_kv_head=n_head, n_embd=n_embd)
     with torch.device("meta"):
         model = GPT(config)

@@ -148,7 +148,7 @@ def test_chat_web_port_0_prints_the_bound_port(tmp_path):
     tokenizer_dir = str(tmp_path / "tokenizer")
     train_small_tokenizer(tokenizer_dir)
     ckpt = save_tiny_checkpoint(str(tmp_path / "base"), tokenizer_dir, stage="sft", depth=1, n_embd=32,
-                                sequence_len=128)
+                                max_seq_len=128)
     env = dict(os.environ, REASONING_BASE_DIR=str(tmp_path / "base"), PYTHONUNBUFFERED="1")
     process = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--init-from", ckpt, "--port", "0",
                                 "--device", "cpu", "--workers", "1"], env=env, stdout=subprocess.PIPE,

@@ -32,10 +32,10 @@ def small_tokenizer():
     return train_tokenizer(CORPUS, 320)
 
 
-def chat_model(tokenizer, sequence_len=256, seed=0, endless=False):
+def chat_model(tokenizer, max_seq_len=256, seed=0, endless=False):
     """A random depth-1 GPT for `tokenizer`. endless=True: stop tokens get -inf logits, so every reply runs to
     its max_tokens (fixed-length generations for load tests)."""
-    model = tiny_model(tokenizer.vocab_size, depth=1, n_embd=32, n_head=2, sequence_len=sequence_len, seed=seed)
+    model = tiny_model(tokenizer.vocab_size, depth=1, n_embd=32, n_head=2, max_seq_len=max_seq_len, seed=seed)
     model.eval()
     if endless:
         banned = [tokenizer.encode_special(name) for name in STOP_NAMES]
@@ -280,7 +280,7 @@ def test_reply_length_fits_the_room_the_context_leaves(tokenizer):
     """Unset max_tokens: the smaller of the server's default and what the context leaves after the prompt (vLLM's
     rule); an explicit one that does not fit is refused with 400 naming the field (as vLLM and OpenAI do)."""
     context = 64
-    app = create_app(chat_model(tokenizer, sequence_len=context, endless=True), tokenizer, default_max_tokens=512)
+    app = create_app(chat_model(tokenizer, max_seq_len=context, endless=True), tokenizer, default_max_tokens=512)
     messages = user("what is 3 plus 4?")
     room = context - len(tokenizer.render_for_completion({"messages": messages}))
     with ServerThread(app) as running, httpx.Client(base_url=running.url, timeout=60) as http:

@@ -31,7 +31,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 def server():
     tokenizer = small_tokenizer()
     # never stops by itself: every reply streams until max_tokens, long enough to watch it arrive and to stop it
-    model = chat_model(tokenizer, sequence_len=4096, endless=True)
+    model = chat_model(tokenizer, max_seq_len=4096, endless=True)
     app = create_app(model, tokenizer, workers=1, max_queue=4, default_max_tokens=2000, model_name="tiny-ui")
     with ServerThread(app) as running:
         yield running

@@ -29,7 +29,7 @@ def saved(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("chat_cli"))
     tokenizer = small_tokenizer()
     tokenizer.save(os.path.join(base, "tokenizer"))
-    model = chat_model(tokenizer, sequence_len=2048)
+    model = chat_model(tokenizer, max_seq_len=2048)
     with torch.no_grad():
         model.lm_head.weight[[tokenizer.encode_special(n) for n in STOP_NAMES]] = 0.0
     ckpt = checkpoint_dir("sft", "tiny", base)
@@ -194,7 +194,7 @@ def short_context(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("chat_cli_short"))
     tokenizer = small_tokenizer()
     tokenizer.save(os.path.join(base, "tokenizer"))
-    model = chat_model(tokenizer, sequence_len=48)
+    model = chat_model(tokenizer, max_seq_len=48)
     with torch.no_grad():  # greedy replies never end by themselves: each runs to its length limit
         model.lm_head.weight[[tokenizer.encode_special(n) for n in STOP_NAMES]] = 0.0
     ckpt = checkpoint_dir("sft", "short", base)

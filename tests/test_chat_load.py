@@ -25,7 +25,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def endless_model(tokenizer):
-    return chat_model(tokenizer, sequence_len=1024, endless=True)
+    return chat_model(tokenizer, max_seq_len=1024, endless=True)
 
 
 def stats(url):

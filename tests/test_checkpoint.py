@@ -257,7 +257,7 @@ def tiny_run(tmp_path):
     tokenizer = tok.train_tokenizer(iter(text), vocab_size=300)
     tokenizer.save(os.path.join(base, "tokenizer"))
     torch.manual_seed(0)
-    config = gpt.GPTConfig(sequence_len=32, vocab_size=320, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    config = gpt.GPTConfig(max_seq_len=32, vocab_size=320, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
     model = gpt.GPT(config)
     model.init_weights()
     with torch.no_grad():  # init zeroes the output projections; make every weight matter for the comparison

@@ -16,7 +16,7 @@ from reasoning.rl import RLConfig
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on a shared box
 
 # Qwen3's block layout in miniature: SwiGLU, GQA, norm gains, q/k-norm gains, tied embeddings, no softcap
-QWEN_LIKE = GPTConfig(sequence_len=64, vocab_size=97, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, mlp="swiglu",
+QWEN_LIKE = GPTConfig(max_seq_len=64, vocab_size=97, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, mlp="swiglu",
                       norm_weight=True, qk_norm_weight=True, tie_embeddings=True, softcap=None)
 
 
@@ -60,7 +60,7 @@ def test_checkpointed_gradients_equal_the_plain_ones_exactly(autocast, logprobs)
 def test_checkpointed_gradients_with_fp8_linears():
     from reasoning.fp8 import convert_to_float8
 
-    model = noisy_model(GPTConfig(sequence_len=64, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model = noisy_model(GPTConfig(max_seq_len=64, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
     assert convert_to_float8(model, min_dim=16) > 0
     plain = gradients(model, "off")
     for mode in ("on", "offload"):
@@ -88,7 +88,7 @@ def test_engine_and_no_grad_forwards_do_not_checkpoint(monkeypatch):
 
 
 def test_only_block_inputs_are_kept_and_offload_moves_them_to_the_host():
-    config = GPTConfig(sequence_len=256, vocab_size=128, n_layer=8, n_head=2, n_kv_head=1, n_embd=64, mlp="swiglu")
+    config = GPTConfig(max_seq_len=256, vocab_size=128, n_layer=8, n_head=2, n_kv_head=1, n_embd=64, mlp="swiglu")
     B, T = 4, 256
     peaks = {}
     for mode in ("off", "on", "offload"):
@@ -145,7 +145,7 @@ def test_rl_and_sft_plans_run_the_mode_and_the_token_budget():
     from reasoning.sft import SFTConfig
     from reasoning.sft import plan_memory as sft_plan
 
-    model_config = config_from_depth(4, 512, sequence_len=256)
+    model_config = config_from_depth(4, 512, max_seq_len=256)
     totals = {}
     for mode in ("off", "on", "offload"):
         for budget in (0, 200):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def model_and_tokenizer(tiny_corpus):
     tokenizer = Tokenizer.load(tiny_corpus.tokenizer_dir)
     torch.manual_seed(0)
-    model = GPT(config_from_depth(1, tokenizer.vocab_size, sequence_len=64, aspect_ratio=32))
+    model = GPT(config_from_depth(1, tokenizer.vocab_size, max_seq_len=64, aspect_ratio=32))
     model.init_weights()
     with torch.no_grad():  # an untrained model predicts ~uniformly; random weights give distinct scores
         for p in model.parameters():

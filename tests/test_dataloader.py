@@ -66,7 +66,7 @@ def doc_index(piece):
     return piece[1] - 1 - ID_BASE if len(piece) > 1 else None
 
 
-def reference_pack(token_row_groups, batch_size, seq_len, buffer_size, num_batches):
+def reference_pack(token_row_groups, batch_size, max_seq_len, buffer_size, num_batches):
     """Naive best-fit packer over a cycling stream of tokenized row groups (O(buffer) scans, no bisect)."""
     stream = itertools.cycle(token_row_groups)
     buffer, seq, batches = [], 0, []  # buffer entries: (length, seq, tokens)
@@ -74,12 +74,12 @@ def reference_pack(token_row_groups, batch_size, seq_len, buffer_size, num_batch
         rows = []
         for _ in range(batch_size):
             row = []
-            while len(row) < seq_len + 1:
+            while len(row) < max_seq_len + 1:
                 while len(buffer) < buffer_size:
                     for tokens in next(stream):
                         buffer.append((len(tokens), seq, tokens))
                         seq += 1
-                space = seq_len + 1 - len(row)
+                space = max_seq_len + 1 - len(row)
                 fitting = [d for d in buffer if d[0] <= space]
                 pick = max(fitting, key=lambda d: d[:2]) if fitting else min(buffer, key=lambda d: d[:2])
                 buffer.remove(pick)

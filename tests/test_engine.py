@@ -19,7 +19,7 @@ CONTEXT = 80
 
 
 def build_model(seed=0, **overrides):
-    fields = dict(sequence_len=CONTEXT, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=48)
+    fields = dict(max_seq_len=CONTEXT, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=48)
     fields.update(overrides)
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -337,9 +337,9 @@ class BigramStub(nn.Module):
     engine's bookkeeping — not the network — decides what gets fed back.
     """
 
-    def __init__(self, next_of: dict[int, int], vocab_size: int, sequence_len: int = 64):
+    def __init__(self, next_of: dict[int, int], vocab_size: int, max_seq_len: int = 64):
         super().__init__()
-        self.config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=1,
+        self.config = GPTConfig(max_seq_len=max_seq_len, vocab_size=vocab_size, n_layer=1, n_head=1,
                                 n_kv_head=1, n_embd=8)
         self.lm_head = nn.Linear(8, vocab_size, bias=False)
         table = torch.zeros(vocab_size, vocab_size)
@@ -424,12 +424,12 @@ def test_tools_and_default_stops_come_from_the_tokenizer(tokenizer):
 
 def test_stop_reasons(tokenizer):
     bos = tokenizer.bos_token_id
-    model = BigramStub(chain(1, 2, 3, 4, bos), tokenizer.vocab_size, sequence_len=10)
+    model = BigramStub(chain(1, 2, 3, 4, bos), tokenizer.vocab_size, max_seq_len=10)
     engine = Engine(model, tokenizer)
     stopped, long_, ctx, full = engine.generate([[1], [5], [5] * 7, [5] * 10], max_tokens=5, temperature=0.0)
     assert (stopped.tokens, stopped.stop_reason) == ([2, 3, 4, bos], "stop")  # <|bos|> is a default stop
     assert (len(long_.tokens), long_.stop_reason) == (5, "length")
-    assert (len(ctx.tokens), ctx.stop_reason) == (3, "context")  # clamped: 7 + 3 = sequence_len
+    assert (len(ctx.tokens), ctx.stop_reason) == (3, "context")  # clamped: 7 + 3 = max_seq_len
     assert (full.tokens, full.stop_reason) == ([], "context")  # the prompt already fills the context
     exact = engine.generate([[5] * 5], max_tokens=5, temperature=0.0)[0]
     assert (len(exact.tokens), exact.stop_reason) == (5, "length")  # the budget, not the context, ran out

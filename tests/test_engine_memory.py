@@ -95,7 +95,7 @@ def test_preempted_rows_keep_their_tool_state(monkeypatch):
 
 def test_growing_cache_of_a_long_tailed_batch_holds_a_fraction_of_up_front():
     """Most rows stop early: the pool follows the tokens rows really hold (and retired rows' blocks are reused)."""
-    model = BigramStub({t: t + 1 for t in range(250)}, 256, sequence_len=256)
+    model = BigramStub({t: t + 1 for t in range(250)}, 256, max_seq_len=256)
     starts = [200] * 28 + [0] * 4  # 28 rows stop after ~50 tokens, 4 after 240 (the stop token is 240)
     engine = Engine(model, block_size=8)
     out = engine.generate([[t] for t in starts], max_tokens=250, temperature=0.0, stop_tokens=[240])

@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("evalrun")
     tokenizer_dir = str(base / "tokenizer")
     train_small_tokenizer(tokenizer_dir)
-    save_tiny_checkpoint(str(base), tokenizer_dir, stage="sft", tag="tiny", sequence_len=256)
+    save_tiny_checkpoint(str(base), tokenizer_dir, stage="sft", tag="tiny", max_seq_len=256)
     return base
 
 

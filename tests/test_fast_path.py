@@ -109,7 +109,7 @@ def test_compiled_sft_matches_eager(tmp_path):
     train = SyntheticReasoning("train", size=8, seed=3, num_steps=(1, 2))
     curves = {}
     for compile_flag in (False, True):
-        model = tiny_model(tokenizer.vocab_size, depth=1, n_embd=32, sequence_len=128, noise=0.1)
+        model = tiny_model(tokenizer.vocab_size, depth=1, n_embd=32, max_seq_len=128, noise=0.1)
         config = SFTConfig(num_iterations=3, device_batch_size=2, total_batch_rows=4, max_seq_len=96, eval_every=-1,
                            log_every=1000, base_dir=str(tmp_path / str(compile_flag)), out_tag="t",
                            compile=compile_flag, compile_backend="aot_eager")

@@ -155,7 +155,7 @@ def test_gpt_estimate_flops_is_unchanged_by_float8_conversion():
     from reasoning.gpt import GPT, config_from_depth
 
     torch.manual_seed(0)
-    model = GPT(config_from_depth(2, 256, sequence_len=64, aspect_ratio=32))  # width 64, MLP 256: multiples of 16
+    model = GPT(config_from_depth(2, 256, max_seq_len=64, aspect_ratio=32))  # width 64, MLP 256: multiples of 16
     model.init_weights()
     flops_before = model.estimate_flops()
     converted = convert_to_float8(model, min_dim=16)

@@ -26,7 +26,7 @@ VARIANTS = {
 
 
 def make_config(**overrides):
-    fields = dict(sequence_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    fields = dict(max_seq_len=16, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
     fields.update(overrides)
     return GPTConfig(**fields)
 
@@ -305,8 +305,8 @@ def test_cache_reset_and_overflow():
 
 
 def test_cache_longer_than_rotary_tables():
-    # sequence_len=4 gives tables for 8 positions; a 20-slot cache must regrow them, not index out of range
-    model = build(sequence_len=4)
+    # max_seq_len=4 gives tables for 8 positions; a 20-slot cache must regrow them, not index out of range
+    model = build(max_seq_len=4)
     assert model.rotary_cos.size(0) == 8
     idx = tokens(1, 14)
     cache = new_cache(model, 1, 20)
@@ -406,7 +406,7 @@ def test_estimate_flops_hand_count():
 
 def test_config_from_depth():
     for depth in (1, 2, 3, 4):
-        cfg = config_from_depth(depth, VOCAB, sequence_len=64)
+        cfg = config_from_depth(depth, VOCAB, max_seq_len=64)
         assert cfg.n_head >= 2 and cfg.n_embd % cfg.n_head == 0 and cfg.n_embd >= depth * 64
         assert cfg.n_layer == depth and cfg.n_kv_head == cfg.n_head
     cfg = config_from_depth(20, 65536)

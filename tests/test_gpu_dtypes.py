@@ -49,7 +49,7 @@ class FakeFA3:
 
 def tiny(arch: str) -> GPT:
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+    config = GPTConfig(max_seq_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                        **ARCHITECTURES[arch])
     model = GPT(config)
     model.init_weights()

@@ -472,7 +472,7 @@ def test_model_token_logprobs_match_real_gpt_logits():
     from reasoning.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=16, vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, softcap=15.0)
+    config = GPTConfig(max_seq_len=16, vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, softcap=15.0)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device="cpu")

@@ -246,10 +246,10 @@ def test_gpt_config_from_legacy_llama_config():
               "rope_theta": 500000.0, "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
               "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                                "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
-    config = gpt_config_from_hf(legacy, sequence_len=4096)
+    config = gpt_config_from_hf(legacy, max_seq_len=4096)
     assert (config.n_embd, config.n_head, config.n_kv_head, config.get_head_dim()) == (2048, 32, 8, 64)
     assert config.rope_theta == 500000.0 and config.rope_scaling["factor"] == 32.0
-    assert config.tie_embeddings and not config.qk_norm and config.softcap is None and config.sequence_len == 4096
+    assert config.tie_embeddings and not config.qk_norm and config.softcap is None and config.max_seq_len == 4096
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -314,7 +314,7 @@ def test_chatml_rendering_matches_qwen_format(tmp_path):
     prompt = tok.render_for_completion({"messages": CONVERSATION["messages"][:3]}, think=True)
     assert prompt == _chunks_to_ids(reference, chunks[:1] + [("<|im_start|>assistant\n<think>\n", 0)])[0]
     # the engine stops on <|im_end|> and on <|endoftext|>; no calculator tokens -> no tool calls
-    engine = Engine(GPT(GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2,
+    engine = Engine(GPT(GPTConfig(max_seq_len=32, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2,
                                   n_embd=32)), tok)
     assert set(engine.default_stop_tokens) == {tok.added["<|im_end|>"], tok.added["<|endoftext|>"]}
     assert engine.tool_tokens is None
@@ -364,7 +364,7 @@ def save_our_checkpoint(tmp_path, **switches) -> tuple[str, GPT]:
     tok = our_tokenizer()
     tok_dir = str(tmp_path / "tokenizer")
     tok.save(tok_dir)
-    config = GPTConfig(sequence_len=64, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+    config = GPTConfig(max_seq_len=64, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
                        **{"softcap": None, "mlp": "swiglu", **switches})
     torch.manual_seed(0)
     model = GPT(config)
@@ -421,7 +421,7 @@ def test_exported_tokenizer_matches_tiktoken_on_real_text():
 def test_export_refuses_the_default_architecture(tmp_path):
     tok_dir = str(tmp_path / "tokenizer")
     our_tokenizer().save(tok_dir)
-    config = GPTConfig(sequence_len=32, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    config = GPTConfig(max_seq_len=32, vocab_size=VOCAB, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
     model = GPT(config)
     model.init_weights()
     ckpt = str(tmp_path / "ckpt")

@@ -178,7 +178,7 @@ def test_chat_sft_survives_sigkill(tiny_tokenizer_dir, tmp_path, monkeypatch, ca
     runs = {}
     for name in ("reference", "killed"):
         runs[name] = str(tmp_path / name)
-        save_tiny_checkpoint(runs[name], tiny_tokenizer_dir, stage="base", tag="tiny", depth=1, sequence_len=128)
+        save_tiny_checkpoint(runs[name], tiny_tokenizer_dir, stage="base", tag="tiny", depth=1, max_seq_len=128)
     _reference(main, argv, runs["reference"], monkeypatch, capsys)
     ckpt_dir = ckpt.checkpoint_dir("sft", "tiny", runs["killed"])
     moments = kill_and_resume("scripts.chat_sft", argv, runs["killed"], ckpt_dir, tmp_path, seed=2, random_kills=1,
@@ -198,7 +198,7 @@ def test_chat_rl_survives_sigkill(tiny_tokenizer_dir, tmp_path, monkeypatch, cap
     runs = {}
     for name in ("reference", "killed"):
         runs[name] = str(tmp_path / name)
-        save_tiny_checkpoint(runs[name], tiny_tokenizer_dir, stage="sft", tag="tiny", depth=1, sequence_len=128)
+        save_tiny_checkpoint(runs[name], tiny_tokenizer_dir, stage="sft", tag="tiny", depth=1, max_seq_len=128)
     _reference(main, argv, runs["reference"], monkeypatch, capsys)
     ckpt_dir = ckpt.checkpoint_dir("rl", "tiny", runs["killed"])
     moments = kill_and_resume("scripts.chat_rl", argv, runs["killed"], ckpt_dir, tmp_path, seed=3, random_kills=1,

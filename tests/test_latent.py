@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def build_model(vocab_size, seed=0, n_kv_head=2):
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = GPT(GPTConfig(sequence_len=96, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=n_kv_head,
+        model = GPT(GPTConfig(max_seq_len=96, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=n_kv_head,
                               n_embd=48))
     model.to_empty(device="cpu")
     model.init_weights()
@@ -216,7 +216,7 @@ def test_chat_latent_trains_resumes_exactly_and_evaluates(tiny_corpus, tmp_path,
     from scripts import chat_eval, chat_latent
 
     base = str(tmp_path)
-    save_tiny_checkpoint(base, tiny_corpus.tokenizer_dir, stage="sft", tag="tiny", sequence_len=256)
+    save_tiny_checkpoint(base, tiny_corpus.tokenizer_dir, stage="sft", tag="tiny", max_seq_len=256)
     flags = ["--base-dir", base, "--device", "cpu", "--stage", "sft", "--tag", "tiny", "--max-stage", "2",
              "--steps-per-stage", "2", "--latents-per-step", "2", "--device-batch-size", "2",
              "--total-batch-rows", "4", "--task-size", "64", "--max-seq-len", "256", "--log-every", "100"]
@@ -265,7 +265,7 @@ def test_chat_latent_two_ranks_match_one_process(tiny_corpus, tmp_path):
     from reasoning import checkpoint as ckpt
 
     base = str(tmp_path)
-    save_tiny_checkpoint(base, tiny_corpus.tokenizer_dir, stage="sft", tag="tiny", sequence_len=256)
+    save_tiny_checkpoint(base, tiny_corpus.tokenizer_dir, stage="sft", tag="tiny", max_seq_len=256)
     flags = ["--base-dir", base, "--device", "cpu", "--stage", "sft", "--tag", "tiny", "--max-stage", "1",
              "--steps-per-stage", "2", "--device-batch-size", "2", "--total-batch-rows", "4", "--task-size", "64",
              "--max-seq-len", "256"]

@@ -17,7 +17,7 @@ from reasoning.rl import plan_memory as rl_plan
 from reasoning.sft import SFTConfig
 from reasoning.sft import plan_memory as sft_plan
 
-TINY = config_from_depth(2, 512, sequence_len=128)
+TINY = config_from_depth(2, 512, max_seq_len=128)
 
 
 def _peak(plans):

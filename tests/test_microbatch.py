@@ -69,7 +69,7 @@ def ragged_rows(vocab: int, n: int, seed: int = 0) -> TrainingRows:
 def rl_gradients(data, advantages, loss_type, device_batch_size, max_tokens, checkpointing="off"):
     from reasoning.checkpointing import set_activation_checkpointing
 
-    model = tiny_model(64, depth=2, n_embd=32, sequence_len=64, seed=1)
+    model = tiny_model(64, depth=2, n_embd=32, max_seq_len=64, seed=1)
     set_activation_checkpointing(model, checkpointing)
     optimizer = model.setup_optimizer(matrix_lr=0.0, embedding_lr=0.0, lm_head_lr=0.0, scalar_lr=0.0)
     captured = {}
@@ -136,7 +136,7 @@ def test_sft_token_budget_trains_to_the_same_weights(tokenizer, tmp_path):
     train = SyntheticReasoning("train", size=24, seed=5, num_steps=(1, 4))
     weights = []
     for i, (rows, budget) in enumerate(((8, 0), (3, 0), (8, 200))):
-        model = tiny_model(tokenizer.vocab_size, sequence_len=256, noise=0.1)
+        model = tiny_model(tokenizer.vocab_size, max_seq_len=256, noise=0.1)
         config = SFTConfig(device_batch_size=rows, total_batch_rows=8, max_tokens_per_micro_batch=budget,
                            max_seq_len=256, num_iterations=2, eval_every=-1, log_every=1000,
                            base_dir=str(tmp_path / str(i)), out_tag="t", keep_last=0)

@@ -51,7 +51,7 @@ def test_muon_momentum_ramp():
 
 def _random_model(seed=0) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(config_from_depth(1, 64, sequence_len=16, aspect_ratio=32))
+    model = GPT(config_from_depth(1, 64, max_seq_len=16, aspect_ratio=32))
     model.init_weights()
     with torch.no_grad():  # zero-initialised projections would give zero gradients upstream; make every grad real
         for p in model.parameters():
@@ -410,7 +410,7 @@ def test_bad_settings_are_user_errors(tiny_corpus, tmp_path):
 def test_iterations_from_param_data_ratio(tiny_corpus, tmp_path):
     config = tiny_config(tiny_corpus, tmp_path, num_iterations=-1, target_param_data_ratio=0.01, stop_at_step=0)
     summary = train(config)
-    model = GPT(config_from_depth(1, tiny_corpus.vocab_size, sequence_len=32, aspect_ratio=32))
+    model = GPT(config_from_depth(1, tiny_corpus.vocab_size, max_seq_len=32, aspect_ratio=32))
     non_embedding = model.num_params() - model.wte.weight.numel()
     assert summary["num_iterations"] == round(0.01 * non_embedding / 64)
 

@@ -79,7 +79,7 @@ def tiny_sft(tmp_path_factory):
     tokenizer.save(tokenizer_dir)
 
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=96, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    config = GPTConfig(max_seq_len=96, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     model = GPT(config)
     model.init_weights()
     # 50 distinct conversations: render once, then plain AdamW SFT on random batches of them
@@ -162,7 +162,7 @@ def synthetic_sft(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl_synthetic")
     tokenizer_dir = str(root / "tokenizer")
     tokenizer = train_small_tokenizer(tokenizer_dir)           # BPE on synthetic problems (tests/helpers_models)
-    model = tiny_model(tokenizer.vocab_size, depth=2, n_embd=64, sequence_len=256, noise=0.0)
+    model = tiny_model(tokenizer.vocab_size, depth=2, n_embd=64, max_seq_len=256, noise=0.0)
     source = {"dir": "scratch", "step": 0, "tokenizer_dir": tokenizer_dir}
     summary = None
     for answer_only, steps, lr_scale in ((0.0, 400, 2.0), (0.5, 100, 1.0)):

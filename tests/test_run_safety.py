@@ -109,7 +109,7 @@ def test_fine_tuning_refuses_an_occupied_out_tag(tiny_corpus, tmp_path):
     def run(**kw):
         config = SFTConfig(num_iterations=2, device_batch_size=2, total_batch_rows=2, max_seq_len=96, eval_every=-1, base_dir=str(tmp_path),
                            out_tag="ft", **kw)
-        model = tiny_model(tokenizer.vocab_size, depth=1, n_embd=32, sequence_len=128)
+        model = tiny_model(tokenizer.vocab_size, depth=1, n_embd=32, max_seq_len=128)
         return train_sft(config, model, tokenizer, {"dir": "src", "step": 0}, torch.device("cpu"),
                          tasks=(task, None, None))
 

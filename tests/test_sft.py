@@ -76,7 +76,7 @@ def run_sft(model, tokenizer, base_dir, train, **overrides):
 def test_loss_counts_exactly_the_assistant_tokens(tokenizer):
     convs = [conversation("What is 2+3?", "2 + 3 = 5", "The answer is \\boxed{5}."),
              conversation("Compute 7 * 6 - 2, quickly please.", "7 * 6 = 42\n42 - 2 = 40", "\\boxed{40}")]
-    model = tiny_model(tokenizer.vocab_size, sequence_len=128, noise=0.1).eval()
+    model = tiny_model(tokenizer.vocab_size, max_seq_len=128, noise=0.1).eval()
     rows, hand_total, hand_count = [], 0.0, 0
     for conv in convs:
         ids, mask = tokenizer.render_conversation(conv)
@@ -108,7 +108,7 @@ def test_accumulation_is_normalised_by_valid_tokens(tokenizer, tmp_path):
     train = SyntheticReasoning("train", size=4, seed=5, num_steps=(1, 3))
     lengths = {sum(tokenizer.render_conversation(e)[1]) for e in train}
     assert len(lengths) > 1  # rows with different numbers of assistant tokens
-    init = tiny_model(tokenizer.vocab_size, sequence_len=128, noise=0.1)
+    init = tiny_model(tokenizer.vocab_size, max_seq_len=128, noise=0.1)
     total, count = 0.0, 0
     for e in train:
         t, c = hand_loss_sum(init.eval(), *tokenizer.render_conversation(e))
@@ -116,7 +116,7 @@ def test_accumulation_is_normalised_by_valid_tokens(tokenizer, tmp_path):
         count += c
     weights, curves = [], []
     for batch in (4, 1, 3):  # 3: micro-batches of 3 and 1 rows
-        model = tiny_model(tokenizer.vocab_size, sequence_len=128, noise=0.1)
+        model = tiny_model(tokenizer.vocab_size, max_seq_len=128, noise=0.1)
         out = run_sft(model, tokenizer, tmp_path / f"b{batch}", train, num_iterations=3, device_batch_size=batch,
                       total_batch_rows=4, keep_last=0)
         assert out["losses"][0][1] == pytest.approx(total / count, rel=1e-5)
@@ -133,7 +133,7 @@ def test_accumulation_is_normalised_by_valid_tokens(tokenizer, tmp_path):
 def test_rows_cut_before_every_reply_are_a_one_line_error(tokenizer, tmp_path):
     train = SyntheticReasoning("train", size=8, seed=5)
     prompt_tokens = min(len(tokenizer.render_for_completion(e)) for e in train)
-    model = tiny_model(tokenizer.vocab_size, sequence_len=128)
+    model = tiny_model(tokenizer.vocab_size, max_seq_len=128)
     with pytest.raises(UserError, match=f"--max-seq-len {prompt_tokens - 2}: the conversations are cut before"):
         run_sft(model, tokenizer, tmp_path, train, num_iterations=1, max_seq_len=prompt_tokens - 2)
     run_sft(model, tokenizer, tmp_path, train, num_iterations=1, max_seq_len=prompt_tokens + 4)  # some reply left
@@ -165,7 +165,7 @@ def test_stream_sharding_packing_and_positions(tokenizer):
 
 def test_overfits_16_conversations_and_answers_through_the_engine(tokenizer, tmp_path):
     train = SyntheticReasoning("train", size=16, seed=3)
-    model = tiny_model(tokenizer.vocab_size, depth=2, n_embd=64, sequence_len=256, noise=0.0)
+    model = tiny_model(tokenizer.vocab_size, depth=2, n_embd=64, max_seq_len=256, noise=0.0)
     out = run_sft(model, tokenizer, tmp_path, train, num_iterations=60, device_batch_size=16, max_seq_len=256,
                   lr_scale=2.0)
     losses = [loss for _, loss in out["losses"]]
@@ -187,12 +187,12 @@ def test_resume_is_exact(tokenizer, tmp_path, pack):
     train = SyntheticReasoning("train", size=12, seed=2)
     settings = dict(num_iterations=6, device_batch_size=2, total_batch_rows=4, pack=pack, max_seq_len=96,
                     warmup_ratio=0.2, final_lr_frac=0.1)
-    straight = tiny_model(tokenizer.vocab_size, sequence_len=128, noise=0.1)
+    straight = tiny_model(tokenizer.vocab_size, max_seq_len=128, noise=0.1)
     reference = run_sft(straight, tokenizer, tmp_path / "a", train, **settings)
-    first = tiny_model(tokenizer.vocab_size, sequence_len=128, noise=0.1)
+    first = tiny_model(tokenizer.vocab_size, max_seq_len=128, noise=0.1)
     part = run_sft(first, tokenizer, tmp_path / "b", train, stop_at_step=3, **settings)
     assert part["step"] == 3 and not part["finished"]
-    second = tiny_model(tokenizer.vocab_size, sequence_len=128, noise=0.1)  # fresh process: source weights again
+    second = tiny_model(tokenizer.vocab_size, max_seq_len=128, noise=0.1)  # fresh process: source weights again
     resumed = run_sft(second, tokenizer, tmp_path / "b", train, resume=True, **settings)
     assert resumed["finished"] and [s for s, _ in resumed["losses"]] == [4, 5, 6]
     assert part["losses"] + resumed["losses"] == reference["losses"]  # bitwise-equal losses
@@ -206,7 +206,7 @@ def test_chat_sft_script_end_to_end(tokenizer_dir, tmp_path, monkeypatch, capsys
 
     base = tmp_path / "run"
     monkeypatch.setenv("REASONING_BASE_DIR", str(base))
-    save_tiny_checkpoint(str(base), tokenizer_dir, stage="base", tag="tiny", sequence_len=128)
+    save_tiny_checkpoint(str(base), tokenizer_dir, stage="base", tag="tiny", max_seq_len=128)
     args = ["--num-iterations", "4", "--eval-every", "2", "--eval-problems", "4", "--eval-max-tokens", "8",
             "--device-batch-size", "4", "--total-batch-rows", "4", "--max-seq-len", "96", "--val-examples", "8",
             "--task-size", "50"]
