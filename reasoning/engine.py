@@ -460,9 +460,10 @@ class _Rollout:
         self.stats["max_kv_tokens"] = budget
         max_blocks = 1 + max(1, budget // bs)
         pool = engine._static_pool
-        if engine.compile_decode and pool is not None and (pool.max_blocks, pool.kv_dtype, pool.dtype) == (
-                max_blocks, self.kv_dtype, self.dtype):
-            pool.reset()  # compiled decode: the same pool (shapes, addresses) call after call
+        if engine.compile_decode and pool is not None and pool.max_blocks >= max_blocks and (
+                pool.kv_dtype, pool.dtype) == (self.kv_dtype, self.dtype):
+            # compiled decode: the same pool (shapes, addresses) call after call; a new shape would recompile
+            pool.reset()
             self.cache = pool
             return
         # compiled decode needs a pool of fixed shape (and, for CUDA graphs, fixed addresses): allocated at once
