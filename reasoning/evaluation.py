@@ -58,7 +58,6 @@ class EvalSettings:
     seed: int = 0
     latent_steps: int | None = None  # latent mode (Coconut checkpoints): continuous thoughts before the answer
 
-
     def validate(self) -> None:
         if self.num_samples < 1:
             raise ValueError(f"num_samples={self.num_samples}: expected >= 1")
