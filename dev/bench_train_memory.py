@@ -2,12 +2,13 @@
 
 A Qwen3-shaped model with fewer layers (default 8 layers, hidden 1024, 16 heads, 8 KV heads, head_dim 128, SwiGLU
 3072, vocab 151,936, tied embeddings, no softcap) runs `rl.optimize_rollout` (chunked log-probs, policy loss, backward,
-optimizer step; AdamW stands in for Muon, see `adamw`) on rollout rows of 1024-4096 tokens (the last --completion tokens of each row are the sampled
-completion), once per checkpointing mode, each from the same initial weights. Memory is counted in real tensor bytes
-by the planner's tracker (reasoning.memplan.Session with fake=False: every storage from allocation to release, the
-method dev/plan_validate.py checks against the CPU allocator to the byte), which also files offloaded block inputs
-as host memory: the device figure is what a GPU would hold. The accumulated gradients of every mode are compared
-with the plain run's (captured at the optimizer step).
+optimizer step; AdamW stands in for Muon, see `adamw`) on rollout rows of 1024-4096 tokens (the last --completion
+tokens of each row are the sampled completion), once per checkpointing mode, each from the same initial weights.
+Memory is counted in real tensor bytes by the planner's tracker (reasoning.memplan.Session with fake=False: every
+storage from allocation to release, the method dev/plan_validate.py checks against the CPU allocator to the byte;
+for tied embeddings it counts one fp32 embedding gradient more than an untracked run, see dev/LOG.md), which also
+files offloaded block inputs as host memory: the device figure is what a GPU would hold. The accumulated gradients
+of every mode are compared with the plain run's (captured at the optimizer step).
 
     OMP_NUM_THREADS=1 python -m dev.bench_train_memory [--layers 8] [--lengths 1024,2048,4096]
 The step runs after a 16-token warm-up update (the optimizer state exists, as from the second step of a run on).
@@ -106,7 +107,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     lengths = [int(x) for x in args.lengths.split(",")]
     config = qwen_shaped(args.layers, args.vocab, max(lengths))
-    rl_config = rl.RLConfig(loss_type="dapo", device_batch_size=len(lengths), max_tokens_per_micro_batch=args.max_tokens,
+    rl_config = rl.RLConfig(loss_type="dapo", device_batch_size=len(lengths),
+                            max_tokens_per_micro_batch=args.max_tokens,
                             logprob_chunk_size=256, grad_clip=1.0, max_new_tokens=args.completion)
     results = [one_step(config, mode, lengths, args.completion, rl_config, args.fake)
                for mode in args.modes.split(",")]

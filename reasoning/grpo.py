@@ -373,7 +373,8 @@ def chunked_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, t
         return (empty, empty.clone()) if compute_entropy else empty
     flat_targets = targets.reshape(-1).long()
     if matmul_dtype is not None and matmul_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"matmul_dtype must be None, torch.bfloat16, torch.float16 or torch.float32, got {matmul_dtype}")
+        raise ValueError(f"matmul_dtype must be None, torch.bfloat16, torch.float16 or torch.float32, "
+                         f"got {matmul_dtype}")
     out = _ChunkedTokenLogprobs.apply(flat_hidden, lm_head_weight, flat_targets,
                                       float(softcap) if softcap else None, float(temperature),
                                       chunk_size, compute_entropy, matmul_dtype)

@@ -79,8 +79,9 @@ def rl_gradients(data, advantages, loss_type, device_batch_size, max_tokens, che
         captured.update({name: p.grad.clone() for name, p in model.named_parameters()})
         return original_step(*args, **kwargs)
     optimizer.step = capture_step
-    config = rl.RLConfig(loss_type=loss_type, device_batch_size=device_batch_size, max_tokens_per_micro_batch=max_tokens,
-                         grad_clip=0.0, max_new_tokens=32, logprob_chunk_size=16, lr_scale=0.0)
+    config = rl.RLConfig(loss_type=loss_type, device_batch_size=device_batch_size,
+                         max_tokens_per_micro_batch=max_tokens, grad_clip=0.0, max_new_tokens=32,
+                         logprob_chunk_size=16, lr_scale=0.0)
     rows = list(range(len(data.lengths)))
     rl.optimize_rollout(model, optimizer, data, advantages, rows, config, 0, 1.0, 0, 1, "cpu", contextlib.nullcontext)
     return captured
