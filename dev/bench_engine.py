@@ -51,10 +51,11 @@ import time
 import torch
 
 from reasoning.common import UserError, get_compute_dtype, get_device
-from reasoning.engine import Engine
-from reasoning.gpt import GPT, GPTConfig
+from reasoning.engine import Engine, kv_bytes_per_token
+from reasoning.gpt import FP8_KV_DTYPE, GPT, GPTConfig
 
 DIM, LAYERS, HEADS, MLP_WIDTH, VOCAB = 256, 4, 4, 704, 8192
+SECTIONS = ["throughput", "retirement", "longtail", "fp8", "compiled"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -404,6 +405,157 @@ def profile_split(args, ours: GPT) -> None:
     print()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the growing (paged) KV cache on a long-tailed batch, continuous batching, compiled decode, FP8 KV cache
+
+def qwen_shaped_model(args) -> GPT:
+    """Qwen3's layout (16 heads, 8 kv heads, head_dim 128, hidden 1024, SwiGLU 3072, q/k-norm gains, tied
+    embeddings) with --qwen-layers layers and --qwen-vocab ids, random weights; the stop token's logit is pinned to
+    --stop-logit, so every row stops with about the same probability at every step: geometric lengths, a long tail."""
+    config = GPTConfig(max_seq_len=args.longtail_prompt_max + args.longtail_max_tokens, vocab_size=args.qwen_vocab,
+                       n_layer=args.qwen_layers, n_head=16, n_kv_head=8, head_dim=128, n_embd=1024, mlp="swiglu",
+                       intermediate_size=3072, norm_weight=True, qk_norm=True, qk_norm_weight=True,
+                       tie_embeddings=True, softcap=None, rope_theta=1e6)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for block in model.blocks:  # the zero-initialised output projections would make every layer the identity
+            block.attn.c_proj.weight.normal_(std=0.02)
+            block.mlp.c_proj.weight.normal_(std=0.02)
+    return pin_stop_logit(model.eval(), args.stop_logit)
+
+
+def pin_stop_logit(model, value: float):
+    import types
+
+    original = type(model).compute_logits
+
+    def compute_logits(self, hidden):
+        logits = original(self, hidden)
+        logits[..., STOP_TOKEN] = value
+        return logits
+    model.compute_logits = types.MethodType(compute_logits, model)
+    return model
+
+
+STOP_TOKEN = 1
+
+
+def longtail(args) -> dict:
+    """(1) peak KV memory, growing paged cache vs the committed engine's up-front cache, same tokens; (2) a queue
+    of prompts decoded with continuous batching (one call, --longtail-rows slots) vs batch after batch."""
+    model = qwen_shaped_model(args)
+    g = torch.Generator().manual_seed(1)
+    n, rows, L = args.longtail_prompts, args.longtail_rows, args.longtail_max_tokens
+    lengths = torch.randint(args.longtail_prompt_max // 2, args.longtail_prompt_max + 1, (n,), generator=g).tolist()
+    prompts = [torch.randint(2, args.qwen_vocab, (k,), generator=g).tolist() for k in lengths]
+    # one seed per prompt: a prompt's samples do not depend on which call or batch it is in
+    seeds = list(range(n))
+    kwargs = dict(max_tokens=L, temperature=1.0, stop_tokens=[STOP_TOKEN])
+    token_bytes = kv_bytes_per_token(model.config, torch.float32)
+    print(f"long-tailed batch: Qwen3-shaped ({args.qwen_layers} layers, 16 heads, 8 kv heads, head_dim 128, hidden 1024, "
+          f"vocab {args.qwen_vocab}), {n} prompts of {min(lengths)}-{max(lengths)} tokens, max_tokens {L}, "
+          f"sampled, stop-token logit {args.stop_logit}")
+    batches = [(prompts[i:i + rows], seeds[i:i + rows]) for i in range(0, n, rows)]
+    engine = Engine(model)
+    Engine(model).generate(prompts[:2], max_tokens=4, temperature=0.0)  # warm-up
+
+    def batch_after_batch():
+        out, peak = [], 0
+        for batch, batch_seeds in batches:
+            out += engine.generate(batch, seed=batch_seeds, **kwargs)
+            peak = max(peak, engine.last_stats["peak_kv_bytes"])
+        return out, peak
+
+    def continuous():
+        cb = Engine(model, max_batch_rows=rows)
+        return cb.generate(prompts, seed=seeds, **kwargs), cb.last_stats["peak_kv_bytes"]
+
+    results = {}
+    timings = {"batches": [], "continuous": []}
+    for r in range(args.longtail_rounds):
+        for name, fn in (("batches", batch_after_batch), ("continuous", continuous)):
+            wall, cpu, result = timed(fn)
+            timings[name].append((wall, cpu, result))
+    (out_batches, peak_growing), (out_cb, peak_cb) = timings["batches"][0][2], timings["continuous"][0][2]
+    lens = sorted(len(o.tokens) for o in out_batches)
+    tokens = sum(lens)
+    print(f"  completion lengths: median {lens[len(lens) // 2]}, 90th pct {lens[int(0.9 * len(lens))]}, "
+          f"max {lens[-1]} of {L}; {sum(x == L for x in lens)} rows hit max_tokens; {tokens} tokens")
+    # the committed engine allocates rows x (longest prompt + max_tokens) for each call
+    up_front_bytes = max(len(batch) * (max(len(p) for p in batch) + L) for batch, _ in batches) * token_bytes
+    same = [a.tokens == b.tokens for a, b in zip(out_batches, out_cb)]
+    print(f"  continuous batching gives the batch-by-batch tokens: {sum(same)}/{len(same)} rows identical")
+    if args.baseline:
+        old = engine_at_revision(args.baseline, model)
+        pin_stop_logit(old.model, args.stop_logit)
+        old_out = [gen for batch, batch_seeds in batches for gen in old.generate(batch, seed=batch_seeds, **kwargs)]
+        identical = sum(a.tokens == b.tokens for a, b in zip(out_batches, old_out))
+        print(f"  vs the engine at {args.baseline} (up-front cache): {identical}/{len(old_out)} rows token-identical")
+        results["identical_to_baseline"] = identical / len(old_out)
+    ratio = up_front_bytes / peak_growing
+    print(f"  peak KV memory per call: up-front {up_front_bytes / 2**20:.1f} MiB (rows x (longest prompt + max_tokens)), "
+          f"growing {peak_growing / 2**20:.1f} MiB (x{ratio:.2f} less); continuous batching, {rows} slots: "
+          f"{peak_cb / 2**20:.1f} MiB")
+    med = lambda name, i: statistics.median(t[i] for t in timings[name])
+    print(f"  {n} prompts, {rows} rows at a time: batch after batch {med('batches', 0):.1f} s wall / "
+          f"{med('batches', 1):.1f} s CPU, continuous batching {med('continuous', 0):.1f} s / {med('continuous', 1):.1f} s "
+          f"-> {tokens / med('continuous', 1):.0f} vs {tokens / med('batches', 1):.0f} tok/s (CPU time)")
+    results.update(kv_peak_ratio=ratio, longtail_speedup=med("batches", 1) / med("continuous", 1),
+                   longtail_wall_speedup=med("batches", 0) / med("continuous", 0))
+    return results
+
+
+def compiled_decode(args) -> dict:
+    """Decode tokens/s of one batch (no stops: a fixed bucket), eager vs torch.compile (inductor) on this device."""
+    model = qwen_shaped_model(args)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, args.qwen_vocab, (64,), generator=g).tolist() for _ in range(args.compile_rows)]
+    kwargs = dict(max_tokens=args.compile_tokens, temperature=0.0, stop_tokens=[])
+    eager, compiled = Engine(model), Engine(model, compile_decode=True)
+    wall, cpu, _ = timed(lambda: compiled.generate(prompts, **kwargs))
+    print(f"compiled decode: first call (compiles) {wall:.1f} s")
+    prefill = lambda engine: timed(lambda: engine.generate(prompts, **{**kwargs, "max_tokens": 1}))[1]
+    times = {"eager": [], "compiled": []}
+    outs = {}
+    for _ in range(args.rounds):
+        for name, engine in (("eager", eager), ("compiled", compiled)):
+            wall, cpu, outs[name] = timed(lambda: engine.generate(prompts, **kwargs))
+            times[name].append(cpu - prefill(engine))
+    decoded = args.compile_rows * (args.compile_tokens - 1)
+    rate = {name: decoded / statistics.median(t) for name, t in times.items()}
+    same = sum(a.tokens == b.tokens for a, b in zip(outs["eager"], outs["compiled"]))
+    print(f"  {args.compile_rows} rows x {args.compile_tokens} tokens, decode only (CPU time): eager {rate['eager']:.0f} "
+          f"tok/s, compiled {rate['compiled']:.0f} tok/s (x{rate['compiled'] / rate['eager']:.2f}); "
+          f"{same}/{len(prompts)} rows token-identical")
+    return dict(compiled_vs_eager=rate["compiled"] / rate["eager"], compiled_identical=same / len(prompts))
+
+
+def fp8_agreement(args) -> dict:
+    """Greedy agreement of FP8 and bf16 KV caches with the fp32 cache (rows identical, share of tokens before the
+    first divergence) on the bench's Qwen-shaped model (random weights: flatter logits than a trained model's, so
+    near-ties make this a pessimistic figure)."""
+    model = qwen_shaped_model(args)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, args.qwen_vocab, (int(k),), generator=g).tolist()
+               for k in torch.randint(16, 128, (args.fp8_prompts,), generator=g)]
+    kwargs = dict(max_tokens=args.fp8_tokens, temperature=0.0, stop_tokens=[])
+    reference = Engine(model).generate(prompts, **kwargs)
+    results = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp8", FP8_KV_DTYPE)):
+        out = Engine(model, kv_dtype=dtype).generate(prompts, **kwargs)
+        rows = sum(a.tokens == b.tokens for a, b in zip(reference, out)) / len(out)
+        prefix = [next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), len(a.tokens))
+                  for a, b in zip(reference, out)]
+        agree = sum(prefix) / sum(len(a.tokens) for a in reference)
+        print(f"greedy vs fp32 KV cache, {name}: {rows:.0%} rows identical, {agree:.1%} of tokens before the first "
+              f"divergence ({len(prompts)} prompts x {args.fp8_tokens} tokens)")
+        results[f"{name}_rows_identical"] = rows
+        results[f"{name}_token_agreement"] = agree
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=64)
@@ -416,7 +568,21 @@ def main():
     parser.add_argument("--kv-heads", type=int, default=HEADS, help=f"key/value heads (GQA below {HEADS})")
     parser.add_argument("--baseline", metavar="REV", default=None,
                         help="also time the engine of git revision REV (e.g. HEAD) in every round: (a0)")
-    parser.add_argument("--skip", choices=["throughput", "retirement"], action="append", default=[])
+    parser.add_argument("--skip", choices=SECTIONS, action="append", default=[])
+    parser.add_argument("--only", choices=SECTIONS, action="append", default=[], help="run only these sections")
+    parser.add_argument("--qwen-layers", type=int, default=4, help="layers of the Qwen3-shaped model")
+    parser.add_argument("--qwen-vocab", type=int, default=32768, help="its vocabulary (Qwen3: 151936)")
+    parser.add_argument("--stop-logit", type=float, default=6.7,
+                        help="the stop token's pinned logit: sets the per-step stop probability")
+    parser.add_argument("--longtail-prompts", type=int, default=24)
+    parser.add_argument("--longtail-rows", type=int, default=8, help="rows decoded at a time")
+    parser.add_argument("--longtail-max-tokens", type=int, default=512)
+    parser.add_argument("--longtail-prompt-max", type=int, default=128)
+    parser.add_argument("--longtail-rounds", type=int, default=1)
+    parser.add_argument("--compile-rows", type=int, default=16)
+    parser.add_argument("--compile-tokens", type=int, default=48)
+    parser.add_argument("--fp8-prompts", type=int, default=16)
+    parser.add_argument("--fp8-tokens", type=int, default=48)
     parser.add_argument("--profile", action="store_true",
                         help="also print where the batched engine's CPU time goes (torch.profiler, one call; "
                              "--device cpu only)")
@@ -445,20 +611,31 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    ours, hf = build_models(args.max_len + args.new_tokens, kv_heads=args.kv_heads, device=args.device, dtype=dtype)
-    n_params = sum(p.numel() for p in ours.parameters())
-    where = "CPU" if args.device.type == "cpu" else f"{torch.cuda.get_device_name(args.device)} ({args.device})"
-    print(f"model: Llama-shaped dim {DIM}, {LAYERS} layers, {HEADS} heads ({args.kv_heads} kv), vocab {VOCAB}, "
-          f"{n_params / 1e6:.2f}M params; "
-          f"{args.prompts} prompts of {args.min_len}-{args.max_len} tokens, {args.new_tokens} new tokens, greedy, "
-          f"{where} {dtype_name}, {torch.get_num_threads()} threads")
+    run = lambda section: section not in args.skip and (not args.only or section in args.only)
     results = {}
+    if run("throughput") or run("retirement") or args.profile:
+        ours, hf = build_models(args.max_len + args.new_tokens, kv_heads=args.kv_heads, device=args.device,
+                                dtype=dtype)
+        n_params = sum(p.numel() for p in ours.parameters())
+        where = "CPU" if args.device.type == "cpu" else f"{torch.cuda.get_device_name(args.device)} ({args.device})"
+        print(f"model: Llama-shaped dim {DIM}, {LAYERS} layers, {HEADS} heads ({args.kv_heads} kv), vocab {VOCAB}, "
+              f"{n_params / 1e6:.2f}M params; "
+              f"{args.prompts} prompts of {args.min_len}-{args.max_len} tokens, {args.new_tokens} new tokens, greedy, "
+              f"{where} {dtype_name}, {torch.get_num_threads()} threads")
     if args.profile:
         profile_split(args, ours)
-    if "throughput" not in args.skip:
+    if run("throughput"):
         results.update(throughput(args, ours, hf))
-    if "retirement" not in args.skip:
+    if run("retirement"):
         results.update(retirement(args, ours))
+    if (run("longtail") or run("compiled") or run("fp8")) and args.device.type != "cpu":
+        raise SystemExit("the longtail, compiled and fp8 sections run on the CPU (--skip them with --device cuda)")
+    if run("longtail"):
+        results.update(longtail(args))
+    if run("fp8"):
+        results.update(fp8_agreement(args))
+    if run("compiled"):
+        results.update(compiled_decode(args))
     print("RESULT " + " ".join(f"{k}={v:.0f}" if k.endswith("tok_s") else f"{k}={v:.2f}" for k, v in results.items()))
 
 

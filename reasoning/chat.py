@@ -331,6 +331,10 @@ class ReplyDecoder:
         self.pending = []
         return self._emit(text)
 
+    def note_latent_steps(self, count: int) -> list[tuple[str, str]]:
+        """A latent span (Coconut) has no tokens to show: its length stands for it in the reasoning channel."""
+        return self._record(REASONING, f"[{count} latent steps]")
+
     def flush(self) -> list[tuple[str, str]]:
         """Everything held back, e.g. at the end of the reply or of a channel."""
         deltas = self._emit(self.tokenizer.decode(self.pending)) if self.pending else []
@@ -369,7 +373,10 @@ def stream_reply(engine: Engine, prompt_ids: list[int], decoder: ReplyDecoder, s
     """Generate one reply and yield its (channel, text) deltas; the engine stops as soon as the reply is done,
     a stop string matched, `should_stop()` turned true, or the consumer closed this generator."""
     tokens = engine.generate_stream([prompt_ids], **sampling)
+    latent_steps = sampling.get("latent_steps", engine.latent_steps)
     try:
+        if latent_steps is not None:
+            yield from decoder.note_latent_steps(latent_steps)
         for _, token, _ in tokens:
             yield from decoder.feed(token)
             if decoder.finish_reason is not None or (should_stop is not None and should_stop()):

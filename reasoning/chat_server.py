@@ -175,11 +175,12 @@ class ChatService:
 
     def __init__(self, models: list, tokenizer, workers: int, max_queue: int, api_key: str | None,
                  max_body_bytes: int, default_max_tokens: int, model_name: str,
-                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S):
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S, latent_steps: int | None = None):
         self.tokenizer = tokenizer
         self.body_timeout = body_timeout
         self.max_seq_len = models[0].config.max_seq_len
-        self.pool = WorkerPool([Engine(models[i % len(models)], tokenizer) for i in range(workers)], max_queue)
+        self.pool = WorkerPool([Engine(models[i % len(models)], tokenizer, latent_steps=latent_steps)
+                                for i in range(workers)], max_queue)
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.default_max_tokens = default_max_tokens
@@ -401,7 +402,8 @@ _UI_HEADERS = {  # the page loads nothing from elsewhere, and the browser is tol
 
 def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               model_name: str = "reasoning", body_timeout: float = DEFAULT_BODY_TIMEOUT_S):
+               model_name: str = "reasoning", body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+               latent_steps: int | None = None):
     """The FastAPI app serving `model` (a GPT, or a list of them, one per device) with `tokenizer`.
 
     `workers` engines are spread round-robin over the models (on CPU several share one model's weights);
@@ -409,6 +411,7 @@ def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_k
     bearer token on /v1/* and /stats. A request that sets no max_tokens gets `default_max_tokens` or what the
     context leaves after its prompt, whichever is smaller; one whose max_tokens does not fit is refused (as vLLM).
     A request body that has not fully arrived `body_timeout` seconds after its headers is answered with 408.
+    `latent_steps`: a latent (Coconut) checkpoint's count; replies then show "[N latent steps]" as their reasoning.
     """
     # Imported here so that importing this module (for ServerThread, serve) costs nothing until an app is built.
     # (Also why this module has no `from __future__ import annotations`: FastAPI must see these classes in the
@@ -421,7 +424,7 @@ def create_app(model, tokenizer, *, workers: int = 1, max_queue: int = 16, api_k
     _check_app_settings(models, workers=workers, max_queue=max_queue, max_body_bytes=max_body_bytes,
                         default_max_tokens=default_max_tokens, api_key=api_key, body_timeout=body_timeout)
     service = ChatService(models, tokenizer, max(workers, len(models)), max_queue, api_key, max_body_bytes,
-                          default_max_tokens, model_name, body_timeout)
+                          default_max_tokens, model_name, body_timeout, latent_steps)
     ui_html = UI_PATH.read_text(encoding="utf-8") if UI_PATH.exists() else "<p>reasoning/ui.html is missing</p>"
 
     @asynccontextmanager

@@ -40,7 +40,7 @@ import torch
 
 from reasoning.common import UserError, atomic_write, atomic_write_text, get_base_dir, make_dir
 
-STAGES = ("base", "sft", "rl")
+STAGES = ("base", "sft", "rl", "latent")  # latent: scripts/chat_latent.py (Coconut)
 VERIFY_ENV = "REASONING_VERIFY_CHECKSUMS"  # "0": load without checking the files' checksums
 SLOW_SAVE_ENV = "REASONING_TEST_SLOW_SAVE"  # test hook: seconds each checkpoint file write pauses halfway
 _META_RE = re.compile(r"meta_(\d{6,})\.json$")

@@ -1,18 +1,26 @@
 """Batched KV-cache generation: the sampler behind RL rollouts, evaluation and chat.
 
-One `generate` call runs every (prompt, sample) row of a batch together:
+One `generate` call runs every (prompt, sample) row of a batch:
 
-- **Ragged prefill, shared across samples.** The P distinct prompts are prefilled once, right-padded with
-  `new_lengths` = true lengths (each row's rotary positions start at 0), in groups of similar length so that
-  padding wastes little; the first-token logits come from each row's last real position.
-  `KVCache.repeat_rows(G)` then gives every sample its own copy (GRPO's G rollouts per prompt cost one prefill).
-- **Row retirement.** Finished rows leave the compute batch (`KVCache.select_rows`), so a decode step costs what
-  its live rows cost. Compaction copies the cache, so it waits until a quarter of the batch has finished
-  (`Engine.retire_fraction`); finished rows in the batch meanwhile write nothing (new_lengths 0). `retire=False`
-  keeps every row to the end, which exists to test that retirement changes nothing.
+- **Paged KV cache that grows with need** (`reasoning.gpt.PagedKVCache`). Keys/values live in blocks of
+  `block_size` tokens taken from a pool as rows grow and returned when a row finishes, so a long-tailed batch
+  holds the tokens its live rows really have, not rows x max_len. The pool grows on demand up to the KV budget
+  (`max_kv_tokens`; on CUDA, by default, what KV_MEMORY_FRACTION of the GPU leaves, allocated at once as vLLM does).
+- **Continuous batching.** Prompts wait in a queue and are admitted (prefilled) whenever batch slots
+  (`max_batch_rows`) and blocks allow, so rows freed by finished ones are refilled at once. When growing rows would
+  exceed the budget, the youngest row is preempted: its blocks are freed and it is queued first for recompute
+  (a prefill of its prompt + tokens so far), which continues it exactly where it was.
+- **Ragged prefill, shared across samples.** Admitted contexts are prefilled right-padded (`new_lengths` = true
+  lengths), in groups of similar length so that padding wastes little; the first-token logits come from each row's
+  last real position. A prompt's G samples are prefilled once and copy its blocks (GRPO's G rollouts per prompt
+  cost one prefill).
+- **Row retirement.** Finished rows leave the compute batch at once (a block-table rebuild, no cache copy).
+  `retire=False` keeps them riding along, writing nothing, which exists to test that retirement changes nothing.
+- **Compiled decode** (`compile_decode`): static shapes — the batch padded to a power of two, every row reading its
+  whole block table — so torch.compile captures one graph per bucket (CUDA graphs on a GPU).
 - **Per-row, counter-based randomness.** The uniform that picks row r's t-th token is a hash of
   (seed, prompt_index, sample_index, t): a row's samples do not depend on which other rows share the batch,
-  on retirement, or on the device. `seed` may also be a list with one seed per prompt; rows are then keyed by
+  on retirement, admission order, preemption, or on the device. `seed` may also be a list with one seed per prompt; rows are then keyed by
   (seed[p], sample_index, t), independent of the prompt's position in the call. All rows draw in one
   vectorised op; the token is the inverse-CDF pick.
 - **Sampling.** temperature 0 = greedy; otherwise softmax(logits / temperature) filtered by top-k, then top-p
@@ -28,6 +36,11 @@ One `generate` call runs every (prompt, sample) row of a batch together:
   calculator and `<|output_start|> result <|output_end|>` is forced into that row one token per step (mask 0), then
   sampling resumes. A rejected expression forces an empty output block, so the transcript keeps the chat format
   and the model is never credited with writing a tool result itself.
+- **Latent mode** (`latent_steps=N`, Coconut; reasoning/latent.py): after the prefill each row is fed
+  <|start-latent|>, then N positions whose inputs are the previous position's final hidden state, then
+  <|end-latent|>; decoding starts after that. The span is not part of `tokens` (`Generation.latent_steps` = N)
+  and takes N + 2 slots of the context. `_latent_span` (run after each admission's prefill) is the whole of
+  it; latent mode holds every row's whole span in the cache (no preemption).
 
 `tokens` include the stop token when stop_reason == "stop" (the trainer learns to emit <|assistant_end|>).
 Results are prompt-major: prompt 0 samples 0..G-1, prompt 1, ...
@@ -46,7 +59,8 @@ import torch
 
 from reasoning.calculator import calculate
 from reasoning.common import autocast_context, get_compute_dtype
-from reasoning.gpt import KVCache
+from reasoning.gpt import FP8_KV_DTYPE, PagedKVCache
+from reasoning.latent import END_LATENT, START_LATENT, run_latent_steps
 
 STOP, LENGTH, CONTEXT = "stop", "length", "context"
 DEFAULT_STOP_NAMES = ("<|assistant_end|>", "<|bos|>")
@@ -62,6 +76,7 @@ class Generation:
     stop_reason: str | None = None  # "stop" | "length" | "context"
     prompt_index: int = 0
     sample_index: int = 0
+    latent_steps: int = 0  # latent positions before the tokens (latent mode)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,8 +112,9 @@ def keys_tensor(keys: list[int], device) -> torch.Tensor:
     return torch.tensor([[k & _MASK32, k >> 32] for k in keys], dtype=torch.int64, device=device)
 
 
-def counter_uniforms(keys: torch.Tensor, counter: int) -> torch.Tensor:
-    """(B, 2) int64 keys, step counter -> (B,) float64 uniforms in [0, 1) with 53 random bits."""
+def counter_uniforms(keys: torch.Tensor, counter) -> torch.Tensor:
+    """(B, 2) int64 keys, step counter (an int, or (B,) int64: one per row) -> (B,) float64 uniforms in [0, 1)
+    with 53 random bits."""
     low, high = keys[:, 0], keys[:, 1]
     a = _mix32(_mix32(low ^ (counter & _MASK32)) ^ high)
     b = _mix32(a ^ low ^ 0x9E3779B9)
@@ -186,42 +202,120 @@ def special_token_id(tokenizer, name: str) -> int | None:
         return None
 
 
+# memory of the engine's KV cache
+BLOCK_SIZE = 16  # tokens per KV block: small blocks waste little at a row's end; 16 is vLLM's default too
+KV_MEMORY_FRACTION = 0.9  # vLLM's gpu_memory_utilization: the share of the GPU the process may fill, KV pool included
+
+
+def kv_bytes_per_token(config, kv_dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take in the cache, all layers (FP8 adds a float32 scale per kv head)."""
+    element = torch.empty(0, dtype=kv_dtype).element_size()
+    extra = 4 if kv_dtype == FP8_KV_DTYPE else 0
+    return 2 * config.n_layer * config.n_kv_head * (config.get_head_dim() * element + extra)
+
+
+def activation_reserve_bytes(config, rows: int) -> int:
+    """What a generate call needs beside its KV pool, generously: one prefill group's MLP/attention temporaries
+    (PREFILL_GROUP_TOKENS tokens, fp32 at worst) and a decode step's logits with the sampler's float64 CDF."""
+    width = config.get_intermediate_size()
+    prefill = PREFILL_GROUP_TOKENS * (4 * width + 8 * config.n_embd) * 4
+    sampler = rows * config.vocab_size * 24
+    return prefill + sampler
+
+
+def kv_budget_tokens(config, gpu_total_bytes: int, in_use_bytes: int, rows: int, kv_dtype: torch.dtype,
+                     fraction: float = KV_MEMORY_FRACTION) -> int:
+    """The default KV budget on a GPU, as vLLM picks it: fraction x the device's memory, minus what is in use
+    (weights, optimizer state) and the call's activations, divided by the bytes of one cached token."""
+    spare = fraction * gpu_total_bytes - in_use_bytes - activation_reserve_bytes(config, rows)
+    return max(0, int(spare) // kv_bytes_per_token(config, kv_dtype))
+
+
 class Engine:
-    """Generation for a GPT (reasoning.gpt) and its tokenizer (None: no tool calls, no default stop tokens)."""
+    """Generation for a GPT (reasoning.gpt) and its tokenizer (None: no tool calls, no default stop tokens).
 
-    # with retire=True, finished rows leave the batch once they are this fraction of it (0: at every finish)
-    retire_fraction = 0.25
+    Memory and batching (keyword arguments, also attributes):
+      max_kv_tokens   KV-cache budget in tokens (all rows together). None: on CUDA what KV_MEMORY_FRACTION of the
+                      device leaves (kv_budget_tokens); elsewhere what every row could need (the pool still grows
+                      only as rows grow). When growing rows would exceed it, the youngest row is preempted and
+                      later recomputed (token-identical: its randomness is counter-based).
+      max_batch_rows  rows decoded together; None = no limit but the budget. Finished rows free their slot and
+                      blocks, and waiting prompts are admitted into them (continuous batching).
+      block_size      tokens per KV block.
+      kv_dtype        None = the compute dtype; torch.bfloat16; reasoning.gpt.FP8_KV_DTYPE (e4m3, per-token,
+                      per-head scales).
+      compile_decode  run the decode step through torch.compile with static shapes: the batch padded to a power
+                      of two (padding rows write to the scratch block and are dropped) and every row reading its
+                      whole block table; on CUDA in mode "reduce-overhead" (CUDA graphs). A backend name
+                      (e.g. "aot_eager") compiles with that backend.
+      latent_steps    the latent mode (Coconut) every call uses unless it passes its own (a chat_latent
+                      checkpoint's count); module docstring.
+    """
 
-    def __init__(self, model, tokenizer=None):
+    def __init__(self, model, tokenizer=None, *, max_kv_tokens: int | None = None, max_batch_rows: int | None = None,
+                 block_size: int = BLOCK_SIZE, kv_dtype: torch.dtype | None = None, compile_decode=False,
+                 latent_steps: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.latent_steps = latent_steps
         special = {name: special_token_id(tokenizer, name) for name in DEFAULT_STOP_NAMES + TOOL_NAMES}
         self.default_stop_tokens = [special[n] for n in DEFAULT_STOP_NAMES if special[n] is not None]
         tool_ids = [special[n] for n in TOOL_NAMES]
         self.tool_tokens = tool_ids if None not in tool_ids else None  # python_start, python_end, output_start/end
+        for name, value in (("max_kv_tokens", max_kv_tokens), ("max_batch_rows", max_batch_rows)):
+            if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"{name}={value!r}: expected None or a positive integer")
+        if not isinstance(block_size, numbers.Integral) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r}: expected a positive integer")
+        if kv_dtype not in (None, torch.bfloat16, torch.float16, torch.float32, FP8_KV_DTYPE):
+            raise ValueError(f"kv_dtype={kv_dtype!r}: expected None, torch.bfloat16, torch.float16, torch.float32 "
+                             "or torch.float8_e4m3fn")
+        self.max_kv_tokens, self.max_batch_rows = max_kv_tokens, max_batch_rows
+        self.block_size, self.kv_dtype, self.compile_decode = int(block_size), kv_dtype, compile_decode
+        self._compiled = None
+        self._static_pool = None  # compiled decode keeps its KV pool between calls
+        self.last_stats = {}  # of the latest generate call: peak_kv_bytes, preemptions, ...
 
     def generate(self, prompts, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                 seed: int | list[int] | None = 0, stop_tokens=None, retire: bool = True) -> list[Generation]:
-        """Sample num_samples completions of every prompt (lists of token ids); prompt-major results."""
+                 seed: int | list[int] | None = 0, stop_tokens=None, retire: bool = True,
+                 latent_steps: int | None = None) -> list[Generation]:
+        """Sample num_samples completions of every prompt (lists of token ids); prompt-major results.
+        `latent_steps` N: latent mode (module docstring), N continuous thoughts before the first token."""
         rollout = _Rollout(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p, seed,
-                           stop_tokens, retire)
+                           stop_tokens, retire, self.latent_steps if latent_steps is None else latent_steps)
         for _ in rollout.steps():
             pass
         return rollout.generations
 
     def generate_stream(self, prompts, num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                        seed: int | list[int] | None = 0, stop_tokens=None,
-                        retire: bool = True) -> Iterator[tuple[int, int, int]]:
+                        seed: int | list[int] | None = 0, stop_tokens=None, retire: bool = True,
+                        latent_steps: int | None = None) -> Iterator[tuple[int, int, int]]:
         """Like generate, but yields (row, token, mask) as tokens are produced, row = prompt_index * G + sample.
 
         Arguments are checked now; the work happens as the caller iterates, and stops when it stops
         (break / close()): nothing runs ahead of the consumer.
         """
         rollout = _Rollout(self, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p, seed,
-                           stop_tokens, retire)
+                           stop_tokens, retire, self.latent_steps if latent_steps is None else latent_steps)
         return _stream_events(rollout)
+
+    def decode_function(self):
+        """model (B, 1) ids + a static PagedKVCache -> last-position logits (B, V), compiled once per engine."""
+        if self._compiled is None:
+            def decode(idx, cache):
+                return self.model.compute_logits(self.model.forward_hidden(idx, kv_cache=cache)[:, -1])
+            device = next(self.model.parameters()).device
+            # one graph per batch bucket (fullgraph: a graph break would split the CUDA graph)
+            options = dict(dynamic=False, fullgraph=True)
+            if isinstance(self.compile_decode, str):
+                self._compiled = torch.compile(decode, backend=self.compile_decode, **options)
+            elif device.type == "cuda":
+                self._compiled = torch.compile(decode, mode="reduce-overhead", **options)
+            else:
+                self._compiled = torch.compile(decode, **options)
+        return self._compiled
 
 
 def _stream_events(rollout: "_Rollout"):
@@ -232,11 +326,21 @@ def _stream_events(rollout: "_Rollout"):
         rollout.release()  # cancelled or done: drop the KV cache now rather than when the generator is collected
 
 
+def _bucket(rows: int) -> int:
+    """Compiled decode batch sizes: powers of two, so a shrinking batch reuses a handful of graphs."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
 class _Rollout:
-    """The state of one generate call: rows, their budgets and tool state, the KV cache of resident rows."""
+    """The state of one generate call: rows, their budgets and tool state, the KV cache of resident rows.
+
+    A row is waiting (its prompt, or a preempted row, in `waiting`), resident (in the compute batch, its keys in
+    `blocks[row]`) or done. Each iteration samples a token for every resident row, retires finished rows, decodes
+    the resident rows and admits waiting ones (prefill) while slots and blocks allow.
+    """
 
     def __init__(self, engine: Engine, prompts, num_samples, max_tokens, temperature, top_k, top_p, min_p,
-                 seed, stop_tokens, retire):
+                 seed, stop_tokens, retire, latent_steps=None):
         model = engine.model
         config = model.config
         self.model, self.engine = model, engine
@@ -272,25 +376,41 @@ class _Rollout:
         self.tool_tokens = engine.tool_tokens
         self.tokenizer = engine.tokenizer
 
+        self.latent_steps, self.latent_slots = self._check_latent(latent_steps)
+
         G = self.num_samples
-        self.generations = [Generation(prompt_index=p, sample_index=s)
+        self.generations = [Generation(prompt_index=p, sample_index=s, latent_steps=self.latent_steps or 0)
                             for p in range(len(self.prompts)) for s in range(G)]
+        n = len(self.generations)
         # a row may produce max_tokens tokens, or fewer if prompt + completion would exceed the model's context
-        self.budgets = [min(self.max_tokens, self.max_seq_len - len(self.prompts[g.prompt_index]))
+        self.budgets = [min(self.max_tokens,
+                            self.max_seq_len - len(self.prompts[g.prompt_index]) - self.latent_slots)
                         for g in self.generations]
         self.keys = [row_key(*row_seeds[g.prompt_index], g.sample_index) for g in self.generations]
-        self.done = [False] * len(self.generations)
-        self.python_start = [-1] * len(self.generations)  # where the open tool call's expression begins
+        self.done = [False] * n
+        self.python_start = [-1] * n  # where the open tool call's expression begins
         self.forced = [deque() for _ in self.generations]  # tool-output tokens still to force, per row
-        self.cache = None
+        self.blocks = [[] for _ in self.generations]  # KV blocks of each resident row
+        self.cached = [0] * n  # tokens of each resident row in the cache (its next write slot)
+        self.admitted_at = [0] * n  # admission order: the youngest resident row is preempted first
+        self.admissions = 0
+        self.waiting = deque()  # ("prompt", p): a prompt's G rows; ("row", r): a preempted row to recompute
         self.resident = []  # row ids in the compute batch, in cache order
         self.resident_keys = None  # (len(resident), 2) random-stream keys of those rows
+        self.batch_dirty = True  # resident changed: the cache's batch (tables, lengths) must be rebuilt
+        self.cache = None
+        self.stats = engine.last_stats = dict(peak_kv_bytes=0, peak_kv_tokens=0, preemptions=0, admissions=0,
+                                              max_kv_tokens=0)
 
         self.device = next(model.parameters()).device
         # the dtype keys/values are produced in: bf16/fp16 under GPU autocast, else the weights' dtype (fp32 on CPU)
         compute_dtype = get_compute_dtype(self.device) if self.device.type == "cuda" else None
         self.autocast_dtype = compute_dtype if compute_dtype in (torch.bfloat16, torch.float16) else None
         self.dtype = self.autocast_dtype or model.lm_head.weight.dtype
+        self.kv_dtype = engine.kv_dtype or self.dtype
+        # the pool at its full budget at once: on CUDA (static addresses, no regrowth copies, as vLLM) and for a
+        # compiled decode (a fixed shape); elsewhere it grows with the rows
+        self.preallocate = self.device.type == "cuda" or bool(engine.compile_decode)
 
     # -- driving --------------------------------------------------------------------------------------------
 
@@ -301,17 +421,18 @@ class _Rollout:
                 self._finish(row, CONTEXT)
         if all(self.done):
             return
-        logits = self._prefill()
-        step = 0
+        G = self.num_samples
+        self.waiting.extend(("prompt", p) for p in range(len(self.prompts)) if not self.done[p * G])
+        self._open_cache()
+        logits = self._admit()
         while True:
-            events = self._take_step(logits, step)
+            events = self._take_step(logits)
             yield events
-            if all(self.done[row] for row in self.resident):
+            self._retire_finished()
+            if not self.resident and not self.waiting:
                 break
-            if self.retire:
-                self._retire_finished()
-            logits = self._decode()
-            step += 1
+            parts = [self._decode(), self._admit()]
+            logits = torch.cat([p for p in parts if p is not None])
         self.release()
 
     def release(self):
@@ -323,78 +444,265 @@ class _Rollout:
             return contextlib.nullcontext()
         return autocast_context(self.device, self.autocast_dtype)
 
-    @torch.inference_mode()
-    def _prefill(self) -> torch.Tensor:
-        """Prefill the distinct prompts that still have budget; return first-token logits (B_resident, V).
+    def _open_cache(self):
+        """A block pool bounded by the budget; on CUDA allocated at once (static addresses), else grown on demand."""
+        engine, config, bs = self.engine, self.model.config, self.engine.block_size
+        need = sum(-(-(len(self.prompts[g.prompt_index]) + self.latent_slots + b) // bs) * bs
+                   for g, b, d in zip(self.generations, self.budgets, self.done) if not d)  # every row at its end
+        budget = engine.max_kv_tokens
+        if self.latent_steps is not None:
+            # latent mode never preempts: a recompute would have to run the latent span again, not just a prefill
+            budget = None
+        elif budget is None and self.device.type == "cuda":
+            budget = kv_budget_tokens(config, torch.cuda.get_device_properties(self.device).total_memory,
+                                      torch.cuda.memory_allocated(self.device), len(self.generations), self.kv_dtype)
+        need += self.engine.block_size * len(self.generations)  # the admission watermark: a spare block per row
+        budget = need if budget is None else min(budget, need)
+        self.stats["max_kv_tokens"] = budget
+        max_blocks = 1 + max(1, budget // bs)
+        pool = engine._static_pool
+        if engine.compile_decode and pool is not None and pool.max_blocks >= max_blocks and (
+                pool.kv_dtype, pool.dtype) == (self.kv_dtype, self.dtype):
+            # compiled decode: the same pool (shapes, addresses) call after call; a new shape would recompile
+            pool.reset()
+            self.cache = pool
+            return
+        # compiled decode needs a pool of fixed shape (and, for CUDA graphs, fixed addresses): allocated at once
+        self.cache = PagedKVCache.for_model(config, bs, max_blocks, device=self.device, dtype=self.dtype,
+                                            kv_dtype=self.kv_dtype, initial_blocks=64, preallocate=self.preallocate)
+        if engine.compile_decode:
+            engine._static_pool = self.cache
+            if self.device.type == "cuda":  # CUDA graphs may then write the pool in place (unverified on a GPU)
+                for pool in (self.cache.k, self.cache.v, self.cache.k_scale, self.cache.v_scale):
+                    if pool is not None:
+                        torch._dynamo.mark_static_address(pool)
 
-        Prompts are sorted by length and prefilled in groups of similar length (each group right-padded to its
-        longest prompt), so padding costs little even when lengths vary 10x; the groups' keys/values are copied
-        into one cache whose rows follow the sorted order.
-        """
+    # -- admission and memory -------------------------------------------------------------------------------
+
+    def _unit_rows(self, unit) -> list[int]:
+        kind, index = unit
+        if kind == "row":
+            return [index]
         G = self.num_samples
-        config = self.model.config
-        active = sorted({g.prompt_index for g, d in zip(self.generations, self.done) if not d},
-                        key=lambda p: -len(self.prompts[p]))
-        # a row feeds back its prompt and every generated token but the last: len + budget - 1 slots, plus one
-        # spare where a finished row that still rides in the batch writes its (discarded) input
-        max_len = max(len(self.prompts[p]) + self.budgets[p * G] for p in active)
-        self.cache = KVCache.for_model(config, len(active), max_len, device=self.device, dtype=self.dtype)
-        logits = torch.empty(len(active), config.vocab_size, device=self.device)
-        for start, stop in _length_groups([len(self.prompts[p]) for p in active]):
-            group = [self.prompts[p] for p in active[start:stop]]
-            width = len(group[0])
-            idx = torch.tensor([prompt + [0] * (width - len(prompt)) for prompt in group], dtype=torch.long,
+        return [row for row in range(index * G, index * G + G) if not self.done[row]]
+
+    def _context(self, row: int) -> list[int]:
+        """What a row's cache must hold before its next token is sampled: its prompt and every token so far."""
+        return self.prompts[self.generations[row].prompt_index] + self.generations[row].tokens
+
+    @torch.inference_mode()
+    def _admit(self) -> torch.Tensor | None:
+        """Prefill waiting units (oldest first) while batch slots and KV blocks allow; their first-token logits
+        (rows in admission order), or None when nothing was admitted."""
+        bs, cache = self.engine.block_size, self.cache
+        slots = self.engine.max_batch_rows
+        admitted = []  # (rows, context)
+        running = len(self.resident)
+        while self.waiting:
+            rows = self._unit_rows(self.waiting[0])
+            context = self._context(rows[0])
+            # its context (+ the latent span in latent mode) and the slot of its next token
+            per_row = -(-(len(context) + self.latent_slots + 1) // bs)
+            if slots is not None and running + len(rows) > slots and running > 0:
+                break
+            # keep one free block per running row, so that the next decode step does not preempt at once
+            if len(rows) * per_row + running + len(rows) > cache.available_blocks():
+                if running == 0 and len(rows) * per_row > cache.available_blocks():
+                    raise ValueError(f"max_kv_tokens={self.stats['max_kv_tokens']}: too small for "
+                                     f"{len(rows)} row(s) of {len(context)} tokens; raise it")
+                if running > 0:
+                    break
+            self.waiting.popleft()
+            for row in rows:
+                self.blocks[row] = cache.allocate(per_row)
+                self.admitted_at[row] = self.admissions
+                self.admissions += 1
+            admitted.append((rows, context))
+            running += len(rows)
+        if not admitted:
+            return None
+        self.stats["admissions"] += len(admitted)
+        self._track_memory()
+        logits = self._prefill(admitted)
+        self.resident += [row for rows, _ in admitted for row in rows]
+        self.batch_dirty = True
+        return logits
+
+    def _prefill(self, admitted) -> torch.Tensor:
+        """Prefill each admitted context once, in groups of similar length (right-padded to the group's longest:
+        padding wastes little even when lengths vary 10x); a prompt's G rows then copy its blocks. Returns the
+        last-position logits, one per admitted row."""
+        config, bs, cache = self.model.config, self.engine.block_size, self.cache
+        order = sorted(range(len(admitted)), key=lambda i: -len(admitted[i][1]))
+        first = torch.empty(len(admitted), config.vocab_size, device=self.device)
+        for start, stop in _length_groups([len(admitted[i][1]) for i in order]):
+            group = [admitted[i] for i in order[start:stop]]
+            width = len(group[0][1])
+            idx = torch.tensor([context + [0] * (width - len(context)) for _, context in group], dtype=torch.long,
                                device=self.device)  # (n, width) right-padded
-            lengths = [len(prompt) for prompt in group]
-            cache = KVCache.for_model(config, len(group), width, device=self.device, dtype=self.dtype,
-                                      layout=self.cache.layout)
+            lengths = [len(context) for _, context in group]
+            columns = -(-width // bs)
+            cache.static = False
+            cache.set_batch([self.blocks[rows[0]][:columns] for rows, _ in group], [0] * len(group),
+                            table_width=columns)
             with self._compute():
                 hidden = self.model.forward_hidden(idx, kv_cache=cache, new_lengths=lengths)  # (n, width, D)
                 last = hidden[torch.arange(len(group), device=self.device),
                               torch.tensor(lengths, device=self.device) - 1]  # (n, D)
-                logits[start:stop] = self.model.compute_logits(last)
-            self.cache.write_rows(start, cache)
-        if G > 1:
-            self.cache.repeat_rows(G)
-            logits = logits.repeat_interleave(G, dim=0)
-        self.resident = [p * G + s for p in active for s in range(G)]
-        self.resident_keys = keys_tensor([self.keys[row] for row in self.resident], self.device)
-        return logits
+                first[torch.tensor(order[start:stop], device=self.device)] = self.model.compute_logits(last)
+        if self.latent_steps is not None:
+            first = self._latent_span(admitted)
+        for rows, context in admitted:
+            cached = len(context) + self.latent_slots
+            filled = -(-cached // bs)
+            for row in rows:
+                self.cached[row] = cached
+                if row != rows[0]:
+                    cache.copy_blocks(self.blocks[rows[0]][:filled], self.blocks[row][:filled])
+        self.batch_dirty = True
+        which = [i for i, (rows, _) in enumerate(admitted) for _ in rows]  # each row's context
+        return first.index_select(0, torch.tensor(which, device=self.device))
+
+    def _preempt(self, row: int):
+        """Free a resident row's blocks and queue it first for recompute (prefill of its prompt + tokens)."""
+        self.cache.free(self.blocks[row])
+        self.blocks[row], self.cached[row] = [], 0
+        self.resident.remove(row)
+        self.waiting.appendleft(("row", row))
+        self.stats["preemptions"] += 1
+        self.batch_dirty = True
+
+    def _reserve_next_slots(self) -> list[tuple[int, int]]:
+        """Give every live resident row a block for its next slot, preempting the youngest rows while the budget
+        cannot; returns the (row, new block column) pairs that were added."""
+        bs, added = self.engine.block_size, []
+        needy = [row for row in self.resident if not self.done[row] and self.cached[row] >= len(self.blocks[row]) * bs]
+        preempted = set()
+        for row in sorted(needy, key=lambda r: self.admitted_at[r]):  # oldest first
+            while row not in preempted:
+                block = self.cache.allocate(1)
+                if block is not None:
+                    self.blocks[row] += block
+                    added.append((row, len(self.blocks[row]) - 1))
+                    break
+                youngest = max((r for r in self.resident if not self.done[r]), key=lambda r: self.admitted_at[r])
+                self._preempt(youngest)
+                preempted.add(youngest)
+        self._track_memory()
+        return [(row, column) for row, column in added if row not in preempted]
+
+    def _track_memory(self):
+        cache, stats = self.cache, self.stats
+        in_use = cache.num_blocks - 1 - len(cache.free_blocks)
+        stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], cache.pool_bytes)
+        stats["peak_kv_tokens"] = max(stats["peak_kv_tokens"], in_use * self.engine.block_size)
+
+    def _sync_batch(self, added: list[tuple[int, int]], static: bool):
+        """Point the cache's batch at the resident rows: rebuilt when they changed, else only new table entries."""
+        cache, bs = self.cache, self.engine.block_size
+        if self.batch_dirty or static != cache.static:
+            # rows sorted by length: runs of similar length then read few keys beyond their own (key_spans)
+            self.resident.sort(key=lambda r: (-self.cached[r], r))
+            tables = [self.blocks[row] for row in self.resident]
+            lengths = [self.cached[row] for row in self.resident]
+            if static:
+                width = -(-self.max_seq_len // bs)
+                cache.set_batch(tables, lengths, batch_size=_bucket(len(tables)), table_width=width)
+            else:  # finished rows riding along (retire=False) still write, at a slot past their blocks
+                width = max(max(len(t), self.cached[row] // bs + 1) for t, row in zip(tables, self.resident))
+                cache.set_batch(tables, lengths, table_width=width + (-width) % 8)  # slack: rebuilt less often
+            cache.static = static
+            self.resident_keys = keys_tensor([self.keys[row] for row in self.resident], self.device)
+            self.batch_dirty = False
+            return
+        position = {row: i for i, row in enumerate(self.resident)}
+        if any(column >= cache.block_table.size(1) for _, column in added):
+            self.batch_dirty = True
+            return self._sync_batch([], static)
+        cache.set_blocks([(position[row], column, self.blocks[row][column]) for row, column in added])
+
+    # -- latent mode (Coconut) ------------------------------------------------------------------------------
+
+    def _check_latent(self, latent_steps) -> tuple[int | None, int]:
+        """(latent steps or None, context slots the latent span takes)."""
+        if latent_steps is None:
+            return None, 0
+        if not isinstance(latent_steps, numbers.Integral) or isinstance(latent_steps, bool) or latent_steps < 0:
+            raise ValueError(f"latent_steps={latent_steps!r}: expected None or an integer >= 0")
+        self.latent_ids = [special_token_id(self.tokenizer, name) for name in (START_LATENT, END_LATENT)]
+        if None in self.latent_ids:
+            raise ValueError("latent_steps: the tokenizer has no <|start-latent|>/<|end-latent|> tokens "
+                             "(reasoning.latent.with_latent_tokens)")
+        return int(latent_steps), int(latent_steps) + 2
+
+    def _latent_span(self, admitted) -> torch.Tensor:
+        """Each freshly prefilled context (one per admitted unit, in its first row's blocks) takes
+        <|start-latent|>, latent_steps hidden states fed back, and <|end-latent|>; a prompt's G rows then copy the
+        blocks. Returns the logits of the first token after the span, one per admitted unit (n, V)."""
+        start, end = self.latent_ids
+        bs, cache, n = self.engine.block_size, self.cache, len(admitted)
+        lengths = [len(context) for _, context in admitted]
+        columns = -(-(max(lengths) + self.latent_slots) // bs)
+        cache.static = False
+        cache.set_batch([self.blocks[rows[0]][:columns] for rows, _ in admitted], lengths, table_width=columns)
+        with self._compute():
+            marker = torch.full((n, 1), start, dtype=torch.long, device=self.device)
+            hidden = self.model.forward_hidden(marker, kv_cache=cache)[:, 0]  # (n, D)
+            run_latent_steps(self.model, cache, hidden, self.latent_steps)
+            marker = torch.full((n, 1), end, dtype=torch.long, device=self.device)
+            return self.model.compute_logits(self.model.forward_hidden(marker, kv_cache=cache)[:, -1])
 
     @torch.inference_mode()
-    def _decode(self) -> torch.Tensor:
+    def _decode(self) -> torch.Tensor | None:
         """Feed every resident row its latest token; return next-token logits (B_resident, V)."""
-        idx = torch.tensor([[self.generations[row].tokens[-1]] for row in self.resident], dtype=torch.long,
-                           device=self.device)  # (B, 1)
-        new_lengths = None
-        if any(self.done[row] for row in self.resident):  # retire=False: finished rows must not grow
-            new_lengths = [0 if self.done[row] else 1 for row in self.resident]
-        with self._compute():
-            hidden = self.model.forward_hidden(idx, kv_cache=self.cache, new_lengths=new_lengths)
-            return self.model.compute_logits(hidden[:, -1])
+        added = self._reserve_next_slots()
+        if not self.resident:
+            return None
+        static = bool(self.engine.compile_decode)
+        self._sync_batch(added, static)
+        B, cache = len(self.resident), self.cache
+        new_lengths = [0 if self.done[row] else 1 for row in self.resident]  # finished rows (retire=False) stay put
+        tokens = [self.generations[row].tokens[-1] for row in self.resident]
+        if static:
+            pad = cache.batch_size - B
+            idx = torch.tensor(tokens + [0] * pad, dtype=torch.long, device=self.device)[:, None]
+            with self._compute():
+                logits = self.engine.decode_function()(idx, cache)[:B]
+            cache.commit(new_lengths + [0] * pad)
+        else:
+            idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+            with self._compute():
+                hidden = self.model.forward_hidden(idx, kv_cache=cache, new_lengths=new_lengths)
+                logits = self.model.compute_logits(hidden[:, -1])
+        for row, n in zip(self.resident, new_lengths):
+            self.cached[row] += n
+        return logits
 
     def _retire_finished(self):
-        """Compact the batch once at least retire_fraction of its rows have finished.
-
-        A compaction copies the whole KV cache (select_rows), about as much memory traffic as 2-3 decode steps,
-        so compacting after every single finish costs more than it saves when rows finish one by one (measured
-        in dev/LOG.md). Until then finished rows ride along, writing nothing (new_lengths 0).
-        """
-        keep = [i for i, row in enumerate(self.resident) if not self.done[row]]
-        finished = len(self.resident) - len(keep)
-        if finished == 0 or finished < self.engine.retire_fraction * len(self.resident):
+        """Finished rows leave the batch and return their blocks (a block-table rebuild, no copy of the cache).
+        With retire=False they ride along, writing nothing, until every resident row has finished."""
+        finished = [row for row in self.resident if self.done[row]]
+        if not finished or (not self.retire and len(finished) < len(self.resident)):
             return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.cache.select_rows(index)
-        self.resident_keys = self.resident_keys.index_select(0, index)
-        self.resident = [self.resident[i] for i in keep]
+        for row in finished:
+            self.cache.free(self.blocks[row])
+            self.blocks[row] = []
+        self.resident = [row for row in self.resident if not self.done[row]]
+        self.batch_dirty = True
 
     # -- one step of bookkeeping ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _take_step(self, logits: torch.Tensor, step: int) -> list[tuple[int, int, int]]:
-        """Sample a token for every resident row (or take its forced token) and update the row states."""
-        uniforms = counter_uniforms(self.resident_keys, step)
+    def _take_step(self, logits: torch.Tensor) -> list[tuple[int, int, int]]:
+        """Sample a token for every resident row (or take its forced token) and update the row states.
+
+        Row r's t-th token uses counter t = len(tokens so far): the same draw whenever and wherever the row runs.
+        """
+        if self.batch_dirty or self.resident_keys is None or len(self.resident_keys) != len(self.resident):
+            self.resident_keys = keys_tensor([self.keys[row] for row in self.resident], self.device)
+        counters = torch.tensor([len(self.generations[row].tokens) for row in self.resident], dtype=torch.int64,
+                                device=self.device)
+        uniforms = counter_uniforms(self.resident_keys, counters)
         tokens, logprobs = sample_from_logits(logits, uniforms, **self.sampling)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()  # the one host sync per step
         events = []

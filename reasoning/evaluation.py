@@ -46,6 +46,7 @@ class EvalSettings:
     batch_size: int = 32
     prompt_mode: str = "chat"
     seed: int = 0
+    latent_steps: int | None = None  # latent mode (Coconut checkpoints): continuous thoughts before the answer
 
     def validate(self) -> None:
         if self.num_samples < 1:
@@ -57,6 +58,8 @@ class EvalSettings:
             raise ValueError(f"batch_size={self.batch_size}, max_tokens={self.max_tokens}: expected both >= 1")
         if self.prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode={self.prompt_mode!r}: expected one of {PROMPT_MODES}")
+        if self.latent_steps is not None and (self.latent_steps < 0 or self.prompt_mode != "chat"):
+            raise ValueError(f"latent_steps={self.latent_steps}: expected None, or >= 0 with prompt_mode 'chat'")
         from reasoning.engine import check_sampling_args  # before any file is touched, not at the first generate
 
         check_sampling_args(self.temperature, self.top_k, None, None)
@@ -84,9 +87,10 @@ def generate_records(engine, tokenizer, task, indices: list[int], settings: Eval
         # one seed per problem, from its index in the task: a problem's samples are the same whichever batch,
         # rank or resumed run it lands in
         seeds = [problem_seed(settings.seed, indices[j]) for j in runnable]
+        latent = {} if settings.latent_steps is None else {"latent_steps": settings.latent_steps}
         outs = engine.generate([prompts[j] for j in runnable], num_samples=settings.num_samples,
                                max_tokens=settings.max_tokens, temperature=settings.temperature,
-                               top_k=settings.top_k, seed=seeds)
+                               top_k=settings.top_k, seed=seeds, **latent)
         for g in outs:
             generations[(runnable[g.prompt_index], g.sample_index)] = g
     records = []
@@ -103,6 +107,7 @@ def generate_records(engine, tokenizer, task, indices: list[int], settings: Eval
                 "completion": text, **grade_completion(task, example, text), "gold": example.get("answer"),
                 "level": example.get("level"),
                 "subject": example.get("subject"), "num_tokens": len(tokens), "stop_reason": stop_reason,
+                **({} if settings.latent_steps is None else {"latent_steps": settings.latent_steps}),
             })
         # maj@k graded here, on the rank that made the samples: the answer-equivalence checks are spread over
         # the ranks instead of all falling on rank 0 in summarize() while the others wait
@@ -131,6 +136,8 @@ def evaluate_task(model, tokenizer, task, settings: EvalSettings, max_problems: 
     protocol.update(template=template_text(settings.prompt_mode, tokenizer), prompt_mode=settings.prompt_mode,
                     num_samples=settings.num_samples, temperature=settings.temperature, top_k=settings.top_k,
                     max_tokens=settings.max_tokens, seed=settings.seed)
+    if settings.latent_steps is not None:
+        protocol["latent_steps"] = settings.latent_steps
     # resume: rank 0 decides, every rank learns the finished problems
     done_records = start_predictions(out_dir, protocol, total, settings.num_samples, log) \
         if rank == 0 and out_dir else []

@@ -6,7 +6,10 @@ Two entry points, both taking tensors in the (B, T, H, D) layout FlashAttention 
 - `attention_with_cache(q, k_cache, v_cache, cache_lengths, k_new, v_new, ...)` for the KV-cache forward of
   the engine: it writes the new keys/values of row b at slots `cache_lengths[b] + i` and lets query i of row b
   see slots `j < cache_lengths[b] + i + 1` (bottom-right aligned causality, which is exactly what FA3's
-  `flash_attn_with_kvcache` does, so both backends agree slot for slot).
+  `flash_attn_with_kvcache` does, so both backends agree slot for slot);
+- `attention_with_page_table(...)`: FA3's paged KV cache (the engine's `reasoning.gpt.PagedKVCache` on FA3);
+  on SDPA the paged cache gathers a run of rows' pages and calls `sdpa_over_slots`, the masked kernel that
+  `attention_with_cache` uses too.
 
 The cache's physical layout belongs to the backend (`cache_layout`): FA3's kvcache kernel takes (B, S, Hkv, D)
 ("bshd"); SDPA wants each head's keys contiguous, (B, Hkv, S, D) ("bhsd"): reading a bshd cache through a
@@ -299,19 +302,47 @@ def attention_with_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     outputs = []
     for start, stop, S in spans:
         S = min(S, max_len)
-        if S == T and (window is None or window >= T):
-            # the run's rows had empty caches (a prefill): their mask is plain causal, which SDPA's kernels
-            # apply by skipping blocks instead of reading a mask
-            keys, values = k_heads[start:stop, :, :T].to(q.dtype), v_heads[start:stop, :, :T].to(q.dtype)
-            outputs.append(_sdpa_heads(q_heads[start:stop], keys, values, is_causal=True))
-            continue
-        slots = torch.arange(S, device=q.device)
-        limit = positions[start:stop, :, None]  # (n, T, 1)
-        allowed = slots <= limit  # (n, T, S)
-        if window is not None:
-            allowed &= slots > limit - window
-        keys = k_heads[start:stop, :, :S].to(q.dtype)
-        values = v_heads[start:stop, :, :S].to(q.dtype)
-        outputs.append(_sdpa_heads(q_heads[start:stop], keys, values, mask=allowed[:, None]))  # mask (n,1,T,S)
+        keys, values = k_heads[start:stop, :, :S].to(q.dtype), v_heads[start:stop, :, :S].to(q.dtype)
+        outputs.append(sdpa_over_slots(q_heads[start:stop], keys, values, positions[start:stop], window))
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return y.transpose(1, 2)  # (B, T, H, D)
+
+
+def sdpa_over_slots(q_heads: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                    window: int | None = None) -> torch.Tensor:
+    """SDPA of queries at cache slots `positions` (n, T) against keys/values in slots 0..S-1 of each row.
+
+    q_heads (n, H, T, D), keys/values (n, Hkv, S, D) -> (n, H, T, D). Query i of row b sees slots j <=
+    positions[b, i] (and j > positions[b, i] - window). Shared by the dense and the paged KV cache.
+    """
+    T, S = q_heads.size(2), keys.size(2)
+    if S == T and (window is None or window >= T):
+        # the run's rows had empty caches (a prefill): their mask is plain causal, which SDPA's kernels
+        # apply by skipping blocks instead of reading a mask
+        return _sdpa_heads(q_heads, keys, values, is_causal=True)
+    slots = torch.arange(S, device=q_heads.device)
+    limit = positions[:, :, None]  # (n, T, 1)
+    allowed = slots <= limit  # (n, T, S)
+    if window is not None:
+        allowed &= slots > limit - window
+    return _sdpa_heads(q_heads, keys, values, mask=allowed[:, None])  # mask (n, 1, T, S)
+
+
+def fa3_takes_cache(q: torch.Tensor, cache_dtype: torch.dtype) -> bool:
+    """Whether FA3 will run attention for queries q against a cache stored in cache_dtype."""
+    return _use_fa3(q.device, q.dtype) and cache_dtype == q.dtype
+
+
+def attention_with_page_table(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                              cache_lengths: torch.Tensor, page_table: torch.Tensor, k_new: torch.Tensor,
+                              v_new: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """FA3's paged KV cache: k_pages/v_pages (num_pages, page_size, Hkv, D), page_table (B, pages per row) int32.
+
+    FA3 writes k_new/v_new (B, T, Hkv, D) at slots cache_lengths[b].. through the page table and attends to each
+    row's own pages only. Returns (B, T, H, D). (The SDPA path gathers the pages itself: reasoning.gpt.PagedKVCache.)
+    """
+    _count_call("fa3")
+    y = _fa3_module.flash_attn_with_kvcache(
+        q, k_pages, v_pages, k=k_new, v=v_new, cache_seqlens=cache_lengths.to(torch.int32),
+        page_table=page_table, causal=True, window_size=_fa3_window(window))
+    return _first(y)

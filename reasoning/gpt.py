@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reasoning.flash_attention import CACHE_LAYOUTS, attention, attention_with_cache, cache_layout, key_spans
+from reasoning.checkpointing import checkpointed_block
+from reasoning.flash_attention import (CACHE_LAYOUTS, attention, attention_with_cache, attention_with_page_table,
+                                      cache_layout, fa3_takes_cache, key_spans, sdpa_over_slots)
 
 _MLP_KINDS = ("relu2", "swiglu")
 _LOSS_REDUCTIONS = ("mean", "sum", "none")
@@ -207,9 +209,8 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is None:
             y = attention(q, k, v, causal=True, window=self.window)
-        else:
-            y = attention_with_cache(q, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], kv_cache.lengths,
-                                     k_new=k, v_new=v, window=self.window, layout=kv_cache.layout, spans=spans)
+        else:  # KVCache or PagedKVCache: writes k/v at each row's next slots, attends to the row's cache
+            y = kv_cache.attend(self.layer_idx, q, k, v, self.window, spans)
         return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -367,11 +368,252 @@ class KVCache:
         self.lengths.zero_()
         self.bounds = [0] * self.batch_size
 
+    def attend(self, layer: int, q, k_new, v_new, window, spans):
+        """Write k_new/v_new (B, T, Hkv, D) at each row's next slots of `layer`; attention of q (B, T, H, D)."""
+        return attention_with_cache(q, self.k[layer], self.v[layer], self.lengths, k_new=k_new, v_new=v_new,
+                                    window=window, layout=self.layout, spans=spans)
+
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+class PagedKVCache:
+    """The engine's KV cache: keys/values in a pool of fixed-size blocks, mapped per row by a block table.
+
+    Memory follows the rows (vLLM's PagedAttention idea): a row holds ceil(length / block_size) blocks, taken
+    from a free list as it grows and returned when it retires, so a long-tailed batch costs the tokens it
+    really holds, not rows x max_len, and a freed block can serve a newly admitted prompt at once.
+
+    pool k, v: "bshd" = (n_layer, num_blocks, block_size, Hkv, D), FA3's paged layout (`page_table`);
+    "bhsd" = (n_layer, Hkv, num_blocks, block_size, D) for SDPA: gathering a run of rows' blocks then gives each
+    head's keys contiguous, (n, Hkv, blocks * block_size, D) as a view of the gathered copy.
+    Block 0 is scratch: table entries past a row's blocks and padding rows point at it; what is written there is
+    never read by a real query (its slots lie beyond every row's length, so they are masked).
+    The pool grows on demand (by 1/4, copying) up to `max_blocks`; `preallocate` takes them all at once
+    (static addresses, what CUDA graphs need, and vLLM's behaviour on a GPU).
+
+    `kv_dtype` FP8 (float8_e4m3fn) stores keys/values in one byte with a float32 scale per (token, kv head):
+    scale = amax over head_dim / 448, written with the token and applied when the blocks are gathered.
+
+    The compute batch: `set_batch(tables, lengths)` (host lists of block ids and lengths per row); a forward of
+    T tokens then writes row b at slots lengths[b].. (the same contract as KVCache). With `static=True` (compiled
+    decode) `reserve` reads no host state and returns no spans (every row reads all table_width blocks, a fixed
+    shape), and the forward does not advance: the caller commits with `commit(new_lengths)` outside the graph.
+    """
+
+    def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, block_size: int, max_blocks: int,
+                 device=None, dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None,
+                 layout: str | None = None, preallocate: bool = False, initial_blocks: int = 0):
+        if block_size < 1 or max_blocks < 2:
+            raise ValueError(f"PagedKVCache: block_size={block_size} must be >= 1 and max_blocks={max_blocks} >= 2 "
+                             "(block 0 is scratch)")
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
+        self.quantized = self.kv_dtype == FP8_KV_DTYPE
+        if layout is None:  # FA3 reads the pages itself only when they hold the compute dtype
+            layout = cache_layout(device if device is not None else "cpu", dtype)
+            layout = "bhsd" if self.quantized else layout
+        if layout not in CACHE_LAYOUTS:
+            raise ValueError(f"PagedKVCache: layout={layout!r}, expected one of {', '.join(CACHE_LAYOUTS)}")
+        self.layout, self.device, self.dtype = layout, torch.device(device if device is not None else "cpu"), dtype
+        self.n_layer, self.n_kv_head, self.head_dim, self.block_size = n_layer, n_kv_head, head_dim, block_size
+        self.max_blocks = max_blocks
+        self.k = self.v = self.k_scale = self.v_scale = None
+        self.num_blocks = 0
+        self._grow(max_blocks if preallocate else max(2, min(max_blocks, initial_blocks)))
+        self.static = False
+        self.set_batch([[]], [0])
+
+    def reset(self) -> None:
+        """Every block free again (the pool itself is kept: a compiled decode reuses it call after call)."""
+        self.free_blocks = list(range(self.num_blocks - 1, 0, -1))
+        self.static = False
+        self.set_batch([[]], [0])
+
+    @classmethod
+    def for_model(cls, config: GPTConfig, block_size: int, max_blocks: int, **kwargs) -> "PagedKVCache":
+        return cls(config.n_layer, config.n_kv_head, config.get_head_dim(), block_size, max_blocks, **kwargs)
+
+    # -- the pool
+    def _shape(self, num_blocks: int, scales: bool = False) -> tuple:
+        L, H, bs, D = self.n_layer, self.n_kv_head, self.block_size, self.head_dim
+        if self.layout == "bhsd":
+            return (L, H, num_blocks, bs) + (() if scales else (D,))
+        return (L, num_blocks, bs, H) + (() if scales else (D,))
+
+    def _grow(self, num_blocks: int) -> None:
+        block_dim = 2 if self.layout == "bhsd" else 1
+        # zeros, not empty: masked slots still enter SDPA's weighted sum, and 0 * NaN would poison it
+        new = [torch.zeros(self._shape(num_blocks - self.num_blocks), device=self.device, dtype=self.kv_dtype)
+               for _ in range(2)]
+        if self.quantized:
+            new += [torch.ones(self._shape(num_blocks - self.num_blocks, True), device=self.device) for _ in range(2)]
+        old = [self.k, self.v, self.k_scale, self.v_scale][:len(new)]
+        grown = [n if o is None else torch.cat([o, n], dim=block_dim) for o, n in zip(old, new)]
+        self.k, self.v = grown[:2]
+        if self.quantized:
+            self.k_scale, self.v_scale = grown[2:]
+        self.free_blocks = list(range(num_blocks - 1, self.num_blocks - 1, -1)) + getattr(self, "free_blocks", [])
+        if self.num_blocks == 0:
+            self.free_blocks.remove(0)  # scratch
+        self.num_blocks = num_blocks
+        self.free_blocks.sort(reverse=True)  # pop() hands out the lowest ids first: deterministic placement
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block (keys + values, all layers, scales included)."""
+        per_token = 2 * self.n_layer * self.n_kv_head * (self.head_dim * self.k.element_size()
+                                                         + (4 if self.quantized else 0))
+        return per_token * self.block_size
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    def available_blocks(self) -> int:
+        """Blocks that allocate() can still hand out (free now or by growing the pool)."""
+        return len(self.free_blocks) + self.max_blocks - self.num_blocks
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n block ids, growing the pool if needed; None (nothing taken) if the budget cannot provide them."""
+        if n > self.available_blocks():
+            return None
+        if n > len(self.free_blocks):
+            wanted = self.num_blocks + n - len(self.free_blocks)
+            self._grow(min(self.max_blocks, max(wanted, self.num_blocks + self.num_blocks // 4)))
+        return [self.free_blocks.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self.free_blocks.extend(blocks)
+        self.free_blocks.sort(reverse=True)
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy the contents of blocks src[i] into dst[i] (one prefill shared by G samples)."""
+        block_dim = 2 if self.layout == "bhsd" else 1
+        s = torch.tensor(src, device=self.device)
+        d = torch.tensor(dst, device=self.device)
+        for pool in (self.k, self.v, self.k_scale, self.v_scale):
+            if pool is not None:
+                pool.index_copy_(block_dim, d, pool.index_select(block_dim, s))
+
+    # -- the compute batch
+    def set_batch(self, tables: list[list[int]], lengths: list[int], batch_size: int | None = None,
+                  table_width: int | None = None) -> None:
+        """Rows of the next forwards: their blocks and lengths; padded to batch_size rows of scratch (length 0)."""
+        batch_size = len(tables) if batch_size is None else batch_size
+        width = max(1, max(len(t) for t in tables)) if table_width is None else table_width
+        rows = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * (batch_size - len(tables))
+        self.block_table = torch.tensor(rows, dtype=torch.int32, device=self.device)  # (B, width)
+        self.bounds = list(lengths) + [0] * (batch_size - len(tables))  # exact on the host
+        self.lengths = torch.tensor(self.bounds, dtype=torch.int32, device=self.device)
+
+    def set_blocks(self, updates: list[tuple[int, int, int]]) -> None:
+        """Table entries (row, column, block) for rows that grew into new blocks."""
+        if updates:
+            rows, columns, blocks = (torch.tensor(x, device=self.device) for x in zip(*updates))
+            self.block_table[rows, columns] = blocks.to(torch.int32)
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_table.size(0)
+
+    @property
+    def max_len(self) -> int:
+        return self.block_table.size(1) * self.block_size
+
+    def reserve(self, num_new: int) -> list[tuple[int, int, int]] | None:
+        if self.static:
+            return None
+        if max(self.bounds) + num_new > self.max_len:
+            raise ValueError(f"PagedKVCache: a row holds {max(self.bounds)} tokens and {num_new} more exceed its "
+                             f"{self.block_table.size(1)} blocks of {self.block_size}")
+        return key_spans([bound + num_new for bound in self.bounds])
+
+    def advance(self, num_new: int, new_lengths=None) -> None:
+        if not self.static:
+            self.commit(num_new if new_lengths is None else new_lengths)
+
+    def commit(self, new_lengths) -> None:
+        """Lengths += new_lengths (an int for every row, or a host list per row)."""
+        if isinstance(new_lengths, int):
+            new_lengths = [new_lengths] * self.batch_size
+        self.bounds = [bound + int(n) for bound, n in zip(self.bounds, new_lengths)]
+        self.lengths += torch.tensor(new_lengths, dtype=torch.int32, device=self.device)
+
+    # -- attention
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(.., D) -> FP8 values and a float32 scale per vector (amax / 448; 1 for an all-zero vector)."""
+        amax = x.float().abs().amax(dim=-1)
+        scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
+        return (x.float() / scale[..., None]).to(FP8_KV_DTYPE), scale
+
+    def _write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, T: int) -> torch.Tensor:
+        """Store k_new/v_new (B, T, Hkv, D) at slots lengths[b]..; returns those slots (B, T)."""
+        positions = self.lengths.long()[:, None] + torch.arange(T, device=self.device)  # (B, T)
+        blocks = self.block_table.long().gather(1, positions // self.block_size)  # (B, T)
+        offsets = positions % self.block_size
+        pools = [(self.k, self.k_scale, k_new), (self.v, self.v_scale, v_new)]
+        for pool, scales, new in pools:
+            if self.quantized:
+                new, scale = self._quantize(new)
+                if self.layout == "bhsd":
+                    scales[layer][:, blocks, offsets] = scale.permute(2, 0, 1)
+                else:
+                    scales[layer][blocks, offsets] = scale
+            if self.layout == "bhsd":
+                pool[layer][:, blocks, offsets] = new.permute(2, 0, 1, 3).to(pool.dtype)  # (Hkv, B, T, D)
+            else:
+                pool[layer][blocks, offsets] = new.to(pool.dtype)
+        return positions
+
+    def _gather(self, pool, scales, layer: int, table: torch.Tensor, S: int, dtype) -> torch.Tensor:
+        """The first S slots of each row of `table` (n, nb) as (n, Hkv, S, D) in `dtype`."""
+        n, nb = table.shape
+        H, D, S_all = self.n_kv_head, self.head_dim, nb * self.block_size
+        idx = table.reshape(-1).long()
+        # index_select copies whole blocks (memcpy-like); advanced indexing took ~3x longer on the CPU engine bench
+        if self.layout == "bhsd":
+            x = pool[layer].index_select(1, idx)  # (Hkv, n * nb, bs, D)
+            x = x.view(H, n, S_all, D).permute(1, 0, 2, 3)  # (n, Hkv, S, D): each (row, head) contiguous
+            scale = scales[layer].index_select(1, idx).view(H, n, S_all).permute(1, 0, 2) if self.quantized else None
+        else:
+            x = pool[layer].index_select(0, idx).view(n, S_all, H, D).transpose(1, 2)
+            scale = scales[layer].index_select(0, idx).view(n, S_all, H).transpose(1, 2) if self.quantized else None
+        x = x[:, :, :S]
+        if self.quantized:
+            return (x.float() * scale[:, :, :S, None]).to(dtype)
+        return x.to(dtype)
+
+    def attend(self, layer: int, q, k_new, v_new, window, spans):
+        """Write k_new/v_new (B, T, Hkv, D) at each row's next slots of `layer`; attention of q (B, T, H, D)."""
+        B, T = q.shape[:2]
+        if self.layout == "bshd" and fa3_takes_cache(q, self.kv_dtype):
+            return attention_with_page_table(q, self.k[layer], self.v[layer], self.lengths, self.block_table,
+                                             k_new, v_new, window)
+        positions = self._write(layer, k_new, v_new, T)
+        if not self.static and max(self.bounds) == 0:
+            # a prefill into empty rows: attend to the new keys themselves (exact, also for an FP8 cache)
+            return attention(q, k_new, v_new, causal=True, window=window)
+        if spans is None:
+            spans = [(0, B, self.max_len)]
+        q_heads = q.transpose(1, 2)  # (B, H, T, D)
+        outputs = []
+        for start, stop, S in spans:
+            S = min(S, self.max_len)
+            table = self.block_table[start:stop, :-(-S // self.block_size)]
+            keys = self._gather(self.k, self.k_scale, layer, table, S, q.dtype)
+            values = self._gather(self.v, self.v_scale, layer, table, S, q.dtype)
+            outputs.append(sdpa_over_slots(q_heads[start:stop], keys, values, positions[start:stop], window))
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return y.transpose(1, 2)  # (B, T, H, D)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # the model
 
 class GPT(nn.Module):
+    activation_checkpointing = "off"  # off | on | offload: reasoning.checkpointing.set_activation_checkpointing
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -446,9 +688,17 @@ class GPT(nn.Module):
             return torch.get_autocast_dtype(device.type)
         return self.lm_head.weight.dtype
 
-    def forward_hidden(self, idx: torch.Tensor, kv_cache: KVCache | None = None,
-                       new_lengths=None) -> torch.Tensor:
-        """idx (B, T) -> final normed hidden states (B, T, n_embd)."""
+    def forward_hidden(self, idx: torch.Tensor | None, kv_cache: KVCache | None = None,
+                       new_lengths=None, input_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> final normed hidden states (B, T, n_embd).
+
+        `input_embeds` (B, T, n_embd) replaces the token embeddings (idx None): latent reasoning feeds a
+        position's output hidden state back as the next input (reasoning/latent.py)."""
+        if input_embeds is not None:
+            if idx is not None or input_embeds.ndim != 3 or input_embeds.size(-1) != self.config.n_embd:
+                raise ValueError(f"input_embeds has shape {tuple(input_embeds.shape)}; expected (batch, time, "
+                                 f"{self.config.n_embd}) and idx None")
+            idx = input_embeds[..., 0]  # (B, T): only its shape and device are read below
         if idx.ndim != 2:
             raise ValueError(f"idx has shape {tuple(idx.shape)}; expected (batch, time)")
         B, T = idx.shape
@@ -467,9 +717,15 @@ class GPT(nn.Module):
             cos, sin = self.rotary_cos[positions][:, :, None, :], self.rotary_sin[positions][:, :, None, :]
         dtype = self._activation_dtype(idx.device)
         cos, sin = cos.to(dtype), sin.to(dtype)
-        x = self.wte(idx).to(dtype)  # the residual stream in the activation dtype (bf16 under GPU autocast)
+        # the residual stream in the activation dtype (bf16 under GPU autocast)
+        x = (self.wte(idx) if input_embeds is None else input_embeds).to(dtype)
+        # a training forward may keep only each block's input for the backward (reasoning.checkpointing)
+        checkpointing = self.activation_checkpointing if kv_cache is None and torch.is_grad_enabled() else "off"
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, spans)
+            if checkpointing == "off":
+                x = block(x, cos, sin, kv_cache, spans)
+            else:
+                x = checkpointed_block(block, x, cos, sin, offload=checkpointing == "offload")
         if kv_cache is not None:
             kv_cache.advance(T, new_lengths)
         return self.norm_f(x)

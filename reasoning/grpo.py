@@ -216,6 +216,17 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 # Chunked per-token log-probs and entropy
 # ---------------------------------------------------------------------------------------------------------------------
 
+def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b as out_dtype. Low-precision operands on CUDA accumulate into an fp32 (out_dtype) result directly
+    (bf16 tensor cores, no rounding of the products' sum to bf16); elsewhere the product is rounded to the operands'
+    dtype and then upcast (the CPU has no fp32-output bf16 matmul)."""
+    if a.dtype == out_dtype:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=out_dtype)
+    return torch.mm(a, b).to(out_dtype)
+
+
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, temperature: float,
                   out: torch.Tensor) -> torch.Tensor:
     """Sampling logits softcap(h @ W^T) / temperature of one chunk (n, V), the order the engine applies them.
@@ -227,7 +238,7 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None, 
     if h.dtype == out.dtype:
         z = torch.mm(h, weight.t(), out=out[: h.shape[0]])
     else:
-        z = torch.mm(h, weight.t()).to(out.dtype)      # low-precision matmul like the model's lm_head, then upcast
+        z = _matmul(h, weight.t(), out.dtype)           # low-precision matmul (lm_head's dtype), fp32 logits
     if softcap is not None:
         z.div_(softcap).tanh_().mul_(softcap / temperature)
     elif temperature != 1.0:
@@ -243,12 +254,14 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, temperature, chunk_size, compute_entropy):
+    def forward(ctx, hidden, weight, targets, softcap, temperature, chunk_size, compute_entropy, matmul_dtype):
         # hidden (N, d), weight (V, d), targets (N,) long with -1 = ignore.
-        # Matmuls run in hidden's dtype (what the model's lm_head would use under autocast); autocast is switched
-        # off so that dtype choice is ours and identical in forward and backward.
+        # Matmuls run in matmul_dtype (None: hidden's dtype, what the model's lm_head would use under autocast);
+        # autocast is switched off so that dtype choice is ours and identical in forward and backward. The
+        # log-softmax, its sums and every gradient accumulate in fp32 (fp64 for fp64 inputs) whatever it is.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            w = weight.to(hidden.dtype)
+            mm_dtype = matmul_dtype or hidden.dtype
+            w = weight.to(mm_dtype)
             acc = torch.promote_types(hidden.dtype, torch.float32)     # float32, or float64 for float64 inputs
             n_rows = hidden.shape[0]
             valid = targets >= 0
@@ -262,7 +275,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             buffer = torch.empty(min(chunk_size, n_rows), w.shape[0], dtype=acc, device=hidden.device)
             for start in range(0, n_rows, chunk_size):
                 rows = slice(start, min(start + chunk_size, n_rows))
-                logits = _chunk_logits(hidden[rows], w, softcap, temperature, buffer)          # (n, V)
+                logits = _chunk_logits(hidden[rows].to(mm_dtype), w, softcap, temperature, buffer)  # (n, V)
                 chunk_max = logits.amax(dim=1, keepdim=True)
                 shifted = logits.sub_(chunk_max)                       # in place: the raw logits are not needed
                 chunk_log_sum = torch.exp(shifted).sum(dim=1, keepdim=True).log_()
@@ -273,7 +286,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 if compute_entropy:
                     entropy[rows] = torch.where(valid[rows], -(log_p.exp() * log_p).sum(dim=1), 0.0)
         ctx.save_for_backward(hidden, weight, targets, row_max, log_sum)
-        ctx.softcap, ctx.temperature, ctx.chunk_size = softcap, temperature, chunk_size
+        ctx.softcap, ctx.temperature, ctx.chunk_size, ctx.mm_dtype = softcap, temperature, chunk_size, mm_dtype
         if compute_entropy:
             ctx.mark_non_differentiable(entropy)
             return logprobs, entropy
@@ -282,10 +295,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, *unused_entropy_grad):
         hidden, weight, targets, row_max, log_sum = ctx.saved_tensors
-        softcap, temperature, chunk_size = ctx.softcap, ctx.temperature, ctx.chunk_size
+        softcap, temperature, chunk_size, mm_dtype = ctx.softcap, ctx.temperature, ctx.chunk_size, ctx.mm_dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            w = weight.to(hidden.dtype)
+            w = weight.to(mm_dtype)
             n_rows = hidden.shape[0]
             # ignored targets get no gradient; the 1/τ of the chain rule is folded in once here
             g = torch.where(targets >= 0, grad_logprobs.to(row_max.dtype), 0.0) / temperature   # (N,)
@@ -296,7 +309,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             buffer = torch.empty(min(chunk_size, n_rows), w.shape[0], dtype=row_max.dtype, device=hidden.device)
             for start in range(0, n_rows, chunk_size):
                 rows = slice(start, min(start + chunk_size, n_rows))
-                h = hidden[rows]
+                h = hidden[rows].to(mm_dtype)
                 logits = _chunk_logits(h, w, softcap, temperature, buffer)
                 g_rows = g[rows, None]
                 # grad_z = g/τ · (onehot − p) [· (1 − tanh²) with softcap]; in place on the logits buffer unless
@@ -307,22 +320,25 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 if softcap is not None:
                     tanh = logits.mul_(temperature / softcap)              # the buffer holds c/τ·tanh(z/c)
                     grad_z.mul_(tanh.mul_(tanh).neg_().add_(1.0))
-                grad_z = grad_z.to(hidden.dtype)
+                grad_z = grad_z.to(mm_dtype)
                 if need_h:
-                    torch.mm(grad_z, w, out=grad_hidden[rows])
+                    if mm_dtype == hidden.dtype:
+                        torch.mm(grad_z, w, out=grad_hidden[rows])
+                    else:
+                        grad_hidden[rows] = _matmul(grad_z, w, row_max.dtype)
                 if need_w:
                     if grad_z.dtype == grad_weight.dtype:
                         grad_weight.addmm_(grad_z.t(), h)
                     else:
-                        grad_weight += (grad_z.t() @ h).to(grad_weight.dtype)
+                        grad_weight += _matmul(grad_z.t(), h, grad_weight.dtype)
         if need_w:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
                            softcap: float | None = None, chunk_size: int = 1024, temperature: float = 1.0,
-                           compute_entropy: bool = False):
+                           compute_entropy: bool = False, matmul_dtype: torch.dtype | None = None):
     """Per-token log-probs of `targets` under softmax(softcap(hidden @ W^T) / temperature), never building (…, V).
 
     hidden (B, T, d) (any leading shape), lm_head_weight (V, d), targets (B, T) long; -1 = ignored position
@@ -331,6 +347,9 @@ def chunked_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, t
     Rows of the flattened (B·T) positions are processed `chunk_size` at a time: extra memory is two or three
     chunk_size × V float32 buffers (1024 rows × 32768 vocab ≈ 128 MB each) instead of several B × T × V tensors.
     Gradients flow to hidden and lm_head_weight (backward recomputes each chunk's logits).
+    matmul_dtype: the dtype of the (n, d) x (d, V) matmuls (None: hidden's). torch.bfloat16 runs them on bf16
+    operands (tensor cores on a GPU, with fp32 accumulation and fp32 logits there; on a CPU the product is rounded
+    to bf16 first); the log-softmax, its sums and the gradient accumulators stay fp32 either way.
     Returns logprobs (B, T) float32 (float64 for float64 inputs), and with compute_entropy=True also entropy (B, T)
     of the same distribution — DETACHED (for logging only; it is not differentiable).
     """
@@ -355,9 +374,12 @@ def chunked_token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, t
         empty = hidden.new_zeros(targets.shape, dtype=torch.promote_types(hidden.dtype, torch.float32))
         return (empty, empty.clone()) if compute_entropy else empty
     flat_targets = targets.reshape(-1).long()
+    if matmul_dtype is not None and matmul_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"matmul_dtype must be None, torch.bfloat16, torch.float16 or torch.float32, "
+                         f"got {matmul_dtype}")
     out = _ChunkedTokenLogprobs.apply(flat_hidden, lm_head_weight, flat_targets,
                                       float(softcap) if softcap else None, float(temperature),
-                                      chunk_size, compute_entropy)
+                                      chunk_size, compute_entropy, matmul_dtype)
     if compute_entropy:
         return out[0].reshape(targets.shape), out[1].reshape(targets.shape)
     return out.reshape(targets.shape)

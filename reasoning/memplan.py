@@ -3,8 +3,9 @@
 The planner builds the real `GPT` under torch's fake-tensor machinery (`FakeTensorMode`: tensors carry shape,
 dtype and device but no data, so a depth-26 step at 32 × 2048 tokens costs seconds of Python on a CPU) and runs
 the stage's own code paths on it — `training.accumulate_gradients` + the Muon/AdamW step (pretraining, SFT),
-`scripts.chat_rl.update_policy` with the chunked log-prob pass (RL), the engine's prefill and decode steps with its
-up-front KV cache (rollouts, evaluation). A `MemoryTracker` (a TorchDispatchMode) counts every tensor storage from its
+`scripts.chat_rl.update_policy` with the chunked log-prob pass (RL), the engine's admission (prefill) and decode
+steps with its paged KV pool at the budget the engine takes on a GPU (rollouts, evaluation). A `MemoryTracker` (a
+TorchDispatchMode) counts every tensor storage from its
 allocation to its release and records the breakdown at the peak: parameters, gradients, optimizer state (and its
 update temporaries), activations (saved tensors + temporaries), logits (any tensor whose last dim is the vocabulary)
 and the engine's KV cache. `torch.distributed._tools.mem_tracker.MemTracker` works on this CPU build too, but has
@@ -36,10 +37,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from reasoning.checkpointing import copying_to_host, recompute_under
 from reasoning.gpt import GPT, GPTConfig
 
 GIB = 2 ** 30
+PLANNED_GPU_GIB: float | None = None  # scripts/plan_memory sets its --gpu-memory-gib here (the engine's KV budget)
 CATEGORIES = ("params", "grads", "optimizer", "activations", "logits", "kv_cache")
+HOST = "host"  # block inputs offloaded to CPU memory by activation checkpointing: tracked, not device memory
 TARGETS = ("cuda", "cpu")
 DEFAULT_HEADROOM = 0.10  # share of the GPU kept free: CUDA context, allocator fragmentation, NCCL buffers
 
@@ -77,8 +81,9 @@ class MemoryTracker(TorchDispatchMode):
         super().__init__()
         self.vocab_size, self.n_layer, self.fake = vocab_size, n_layer, fake
         self.live: dict[int, list] = {}  # id(storage) -> [nbytes, category]
-        self.totals = dict.fromkeys(CATEGORIES, 0)
-        self.peak_total, self.peak = 0, dict(self.totals)
+        self.totals = dict.fromkeys((*CATEGORIES, HOST), 0)  # HOST: offloaded copies, outside the device total
+        self.peak_total, self.peak, self.host_peak = 0, dict.fromkeys(CATEGORIES, 0), 0
+        self.working_peak = 0  # the largest activations + logits at any moment (a pass's own memory)
         self.context: str | None = None  # "optimizer" while an optimizer step runs
 
     # -- bookkeeping
@@ -105,15 +110,24 @@ class MemoryTracker(TorchDispatchMode):
         if entry is not None:
             self.totals[entry[1]] -= entry[0]
 
+    def _device_total(self) -> int:
+        return sum(self.totals[c] for c in CATEGORIES)
+
     def _update_peak(self) -> None:
-        total = sum(self.totals.values())
+        total = self._device_total()
         if total > self.peak_total:
-            self.peak_total, self.peak = total, dict(self.totals)
+            self.peak_total, self.peak = total, {c: self.totals[c] for c in CATEGORIES}
+        self.host_peak = max(self.host_peak, self.totals[HOST])
+        self.working_peak = max(self.working_peak, self.totals["activations"] + self.totals["logits"])
 
     def reset_peak(self) -> None:
-        self.peak_total, self.peak = sum(self.totals.values()), dict(self.totals)
+        self.peak_total, self.peak = self._device_total(), {c: self.totals[c] for c in CATEGORIES}
+        self.host_peak = self.totals[HOST]
+        self.working_peak = self.totals["activations"] + self.totals["logits"]
 
     def _category(self, t: torch.Tensor) -> str:
+        if copying_to_host():  # an offloaded block input: host memory, not the device's
+            return HOST
         if self.context is not None:
             return self.context
         if t.dim() == 5 and t.shape[0] == self.n_layer:  # KVCache.k / .v: (n_layer, B, ..., ..., head_dim)
@@ -192,7 +206,7 @@ class _CudaFp32Policy(TorchFunctionMode):
 @contextlib.contextmanager
 def cuda_autocast(dtype: torch.dtype = torch.bfloat16):
     """CPU autocast with CUDA's fp32 list imposed: the dtypes a CUDA bf16 autocast forward produces."""
-    with torch.autocast("cpu", dtype=dtype), _CudaFp32Policy():
+    with torch.autocast("cpu", dtype=dtype), _CudaFp32Policy(), recompute_under(_CudaFp32Policy):
         yield
 
 
@@ -207,10 +221,13 @@ class Session:
     """A model (fake or real) + tracker; phases run one after the other and each gets its own peak."""
 
     def __init__(self, model_config: GPTConfig, target: str = "cuda", fake: bool = True,
-                 fp8_min_dim: int | None = None):
+                 fp8_min_dim: int | None = None, gpu_memory_gib: float | None = None):
         if target not in TARGETS:
             raise ValueError(f"target={target!r}: expected one of {', '.join(TARGETS)}")
         self.target, self.fake, self.config = target, fake, model_config
+        # the GPU the engine's KV budget is planned for (it takes a share of the device's memory)
+        self.gpu_memory_gib = gpu_memory_gib or PLANNED_GPU_GIB or detected_gpu_memory(
+            "cuda" if torch.cuda.is_available() else "cpu") or 80.0
         self._stack = contextlib.ExitStack()
         if fake:
             from torch._subclasses.fake_tensor import FakeTensorMode
@@ -260,6 +277,8 @@ class Session:
         """Run `run()` and return the peak breakdown it reached (the state it started from included)."""
         self.tracker.reset_peak()
         run()
+        if self.tracker.host_peak:  # offloaded block inputs: CPU memory, shown beside the device plan
+            settings = {**settings, "host_gib": round(self.tracker.host_peak / GIB, 2)}
         return PhasePlan(stage, phase, settings, dict(self.tracker.peak))
 
     # -- the phases, each calling the stage's own code
@@ -286,20 +305,42 @@ class Session:
             self.model(x, x, loss_reduction="none")
 
     def generate(self, num_prompts: int, prompt_tokens: int, num_samples: int, max_tokens: int):
-        """The engine's prefill of every prompt (KV cache allocated up front) and two decode steps with sampling."""
-        from reasoning.engine import Engine, _Rollout, counter_uniforms, sample_from_logits
+        """The engine's paged KV pool at its default budget, its first admission (the prefill of every prompt the
+        budget admits) and two decode steps with sampling.
+
+        On "cuda" the pool is allocated at once at the budget the engine takes on a GPU (engine.kv_budget_tokens:
+        KV_MEMORY_FRACTION of `gpu_memory_gib`, minus what is allocated now and the call's activation reserve),
+        so the plan fits by construction when the reserve covers the real activations, which the plan checks;
+        prompts beyond the budget wait for freed blocks. On "cpu" the pool grows with the rows (planned: all
+        prompts admitted, each row holding its prompt)."""
+        from reasoning.engine import (BLOCK_SIZE, Engine, _Rollout, counter_uniforms, keys_tensor, kv_budget_tokens,
+                                      sample_from_logits)
 
         self.model.eval()
         prompt_tokens = min(prompt_tokens, self.config.max_seq_len - 1)
         prompts = [[1] * prompt_tokens for _ in range(num_prompts)]
-        rollout = _Rollout(Engine(self.model), prompts, num_samples, max_tokens, 1.0, None, None, None, 0, [], True)
+        budget = None
+        if self.target == "cuda":
+            in_use = sum(self.tracker.totals.values())
+            budget = kv_budget_tokens(self.config, int(self.gpu_memory_gib * GIB), in_use, num_prompts * num_samples,
+                                      torch.bfloat16)
+            # at least one prompt's rows (where the engine would refuse to start, the plan shows what it needs)
+            budget = max(budget, num_samples * (-(-(prompt_tokens + 1) // BLOCK_SIZE) + 1) * BLOCK_SIZE)
+        engine = Engine(self.model, max_kv_tokens=budget)
+        rollout = _Rollout(engine, prompts, num_samples, max_tokens, 1.0, None, None, None, 0, [], True)
         if self.target == "cuda":  # what the engine picks on a bf16 GPU: bf16 keys/values under autocast
-            rollout.autocast_dtype = rollout.dtype = torch.bfloat16
+            rollout.autocast_dtype = rollout.dtype = rollout.kv_dtype = torch.bfloat16
             rollout._compute = cuda_autocast
-        logits = rollout._prefill()
+            rollout.preallocate = True
+        rollout.waiting.extend(("prompt", p) for p in range(num_prompts))
+        rollout._open_cache()
+        logits = rollout._admit()
+        self.kv_budget_tokens = rollout.stats["max_kv_tokens"]
+        self.admitted_rows = len(rollout.resident)
         for step in range(2):
+            keys = keys_tensor([rollout.keys[row] for row in rollout.resident], "cpu")
             with torch.inference_mode():
-                sample_from_logits(logits, counter_uniforms(rollout.resident_keys, step), **rollout.sampling)
+                sample_from_logits(logits, counter_uniforms(keys, step), **rollout.sampling)
             for row in rollout.resident:
                 rollout.generations[row].tokens.append(1)
             logits = rollout._decode()
@@ -324,11 +365,15 @@ def plan_base_eval(device_batch_size: int, max_seq_len: int, model_config: GPTCo
 
 
 def plan_chat_eval(batch_size: int, num_samples: int, max_tokens: int, model_config: GPTConfig,
-                   target: str = "cuda", fake: bool = True, prompt_tokens: int = 256) -> list[PhasePlan]:
-    """chat_eval per rank: one engine call of batch_size problems × num_samples rows."""
-    with Session(model_config, target, fake) as s:
-        return [s.phase("chat_eval", "eval", {"rows": batch_size * num_samples, "max_tokens": max_tokens},
-                        lambda: s.generate(batch_size, prompt_tokens, num_samples, max_tokens))]
+                   target: str = "cuda", fake: bool = True, prompt_tokens: int = 256,
+                   gpu_memory_gib: float | None = None) -> list[PhasePlan]:
+    """chat_eval per rank: one engine call of batch_size problems × num_samples rows (KV pool at the budget)."""
+    with Session(model_config, target, fake, gpu_memory_gib=gpu_memory_gib) as s:
+        settings = {"rows": batch_size * num_samples, "max_tokens": max_tokens}
+        plan = s.phase("chat_eval", "eval", settings, lambda: s.generate(batch_size, prompt_tokens, num_samples,
+                                                                         max_tokens))
+        settings.update(kv_budget_tokens=s.kv_budget_tokens, first_admitted_rows=s.admitted_rows)
+        return [plan]
 
 
 # ------------------------------------------------------------------------------------------- choosing and checking
@@ -396,6 +441,47 @@ def resolve_device_batch_size(requested: int, default: int, plan_of, gpu: float 
     raise UserError(f"memory plan: even {flag} 1 does not fit {gpu:.0f} GiB per GPU with "
                     f"{DEFAULT_HEADROOM:.0%} headroom; change {other_flags or 'the model size'} "
                     "(python -m scripts.plan_memory shows the plan)")
+
+
+def resolve_training_memory(requested_rows: int, default_rows: int, requested_mode: str, plan_of, gpu: float | None,
+                            flag: str = "--device-batch-size", allowed=lambda b: True,
+                            other_flags: str = "") -> tuple[int, str]:
+    """(device batch size, activation checkpointing mode) of a training stage; plan_of(rows, mode) -> [PhasePlan].
+
+    Checkpointing "auto" is off without a GPU (gpu None), so CPU runs are unchanged. On a GPU it is the first of
+    off, on, offload under which the requested micro-batch (the default one when the batch is auto) fits: keeping
+    the micro-batch costs one extra block forward in the backward, where shrinking it would cost more passes of
+    small matmuls (and in RL the update is the small part of a step, the rollout the large one). When no mode fits
+    that batch, offload with the largest batch that fits (resolve_device_batch_size). An explicit mode is kept and
+    only the batch is resolved."""
+    from reasoning.checkpointing import AUTO as AUTO_MODE
+    from reasoning.checkpointing import MODES
+    from reasoning.common import UserError, print0
+
+    if gpu is None or requested_mode != AUTO_MODE:
+        mode = "off" if requested_mode == AUTO_MODE else requested_mode
+        rows = resolve_device_batch_size(requested_rows, default_rows, lambda b: plan_of(b, mode), gpu, flag,
+                                         allowed, other_flags)
+        return rows, mode
+    if requested_rows != AUTO and requested_rows < 1:
+        raise UserError(f"{flag} {requested_rows}: expected a positive number of rows or -1 (auto)")
+    rows = default_rows if requested_rows == AUTO else requested_rows
+    refused = []
+    for mode in MODES:
+        plans = plan_of(rows, mode)
+        if all(p.fits(gpu) for p in plans):
+            why = f"{', '.join(refused)} did not fit" if refused else "fits without it"
+            print0(f"--activation-checkpointing {mode} (auto: {why}) | {flag} {rows} | " + summary_line(plans, gpu))
+            return rows, mode
+        refused.append(mode)
+    print0(f"--activation-checkpointing offload (auto: {flag} {rows} does not fit in any mode)")
+    return resolve_device_batch_size(requested_rows, default_rows, lambda b: plan_of(b, "offload"), gpu, flag,
+                                     allowed, other_flags), "offload"
+
+
+def planned_mode(mode: str) -> str:
+    """The checkpointing mode a plan runs with: "auto" unresolved (a plan asked for directly) counts as off."""
+    return "off" if mode == "auto" else mode
 
 
 def check_stage(plan, device, flag_hint: str) -> None:

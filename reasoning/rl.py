@@ -4,8 +4,8 @@ reasoning/rollout.py makes a step's batch (prompt stream, sampled and scored gro
 reasoning/grpo.py holds the math (advantages, clipped loss, chunked log-probs). This module holds what the update
 around that math needs:
   - `Learner`: the trained model with its optimizer, frozen KL reference and forward context, one value to pass.
-  - rows: `trained_rows` (zero-variance filter), `shuffled_advantages` (negative control), `micro_batches` and
-    `rows_on_device` (length-sorted micro-batches trimmed to their longest row), `minibatches` (seeded split of one
+  - rows: `trained_rows` (zero-variance filter), `shuffled_advantages` (negative control),
+    `rows_on_device` (a micro-batch of reasoning.microbatch trimmed to its longest row), `minibatches` (seeded split of one
     pass with each minibatch's global normaliser).
   - log-probs: `token_logprobs` (trainer log-probs at the sampling temperature, only at target positions),
     `frozen_logprobs` (one no-grad pass: the policy before the update, the reference, entropy).
@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from reasoning.grpo import chunked_token_logprobs
-from reasoning.rollout import GroupScores, RolloutBatch, TrainingRows
 from reasoning.distributed import all_reduce_sum
+from reasoning.grpo import chunked_token_logprobs
+from reasoning.microbatch import micro_batches
+from reasoning.rollout import GroupScores, RolloutBatch, TrainingRows
 
 
 def seed_for(*keys: int) -> int:
@@ -85,13 +86,6 @@ def minibatches(rows: list[int], units: torch.Tensor, num_minibatches: int, seed
     return chunks, all_reduce_sum(counts).tolist()
 
 
-def micro_batches(rows: list[int], lengths: list[int], size: int) -> list[list[int]]:
-    """`rows` in micro-batches of at most `size`; sorted by length first: similar lengths pad less, and the order
-    does not change the accumulated gradient."""
-    ordered = sorted(rows, key=lambda i: lengths[i])
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
-
-
 def rows_on_device(data: TrainingRows, index: list[int], device):
     """(inputs, targets, sampler_logprobs, mask) of some rows, each (B, W) trimmed to their longest row W."""
     width = max(data.lengths[i] for i in index)
@@ -102,7 +96,7 @@ def rows_on_device(data: TrainingRows, index: list[int], device):
 # ----------------------------------------------------------------------------------------------- log-probs
 
 def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_size: int,
-                   compute_entropy: bool):
+                   compute_entropy: bool, matmul_dtype: torch.dtype = torch.float32):
     """Trainer log-probs (and detached entropy) of `targets` (B, T) at the sampling temperature, chunked over V.
 
     Only positions with a target go through the output head: prompts and padding are most of a rollout row,
@@ -113,7 +107,7 @@ def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, temperatu
     valid = targets >= 0
     out = chunked_token_logprobs(hidden[valid], model.lm_head.weight, targets[valid], softcap=model.config.softcap,
                                  chunk_size=chunk_size, temperature=temperature,
-                                 compute_entropy=compute_entropy)       # (n_valid,) each
+                                 compute_entropy=compute_entropy, matmul_dtype=matmul_dtype)  # (n_valid,) each
     results = []
     for flat in (out if compute_entropy else (out,)):
         full = flat.new_zeros(targets.shape)
@@ -132,23 +126,24 @@ class FrozenLogprobs:
 
 @torch.no_grad()
 def frozen_logprobs(learner: Learner, data: TrainingRows, rows: list[int], micro_rows: int, temperature: float,
-                    chunk_size: int) -> FrozenLogprobs:
-    """One no-grad pass over `rows` (eval mode) in micro-batches of `micro_rows`."""
+                    chunk_size: int, max_tokens: int = 0, matmul_dtype: torch.dtype = torch.float32) -> FrozenLogprobs:
+    """One no-grad pass over `rows` (eval mode) in micro-batches of at most `micro_rows` rows and `max_tokens`
+    padded tokens (0: no token budget; reasoning.microbatch)."""
     model, reference = learner.model, learner.reference
     N, T = data.targets.shape
     out = FrozenLogprobs(torch.zeros((N, T)), torch.zeros((N, T)) if reference is not None else None,
                          torch.zeros((N, T)))
     model.eval()
-    for index in micro_batches(rows, data.lengths, micro_rows):
+    for index in micro_batches(data.lengths, rows, micro_rows, max_tokens):
         inputs, targets, _, _ = rows_on_device(data, index, learner.device)
         width = inputs.shape[1]
         with learner.autocast():
-            lp, ent = token_logprobs(model, inputs, targets, temperature, chunk_size, compute_entropy=True)
+            lp, ent = token_logprobs(model, inputs, targets, temperature, chunk_size, True, matmul_dtype)
             out.old[index, :width] = lp.float().cpu()
             out.entropy[index, :width] = ent.float().cpu()
             if reference is not None:
                 out.reference[index, :width] = token_logprobs(reference, inputs, targets, temperature, chunk_size,
-                                                              False).float().cpu()
+                                                              False, matmul_dtype).float().cpu()
     model.train()
     return out
 

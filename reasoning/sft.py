@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from reasoning.checkpointing import set_activation_checkpointing
 from reasoning.cli import option
 from reasoning.common import UserError, get_rank, get_world_size
 from reasoning.loss_eval import mean_token_loss
+from reasoning.microbatch import micro_batches
 from reasoning.training import FinetuneConfig, final_train_loss
 
 STAGE = "sft"
@@ -151,14 +153,31 @@ class ConversationStream:
         _, index = self._global_index(k)
         return self.tokenizer.render_conversation(self.task[index], max_tokens=self.max_seq_len + 1)
 
+    def next_micro_batches(self, micro_rows: list[int], max_tokens: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One optimizer step's micro-batches of this rank, [(inputs, targets)] each (rows, T) on CPU.
+
+        max_tokens 0: micro-batch k holds the next micro_rows[k] rows in stream order. Otherwise the step's
+        sum(micro_rows) rows are grouped by length (reasoning.microbatch: at most max(micro_rows) rows and
+        max_tokens padded tokens each), so short conversations share a micro-batch and long ones pad little; the
+        step's rows, and so its update, are the same."""
+        if not max_tokens:
+            return [self.next_batch(rows) for rows in micro_rows]
+        rows = self.next_rows(sum(micro_rows))
+        groups = micro_batches([len(x) for x, _ in rows], range(len(rows)), max(micro_rows), max_tokens)
+        return [pad_rows([rows[i] for i in group], self.pad_id) for group in groups]
+
     def next_batch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of `rows` rows, (rows, T) on CPU."""
+        return pad_rows(self.next_rows(rows), self.pad_id, self.max_seq_len if self.pack else None)
+
+    def next_rows(self, rows: int) -> list[tuple[list[int], list[int]]]:
+        """The next `rows` rows as unpadded (inputs, targets) lists (packed rows are all max_seq_len long)."""
         if not self.pack:
             batch = []
             for _ in range(rows):
                 batch.append(conversation_targets(*self.render(self.position)))
                 self.position += 1
-            return pad_rows(batch, self.pad_id)
+            return batch
         width = self.max_seq_len + 1
         packed = []
         for _ in range(rows):
@@ -175,7 +194,7 @@ class ConversationStream:
             ids, mask = ids[:width], mask[:width]
             pad = width - len(ids)
             packed.append(conversation_targets(ids + [self.pad_id] * pad, mask + [0] * pad))
-        return pad_rows(packed, self.pad_id, self.max_seq_len)
+        return packed
 
     def trainable_fraction(self, sample: int = 64) -> float:
         """Share of (the first `sample`) conversations that keep a supervised token after the cut at max_seq_len."""
@@ -225,11 +244,16 @@ def plan_memory(config: SFTConfig, model_config, world_size: int = 1, target: st
 
     B, T = config.device_batch_size, min(config.max_seq_len, model_config.max_seq_len)
     accumulation = max(1, math.ceil(config.total_batch_rows / (B * world_size)))
+    if config.max_tokens_per_micro_batch:  # the budget's worst case: full-length rows up to it (one at least)
+        B = min(B, max(1, config.max_tokens_per_micro_batch // T))
+    checkpointing = memplan.planned_mode(config.activation_checkpointing)
     plans = []
     with memplan.Session(model_config, target, fake) as s:
         s.build_optimizer(settings=config.optimizer_settings())
+        set_activation_checkpointing(s.model, checkpointing)
         plans.append(s.phase("chat_sft", "train", {"device_batch_size": B, "max_seq_len": T,
-                                                   "accumulation": accumulation},
+                                                   "accumulation": accumulation,
+                                                   "activation_checkpointing": checkpointing},
                              lambda: s.train_steps([(B, T)] * memplan.micro_steps(accumulation))))
         if config.eval_every >= 0:
             plans.append(s.phase("chat_sft", "eval", {"rows": config.eval_batch_size,
@@ -241,19 +265,21 @@ def plan_memory(config: SFTConfig, model_config, world_size: int = 1, target: st
 
 def resolve_device_batch(config: SFTConfig, model_config, device, world_size: int,
                          gpu_memory_gib: float | None = None) -> SFTConfig:
-    """The config with a concrete device batch size (reasoning.memplan: on CUDA the planner checks or chooses it).
-    The rows per step (--total-batch-rows) stay fixed: fewer rows per micro-batch mean more accumulation."""
+    """The config with a concrete device batch size and activation checkpointing mode (reasoning.memplan: on CUDA
+    the planner checks or chooses them). The rows per step (--total-batch-rows) stay fixed: fewer rows per
+    micro-batch mean more accumulation."""
     from reasoning import memplan
 
-    def plan_of(rows: int):
-        return plan_memory(dataclasses.replace(config, device_batch_size=rows), model_config, world_size)
+    def plan_of(rows: int, mode: str):
+        return plan_memory(dataclasses.replace(config, device_batch_size=rows, activation_checkpointing=mode),
+                           model_config, world_size)
 
-    rows = memplan.resolve_device_batch_size(
-        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of,
+    rows, mode = memplan.resolve_training_memory(
+        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, config.activation_checkpointing, plan_of,
         gpu_memory_gib if gpu_memory_gib is not None else memplan.detected_gpu_memory(device),
         allowed=lambda b: True,  # the last micro-batch of a step may be smaller
         other_flags="--max-seq-len or --eval-batch-size")
-    return dataclasses.replace(config, device_batch_size=rows)
+    return dataclasses.replace(config, device_batch_size=rows, activation_checkpointing=mode)
 
 
 def micro_batch_rows(config: SFTConfig, world_size: int) -> list[int]:
@@ -266,9 +292,10 @@ def micro_batch_rows(config: SFTConfig, world_size: int) -> list[int]:
     return [min(config.device_batch_size, rank_rows - start) for start in range(0, rank_rows, config.device_batch_size)]
 
 
-def next_micro_batches(stream: ConversationStream, micro_rows: list[int], device) -> list:
-    """One optimizer step's micro-batches of this rank: [(inputs (B, T), targets (B, T)), ...] on `device`."""
-    return [tuple(t.to(device) for t in stream.next_batch(rows)) for rows in micro_rows]
+def next_micro_batches(stream: ConversationStream, micro_rows: list[int], device, max_tokens: int = 0) -> list:
+    """One optimizer step's micro-batches of this rank: [(inputs (B, T), targets (B, T)), ...] on `device`
+    (`max_tokens` > 0: grouped by length under that token budget; ConversationStream.next_micro_batches)."""
+    return [tuple(t.to(device) for t in batch) for batch in stream.next_micro_batches(micro_rows, max_tokens)]
 
 
 def check_trainable(stream: ConversationStream, config: SFTConfig) -> None:

@@ -41,6 +41,11 @@ SPECIAL_TOKENS = [
     "<|output_start|>", "<|output_end|>",  # the tool's result, forced into the context (not trained on)
 ]
 
+# Latent reasoning (Coconut, reasoning/latent.py): deliberately not in SPECIAL_TOKENS, so trained vocabularies and
+# checkpoints keep every id; `Tokenizer.with_special_tokens` appends them after the others when a latent model needs
+# them (the model's embedding grows by as many rows).
+LATENT_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
+
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the special tokens
 ASSISTANT_PART_TYPES = ("text", "think", "python", "python_output")
 
@@ -117,6 +122,14 @@ class Tokenizer:
             return self.special_tokens[name]
         except KeyError:
             raise ValueError(f"unknown special token {name!r}; expected one of {list(self.special_tokens)}") from None
+
+    def with_special_tokens(self, names: list[str]) -> Tokenizer:
+        """This tokenizer with `names` appended as special tokens (ids from vocab_size on) where missing; the
+        existing ids do not move."""
+        missing = [name for name in names if name not in self.special_tokens]
+        if not missing:
+            return self
+        return Tokenizer(self.mergeable_ranks, pattern=self.pattern, special_tokens=list(self.special_tokens) + missing)
 
     def _as_id(self, token: int | str) -> int:
         return self.encode_special(token) if isinstance(token, str) else int(token)

@@ -27,6 +27,7 @@ from typing import Callable, ContextManager
 import torch
 
 from reasoning import checkpoint as ckpt
+from reasoning.checkpointing import CHECKPOINTING_CHOICES
 from reasoning.cli import BASE_DIR_HELP, FlagConfig, flag_name, option
 from reasoning.common import (UserError, atomic_write_text, autocast_context, die, get_rank, get_world_size,
                               iter_jsonl, make_dir, print0)
@@ -140,10 +141,18 @@ class FinetuneConfig(TrainerConfig):
     resume: bool = field(default=False, metadata=option("continue from the last checkpoint of --out-tag"))
     stop_at_step: int = field(default=-1, metadata=option(
         "checkpoint and stop after this step, keeping the schedule of the full run (time-sliced jobs)"))
+    # training-pass memory (reasoning.microbatch, reasoning.checkpointing): how a step is computed, never what
+    max_tokens_per_micro_batch: int = field(default=0, metadata=option(
+        "tokens (padding included) per training micro-batch at most: rows are grouped by length under this budget "
+        "and --device-batch-size (0: no budget, rows only); it changes how the update is split, not the update"))
+    activation_checkpointing: str = field(default="auto", metadata=option(
+        "recompute each transformer block in the backward (on), also keeping the block inputs in CPU memory "
+        "(offload); auto: off, or on CUDA the cheapest mode the memory planner says fits",
+        choices=CHECKPOINTING_CHOICES))
 
     def validate(self) -> None:
         super().validate()
-        self.require_non_negative("lr_scale")
+        self.require_non_negative("lr_scale", "max_tokens_per_micro_batch")
         self.require_float32_rates(self.lr_scale)
 
     def optimizer_settings(self, lr_scale: float | None = None) -> OptimizerSettings:

@@ -18,6 +18,7 @@ from reasoning.chat import (DEFAULT_MAX_TOKENS, MAX_TEMPERATURE, REASONING, Repl
 from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.common import UserError, get_device, run_main
 from reasoning.engine import Engine
+from reasoning.latent import serving_mode
 
 HELP = "commands: /clear  /temp X  /think on|off  /quit   (Ctrl-C stops a reply, Ctrl-D quits)"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -188,11 +189,12 @@ def main():
     if args.max_tokens is not None and args.max_tokens < 1:
         raise UserError(f"--max-tokens {args.max_tokens}: expected an integer >= 1")
     source = ModelSource.from_args(args)
-    model, tokenizer, _ = source.load(get_device(args.device))
+    model, tokenizer, meta = source.load(get_device(args.device))
+    tokenizer, latent_steps = serving_mode(tokenizer, meta)  # a chat_latent checkpoint thinks in latent steps
     if args.max_tokens is not None and args.max_tokens > model.config.max_seq_len:
         raise UserError(f"--max-tokens {args.max_tokens}: longer than the model's context "
                         f"({model.config.max_seq_len} tokens)")
-    session = ChatSession(Engine(model, tokenizer), tokenizer, args)
+    session = ChatSession(Engine(model, tokenizer, latent_steps=latent_steps), tokenizer, args)
     if args.prompt is not None:
         try:
             session.reply(args.prompt, sys.stdout, color=False)

@@ -22,6 +22,7 @@ from reasoning.cli import add_run_args, parse_script_args, print_result, script_
 from reasoning.common import UserError, get_base_dir, init_distributed, is_master, print0, run_main
 from reasoning.eval_metrics import format_table
 from reasoning.evaluation import EvalSettings, evaluate_task
+from reasoning.latent import serving_mode
 from reasoning.prompts import PROMPT_MODES, template_text
 from reasoning.report import log_stage
 from tasks.registry import build_task, section_name, task_label
@@ -70,11 +71,13 @@ def default_temperature(args) -> float:
     return temperature
 
 
-def eval_settings(args, temperature: float, stage: str) -> EvalSettings:
-    """The sampling settings of the flags (the prompt mode follows the checkpoint's stage), checked."""
+def eval_settings(args, temperature: float, stage: str, latent_steps: int | None = None) -> EvalSettings:
+    """The sampling settings of the flags (the prompt mode follows the checkpoint's stage; a chat_latent checkpoint
+    brings its latent steps), checked."""
     settings = EvalSettings(num_samples=args.num_samples, temperature=temperature, top_k=args.top_k,
                             max_tokens=args.max_tokens, batch_size=args.batch_size,
-                            prompt_mode=args.prompt_mode or ("base" if stage == "base" else "chat"), seed=args.seed)
+                            prompt_mode=args.prompt_mode or ("base" if stage == "base" else "chat"), seed=args.seed,
+                            latent_steps=latent_steps)
     try:
         settings.validate()
     except ValueError as e:
@@ -130,12 +133,14 @@ def main(argv: list[str] | None = None):
     base_dir = args.base_dir or get_base_dir()
     source = ModelSource.from_args(args, base_dir)
     stage = source.stage
-    model, tokenizer, _ = source.load(info.device, phase="eval")
+    model, tokenizer, meta = source.load(info.device, phase="eval")
+    tokenizer, latent_steps = serving_mode(tokenizer, meta)  # a chat_latent checkpoint thinks in latent steps
     memplan.check_stage(lambda: memplan.plan_chat_eval(args.batch_size, args.num_samples, args.max_tokens,
                                                        model.config), info.device, "--batch-size or --max-tokens")
-    settings = eval_settings(args, temperature, stage)
+    settings = eval_settings(args, temperature, stage, latent_steps)
     print0(f"model: {source.dir} step {source.step} ({stage}) | prompt mode {settings.prompt_mode}: "
-           f"{template_text(settings.prompt_mode, tokenizer)}")
+           f"{template_text(settings.prompt_mode, tokenizer)}"
+           + ("" if latent_steps is None else f" | latent mode: {latent_steps} latent steps"))
 
     results = []
     for name in task_names:

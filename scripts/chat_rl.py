@@ -70,8 +70,9 @@ from reasoning.common import UserError, get_base_dir, get_compute_dtype, init_di
     seed_everything
 from reasoning.engine import Engine
 from reasoning.grpo import LOSS_TYPES, group_advantages, policy_loss
-from reasoning.rl import (FrozenLogprobs, Learner, UpdateResult, frozen_logprobs, micro_batches, minibatches,
-                          rows_on_device, seed_for, shuffled_advantages, step_record, token_logprobs, trained_rows,
+from reasoning.checkpointing import set_activation_checkpointing
+from reasoning.microbatch import micro_batches
+from reasoning.rl import (FrozenLogprobs, Learner, UpdateResult, frozen_logprobs, minibatches, rows_on_device, seed_for, shuffled_advantages, step_record, token_logprobs, trained_rows,
                           zero_backward)
 from reasoning.rollout import PromptStream, TrainingRows, sample_groups, score_groups, training_rows
 from reasoning.cli import DEVICE_HELP, finish_training_script, option, parse_script_args, script_parser
@@ -83,6 +84,7 @@ from tasks.registry import build_rl_tasks
 STAGE = "rl"
 DEFAULT_DEVICE_BATCH_SIZE = 32  # rows per micro-batch when --device-batch-size is -1 off CUDA
 LOG_NAME = "chat_rl"
+LOGPROB_MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --logprob-matmul-dtype
 
 
 @dataclass
@@ -131,6 +133,9 @@ class RLConfig(FinetuneConfig):
         "rows per forward/backward micro-batch (-1: 32, or on CUDA the largest power of two up to 32 that the memory "
         "planner says fits the GPU; it changes only how the update is split, not the update)"))
     logprob_chunk_size: int = field(default=1024, metadata=option("token rows per chunk of the log-prob kernel"))
+    logprob_matmul_dtype: str = field(default="fp32", metadata=option(
+        "operand dtype of the log-prob kernel's lm_head matmuls (bf16: tensor cores; logits, log-softmax and "
+        "gradients still accumulate in fp32)", choices=tuple(LOGPROB_MATMUL_DTYPES)))
     # optimizer: FinetuneConfig's rates, scaled down (an RL update moves a fine-tuned model; SFT's scale is 1)
     lr_scale: float = field(default=0.05, metadata=option("multiplier on every learning rate below"))
     # evaluation
@@ -144,6 +149,10 @@ class RLConfig(FinetuneConfig):
     eval_temperature: float = field(default=1.0, metadata=option("sampling temperature of the pass@k eval"))
     seed: int = field(default=0, metadata=option("seed of the prompt order, rollouts and minibatch shuffles"))
     device: str | None = field(default=None, metadata=option(DEVICE_HELP))
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        return LOGPROB_MATMUL_DTYPES[self.logprob_matmul_dtype]
 
     def validate(self) -> None:
         """Raise UserError naming the first bad setting (they come from command-line flags)."""
@@ -242,10 +251,10 @@ def micro_batch_loss(learner: Learner, data: TrainingRows, index: list[int], adv
     with learner.autocast():
         if frozen is None and first_pass:  # single update per batch: the live forward is also "old"
             logprobs, entropy = token_logprobs(learner.model, inputs, targets, config.temperature,
-                                               config.logprob_chunk_size, compute_entropy=True)
+                                               config.logprob_chunk_size, True, config.matmul_dtype)
         else:
             logprobs = token_logprobs(learner.model, inputs, targets, config.temperature, config.logprob_chunk_size,
-                                      compute_entropy=False)
+                                      False, config.matmul_dtype)
             entropy = frozen.entropy[index, :width].to(device) if frozen is not None and first_pass else None
     old = logprobs.detach() if frozen is None else frozen.old[index, :width].to(device)
     reference = None if frozen is None or frozen.reference is None else frozen.reference[index, :width].to(device)
@@ -269,7 +278,10 @@ def update_policy(learner: Learner, data: TrainingRows, advantages: torch.Tensor
             if not minibatch:  # nothing here, but other ranks may have rows: enter their all-reduce with zeros
                 zero_backward(learner, data)
             minibatch_loss = 0.0  # this rank's share of the minibatch's loss (for the finiteness check)
-            for index in micro_batches(minibatch, data.lengths, config.device_batch_size):
+            # micro-batches of similar lengths pad less; neither their order nor their grouping (rows, or a token
+            # budget) changes the accumulated gradient: each is scaled by its share of the minibatch's units
+            for index in micro_batches(data.lengths, minibatch, config.device_batch_size,
+                                       config.max_tokens_per_micro_batch):
                 loss, stats, mask = micro_batch_loss(learner, data, index, advantages, frozen, epoch == 0, config)
                 # the micro-batch's share of the minibatch, over all ranks (nothing to learn anywhere: weight 0)
                 scale = 0.0 if total == 0 else float(units[index].sum()) / total * learner.world_size
@@ -307,6 +319,7 @@ def train(config: RLConfig, source: ModelSource, tasks=None) -> dict:
     autocast = autocast_factory(device, get_compute_dtype(device))
     model, tokenizer, _ = source.load(device, phase="train")
     config = resolve_device_batch(config, model.config, device, world_size)  # on CUDA: plans every phase
+    set_activation_checkpointing(model, config.activation_checkpointing)
     reference = load_reference(source, device) if config.kl_coef > 0 else None
     train_task, eval_task = tasks if tasks is not None else build_rl_tasks(config)
     reward = build_reward(config)
@@ -395,7 +408,8 @@ def train(config: RLConfig, source: ModelSource, tasks=None) -> dict:
             frozen = None
             if needs_frozen_logprobs(config, learner) and rows:
                 frozen = frozen_logprobs(learner, data, rows, config.device_batch_size, config.temperature,
-                                         config.logprob_chunk_size)
+                                         config.logprob_chunk_size, config.max_tokens_per_micro_batch,
+                                         config.matmul_dtype)
             lr_mult = config.lr_multiplier(step, config.num_steps)
             set_learning_rate(optimizer, lr_mult)
             update = update_policy(learner, data, advantages, rows, frozen, config, step)
@@ -455,6 +469,9 @@ def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str
     G = config.num_samples
     width = min(prompt_tokens + config.max_new_tokens - 1, model_config.max_seq_len)
     rows = min(config.device_batch_size, prompts * G)
+    if config.max_tokens_per_micro_batch:  # the budget's worst case: full-width rows up to it (one at least)
+        rows = min(rows, max(1, config.max_tokens_per_micro_batch // width))
+    checkpointing = memplan.planned_mode(config.activation_checkpointing)
     rows_per_step = rows * memplan.micro_steps(math.ceil(prompts * G / rows))
     one_update = dataclasses.replace(config, num_minibatches=1, ppo_epochs=1)
 
@@ -467,15 +484,18 @@ def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str
         all_rows = list(range(rows_per_step))
         frozen = None
         if needs_frozen_logprobs(one_update, learner):
-            frozen = frozen_logprobs(learner, data, all_rows, rows, config.temperature, config.logprob_chunk_size)
+            frozen = frozen_logprobs(learner, data, all_rows, rows, config.temperature, config.logprob_chunk_size,
+                                     config.max_tokens_per_micro_batch, config.matmul_dtype)
         update_policy(learner, data, torch.ones(rows_per_step), all_rows, frozen, one_update, 0)
 
     with memplan.Session(model_config, target, fake) as s:
         s.build_optimizer(settings=config.optimizer_settings())
         reference = s.add_frozen_copy() if config.kl_coef > 0 else None  # the KL penalty's frozen model
         # the update first: it creates the optimizer state that every phase lives with from the second step on
+        set_activation_checkpointing(s.model, checkpointing)
         train = s.phase("chat_rl", "train", {"device_batch_size": rows, "width": width,
-                                             "logprob_chunk_size": config.logprob_chunk_size},
+                                             "logprob_chunk_size": config.logprob_chunk_size,
+                                             "activation_checkpointing": checkpointing},
                         lambda: [update() for _ in range(2)])
         plans = [s.phase("chat_rl", "rollout", {"rows": prompts * G, "prompt_tokens": prompt_tokens,
                                                 "max_new_tokens": config.max_new_tokens},
@@ -488,18 +508,19 @@ def plan_memory(config: RLConfig, model_config, world_size: int = 1, target: str
 
 def resolve_device_batch(config: RLConfig, model_config, device, world_size: int,
                          gpu_memory_gib: float | None = None) -> RLConfig:
-    """The config with a concrete device batch size (reasoning.memplan: on CUDA the planner plans the rollout,
-    the update and the eval, and checks or chooses the micro-batch)."""
+    """The config with a concrete device batch size and activation checkpointing mode (reasoning.memplan: on CUDA
+    the planner plans the rollout, the update and the eval, and checks or chooses both)."""
     from reasoning import memplan
 
-    def plan_of(rows: int):
-        return plan_memory(dataclasses.replace(config, device_batch_size=rows), model_config, world_size)
+    def plan_of(rows: int, mode: str):
+        return plan_memory(dataclasses.replace(config, device_batch_size=rows, activation_checkpointing=mode),
+                           model_config, world_size)
 
-    rows = memplan.resolve_device_batch_size(
-        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, plan_of,
+    rows, mode = memplan.resolve_training_memory(
+        config.device_batch_size, DEFAULT_DEVICE_BATCH_SIZE, config.activation_checkpointing, plan_of,
         gpu_memory_gib if gpu_memory_gib is not None else memplan.detected_gpu_memory(device),
         other_flags="--prompts-per-step, --num-samples, --max-new-tokens or --eval-batch-size")
-    return dataclasses.replace(config, device_batch_size=rows)
+    return dataclasses.replace(config, device_batch_size=rows, activation_checkpointing=mode)
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -21,6 +21,7 @@ import time
 from reasoning import checkpoint as ckpt
 from reasoning import sft
 from reasoning.checkpoint import ModelSource, add_model_args
+from reasoning.checkpointing import set_activation_checkpointing
 from reasoning.cli import add_run_args, finish_training_script, parse_script_args, script_parser
 from reasoning.common import (get_base_dir, get_compute_dtype, get_rank, get_world_size, init_distributed, print0,
                               run_main, seed_everything)
@@ -42,6 +43,7 @@ def train(config: SFTConfig, model, tokenizer, source: ModelSource, tasks=None) 
     device, rank, world_size = next(model.parameters()).device, get_rank(), get_world_size()
     config.validate()
     config = sft.resolve_device_batch(config, model.config, device, world_size)
+    set_activation_checkpointing(model, config.activation_checkpointing)
     start_time = time.perf_counter()
     base_dir = config.base_dir or get_base_dir()
     autocast = autocast_factory(device, get_compute_dtype(device))
@@ -111,7 +113,7 @@ def train(config: SFTConfig, model, tokenizer, source: ModelSource, tasks=None) 
 
             # ---- one optimizer step: forward + backward over the micro-batches, clip, LR, update
             t0 = time.perf_counter()
-            micro_batches = sft.next_micro_batches(stream, micro_rows, device)
+            micro_batches = sft.next_micro_batches(stream, micro_rows, device, config.max_tokens_per_micro_batch)
             valid = sum(int((t >= 0).sum()) for _, t in micro_batches)
             loss = accumulate_gradients(compiled, micro_batches, autocast)
             optimizer.reduce_gradients()  # average across ranks now (no-op alone) to measure and clip the norm

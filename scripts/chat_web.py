@@ -18,6 +18,7 @@ from reasoning.chat import DEFAULT_MAX_TOKENS
 from reasoning.chat_server import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, bind_socket, create_app, serve
 from reasoning.checkpoint import ModelSource, add_model_args
 from reasoning.common import UserError, get_device, print0, run_main
+from reasoning.latent import serving_mode
 
 
 def main():
@@ -61,12 +62,13 @@ def main():
         devices = [device]
     source = ModelSource.from_args(args)
     loaded = [source.load(d) for d in devices]
-    models, tokenizer = [m for m, _, _ in loaded], loaded[0][1]
+    models, tokenizer, meta = [m for m, _, _ in loaded], loaded[0][1], loaded[0][2]
+    tokenizer, latent_steps = serving_mode(tokenizer, meta)  # a chat_latent checkpoint thinks in latent steps
     workers = args.workers or (len(devices) if device.type == "cuda" else 2)
     name = source.label
     app = create_app(models, tokenizer, workers=workers, max_queue=args.max_queue, api_key=args.api_key,
                      max_body_bytes=args.max_body_bytes, default_max_tokens=args.max_tokens, model_name=name,
-                     body_timeout=args.body_timeout)
+                     body_timeout=args.body_timeout, latent_steps=latent_steps)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print0(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use it")
     host = f"[{args.host}]" if ":" in args.host else args.host

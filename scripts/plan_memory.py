@@ -71,6 +71,7 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
     GPU of `gpu_memory_gib` exactly as the stage would choose it on one."""
     from reasoning.cli import parse_script_args
 
+    memplan.PLANNED_GPU_GIB = gpu_memory_gib  # the engine phases take their KV budget from this GPU's memory
     if stage == "base_train":
         from reasoning.pretrain import config_from_args, plan_memory, resolve_device_batch
         from scripts.base_train import build_parser
@@ -93,20 +94,22 @@ def plan_stage(stage: str, stage_argv: list[str], model: str | None, nproc: int,
         return memplan.plan_base_eval(args.device_batch_size, max_seq_len, model_config, target)
     if stage == "chat_eval":
         return memplan.plan_chat_eval(args.batch_size, args.num_samples, args.max_tokens, model_config, target,
-                                      prompt_tokens=prompt_tokens)
+                                      prompt_tokens=prompt_tokens, gpu_memory_gib=gpu_memory_gib)
     if stage == "chat_sft":
         from reasoning.sft import config_from_args, plan_memory, resolve_device_batch
 
         config = config_from_args(args)
         config.validate()
-        if config.device_batch_size == -1:  # auto: what the stage would choose on this GPU (explicit: as given)
+        if config.device_batch_size == -1 or config.activation_checkpointing == "auto":
+            # auto: what the stage would choose on this GPU (explicit: as given)
             config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
         return plan_memory(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
     from scripts.chat_rl import RLConfig, plan_memory, resolve_device_batch
 
     config = RLConfig.from_args(args)
     config.validate()
-    if config.device_batch_size == -1:  # auto: what the stage would choose on this GPU (explicit: as given)
+    if config.device_batch_size == -1 or config.activation_checkpointing == "auto":
+        # auto: what the stage would choose on this GPU (explicit: as given)
         config = resolve_device_batch(config, model_config, None, nproc, gpu_memory_gib)
     return plan_memory(config, model_config, nproc, target, prompt_tokens=prompt_tokens)
 

@@ -474,8 +474,9 @@ class SyntheticReasoning(Task):
             {"role": "user", "content": f"{p['problem']}\n{INSTRUCTION}"},
             {"role": "assistant", "content": assistant},
         ]
+        # "steps" (one equation each) serve the latent curriculum (reasoning/latent.py), as GSM8K-iCoT's do
         return dict(messages=messages, answer=p["answer"], problem=p["problem"], num_steps=num_steps,
-                    kind=p["kind"])
+                    kind=p["kind"], steps=p["steps"])
 
     def evaluate(self, example: dict, completion: str) -> bool:
         predicted = parse_integer(_extract_boxed(completion))

@@ -77,9 +77,9 @@ def record_step_logits(monkeypatch):
     records = []
     original = engine_module._Rollout._take_step
 
-    def recording(self, logits, step):
+    def recording(self, logits):
         records.append((list(self.resident), logits.clone()))
-        return original(self, logits, step)
+        return original(self, logits)
 
     monkeypatch.setattr(engine_module._Rollout, "_take_step", recording)
     return records
@@ -105,11 +105,10 @@ def test_batched_greedy_equals_sequential_with_and_without_retirement(model):
     stop_tokens = pick_stop_tokens(model, prompts, max_tokens=24)
     engine = Engine(model)
     kwargs = dict(max_tokens=24, temperature=0.0, stop_tokens=stop_tokens)  # 60 + 24 > 80: some hit the context
-    batched = engine.generate(prompts, **kwargs)  # lazy compaction (default retire_fraction)
+    batched = engine.generate(prompts, **kwargs)
     kept = engine.generate(prompts, retire=False, **kwargs)
-    eager = Engine(model)
-    eager.retire_fraction = 0.0  # compaction at every finish
-    compacted = eager.generate(prompts, **kwargs)
+    paged = Engine(model, block_size=3)  # many blocks per row, rows crossing block boundaries at different steps
+    compacted = paged.generate(prompts, **kwargs)
     reasons = {g.stop_reason for g in batched}
     assert reasons == {"stop", "length", "context"}, reasons  # every way of finishing is exercised
     assert len({len(g.tokens) for g in batched}) >= 4  # rows really finish at different steps
@@ -129,14 +128,14 @@ def test_batched_greedy_equals_sequential_with_and_without_retirement(model):
             assert alone.tokens[-1] in stop_tokens and not set(alone.tokens[:-1]) & set(stop_tokens)
 
 
-@pytest.mark.parametrize("retire, retire_fraction", [(True, 0.0), (True, 0.25), (False, 0.25)])
-def test_decode_logits_equal_full_forward_at_every_step(model, monkeypatch, retire, retire_fraction):
-    """Grouped ragged prefill + repeat_rows + retirement + per-row decode give the logits of a cache-free forward."""
+@pytest.mark.parametrize("retire, block_size", [(True, 16), (True, 4), (False, 16)])
+def test_decode_logits_equal_full_forward_at_every_step(model, monkeypatch, retire, block_size):
+    """Grouped ragged prefill + block copies for G samples + retirement + per-row decode through the paged cache
+    give the logits of a cache-free forward."""
     prompts = ragged_prompts(6, 1, 70, seed=1)  # spread enough for several prefill groups
     stop_tokens = pick_stop_tokens(model, prompts)
     records = record_step_logits(monkeypatch)
-    engine = Engine(model)
-    engine.retire_fraction = retire_fraction
+    engine = Engine(model, block_size=block_size)
     out = engine.generate(prompts, num_samples=3, max_tokens=20, temperature=1.0, seed=3,
                           stop_tokens=stop_tokens, retire=retire)
     assert len({len(g.tokens) for g in out}) > 2
@@ -147,8 +146,8 @@ def test_decode_logits_equal_full_forward_at_every_step(model, monkeypatch, reti
         assert len(rows) == logits.shape[0]
         finished = sum(len(out[row].tokens) <= step for row in rows)  # rows riding along in the batch
         riders += finished
-        if retire:  # finished rows leave once they reach retire_fraction of the batch
-            assert finished == 0 if retire_fraction == 0 else finished < retire_fraction * len(rows)
+        if retire:  # finished rows leave at once (their blocks go back to the pool)
+            assert finished == 0
         else:
             assert len(rows) == 18
         for i, row in enumerate(rows):
@@ -157,9 +156,8 @@ def test_decode_logits_equal_full_forward_at_every_step(model, monkeypatch, reti
             torch.testing.assert_close(logits[i], references[row][step], rtol=0, atol=1e-5)
             checked += 1
     assert checked == sum(len(g.tokens) for g in out)
-    if retire:
-        assert len(records[-1][0]) < 18  # the batch did shrink
-        assert (riders > 0) == (retire_fraction > 0)  # and the lazy path was exercised when it should be
+    assert (len(records[-1][0]) < 18) == retire  # the batch did shrink, or finished rows rode along
+    assert (riders > 0) == (not retire)
 
 
 @pytest.mark.parametrize("temperature, filters", [(1.0, {}), (0.7, dict(top_k=20, top_p=0.9)),

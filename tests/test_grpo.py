@@ -401,6 +401,42 @@ def test_chunked_low_precision_hidden_runs_close():
     torch.testing.assert_close(lp, ref, atol=0.1, rtol=0.05)
 
 
+def test_chunked_bf16_matmuls_keep_fp32_hidden_logits_and_grads():
+    """matmul_dtype=bf16 on fp32 inputs: the lm_head matmuls get bf16 operands, everything else stays fp32, and the
+    result is within bf16 rounding of the fp32 one (naive reference)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm_.default):
+                self.seen.add((args[0].dtype, args[1].dtype))
+            return func(*args, **(kwargs or {}))
+
+    hidden, weight, targets, upstream = _chunk_inputs(torch.float32)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    spy = MatmulDtypes()
+    with spy:
+        lp = chunked_token_logprobs(h, w, targets, softcap=3.0, chunk_size=5, matmul_dtype=torch.bfloat16)
+        (lp * upstream).sum().backward()
+    assert spy.seen == {(torch.bfloat16, torch.bfloat16)}
+    assert lp.dtype == h.grad.dtype == w.grad.dtype == torch.float32
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref, _ = naive_logprobs(h2, w2, targets, 3.0, 1.0)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(lp, ref, atol=0.05, rtol=0.02)
+    assert (lp - ref).abs().max() > 0  # the bf16 path really ran
+    torch.testing.assert_close(h.grad, h2.grad, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(w.grad, w2.grad, atol=0.05, rtol=0.05)
+    fp32 = chunked_token_logprobs(hidden, weight, targets, softcap=3.0, chunk_size=5, matmul_dtype=torch.float32)
+    assert torch.equal(fp32, chunked_token_logprobs(hidden, weight, targets, softcap=3.0, chunk_size=5))
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        chunked_token_logprobs(hidden, weight, targets, matmul_dtype=torch.int8)
+
+
 def test_chunked_softcap_zero_means_off_like_the_model():
     hidden, weight, targets, _ = _chunk_inputs(torch.float64)
     off = chunked_token_logprobs(hidden, weight, targets, softcap=0)

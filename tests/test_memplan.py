@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from reasoning import memplan
 from reasoning.common import UserError
+from reasoning.engine import BLOCK_SIZE, KV_MEMORY_FRACTION, activation_reserve_bytes, kv_bytes_per_token
 from reasoning.gpt import GPT, config_from_depth
 from reasoning.pretrain import TrainConfig
 from reasoning.pretrain import plan_memory as pretrain_plan
@@ -63,9 +64,30 @@ def test_engine_kv_cache_is_planned_in_bf16_for_the_gpu():
     (gpu,) = memplan.plan_chat_eval(rows, 1, new, TINY, target="cuda", prompt_tokens=prompt)
     (cpu,) = memplan.plan_chat_eval(rows, 1, new, TINY, target="cpu", prompt_tokens=prompt)
     per_slot = 2 * TINY.n_layer * TINY.n_kv_head * TINY.get_head_dim()  # keys + values
-    # the engine's up-front bf16 cache of prompt + new slots per row, and the prefill group's own cache being copied in
-    assert gpu.breakdown["kv_cache"] == per_slot * rows * (prompt + new + prompt) * 2
+    bs = BLOCK_SIZE
+    # a GPU much larger than the call: the budget is what every row could need (whole blocks of prompt + new
+    # tokens) plus a spare block per row, and the pool (+ the scratch block) is allocated at once, in bf16
+    need = rows * (-(-(prompt + new) // bs) * bs + bs)
+    assert gpu.settings["kv_budget_tokens"] == need and gpu.settings["first_admitted_rows"] == rows
+    assert gpu.breakdown["kv_cache"] == per_slot * (1 + need // bs) * bs * 2
     assert cpu.breakdown["kv_cache"] == 2 * gpu.breakdown["kv_cache"]  # fp32 on the CPU
+
+
+def test_engine_kv_pool_takes_what_the_gpu_leaves():
+    """With a GPU too small for every row at once, the engine's budget is KV_MEMORY_FRACTION of it minus what is
+    in use and the activation reserve: the plan then fits (with 10% headroom) by construction; rows that outgrow
+    it later are preempted and recomputed (tests/test_engine_memory.py)."""
+    rows, prompt, new = 64, 16, 400
+    per_token = kv_bytes_per_token(TINY, torch.bfloat16)
+    (roomy,) = memplan.plan_chat_eval(rows, 1, new, TINY, target="cuda", prompt_tokens=prompt)
+    small_gib = (roomy.total - roomy.breakdown["kv_cache"] + activation_reserve_bytes(TINY, rows)
+                 + rows * (prompt + new) * per_token / 4) / KV_MEMORY_FRACTION / memplan.GIB
+    (tight,) = memplan.plan_chat_eval(rows, 1, new, TINY, target="cuda", prompt_tokens=prompt,
+                                      gpu_memory_gib=small_gib)
+    budget = tight.settings["kv_budget_tokens"]
+    assert rows * (prompt + new) / 5 < budget < rows * (prompt + new) / 2  # a quarter + the peak activations
+    assert tight.breakdown["kv_cache"] <= (budget + BLOCK_SIZE) * per_token
+    assert tight.fits(small_gib)
 
 
 def test_cuda_autocast_imposes_fp32_norms_and_bf16_matmuls():
