@@ -37,8 +37,8 @@ def canonical_name(name: str) -> str:
     head, sep, rest = name.strip().partition(":")
     canonical = _CANONICAL.get(head.lower())
     if canonical is None:
-        raise UserError(f"unknown task {name!r}: expected one of synthetic, GSM8K, GSM8K-iCoT, MATH, MATH-500, SmolTalk, "
-                        f"customjson:PATH")
+        raise UserError(f"unknown task {name!r}: expected one of synthetic, GSM8K, GSM8K-iCoT, MATH, MATH-500, "
+                        f"SmolTalk, customjson:PATH")
     if canonical == "customjson":
         if not rest:
             raise UserError(f"task {name!r}: customjson needs a file, e.g. customjson:traces.jsonl")
