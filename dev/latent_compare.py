@@ -34,8 +34,9 @@ import time
 def build_base(base_dir: str, depth: int, steps: int, vocab_size: int) -> None:
     """Corpus, tokenizer and base_train in base_dir, as dev/rl_learning.py builds them."""
     from reasoning.dataset import iter_documents
-    from reasoning.pretrain import TrainConfig, train
+    from reasoning.pretrain import TrainConfig
     from reasoning.tokenizer import cap_text_stream, train_tokenizer
+    from scripts.base_train import train
     from tasks.synthetic import write_synthetic_corpus
 
     data_dir, tokenizer_dir = os.path.join(base_dir, "base_data"), os.path.join(base_dir, "tokenizer")
@@ -52,7 +53,8 @@ def evaluate(ckpt_dir: str, config, problems: int, max_tokens: int, latent_steps
     """Greedy accuracy, its standard error and mean generated tokens (latent positions included), with the
     checkpoint's latent-step count or `latent_steps`."""
     from reasoning.checkpoint import load_model
-    from reasoning.evaluation import EvalSettings, evaluate_task, standard_error
+    from reasoning.eval_metrics import standard_error
+    from reasoning.evaluation import EvalSettings, evaluate_task
     from reasoning.latent import with_latent_tokens
     from scripts.chat_latent import build_task
 
@@ -98,7 +100,7 @@ def main():
 
     from reasoning import checkpoint as ckpt
     from reasoning.common import seed_everything
-    from scripts.chat_latent import LatentConfig, train_latent
+    from scripts.chat_latent import LatentConfig, train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     base_dir = args.base_dir or tempfile.mkdtemp(prefix="latent_compare_")
@@ -135,9 +137,9 @@ def main():
         if not (args.reuse and ckpt.find_last_step(ckpt_dir) == config.num_iterations):
             source_dir = source_dir or ckpt.checkpoint_dir("latent", f"cot_s{args.seed}", base_dir)  # (c) after (b)
             seed_everything(args.seed)
-            model, tokenizer, meta = ckpt.load_model(source_dir, device="cpu", phase="train")
-            source = {"dir": source_dir, "step": meta["step"], "tag": name, "tokenizer_dir": meta.get("tokenizer_dir")}
-            train_latent(config, model, tokenizer, source, torch.device("cpu"))
+            source = ckpt.ModelSource.resolve(source_dir)
+            model, tokenizer, _ = source.load("cpu", phase="train")
+            train(config, model, tokenizer, source)
         meta = ckpt.load_meta(ckpt_dir)
         losses = [loss for _, loss in meta["history"]["train_loss"]][-20:]
         t0 = time.perf_counter()

@@ -19,25 +19,24 @@ steps, no latents). The model (any stage's checkpoint) gains the three latent to
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from reasoning import checkpoint as ckpt
-from reasoning.checkpoint import add_model_args, load_model_from_args
-from reasoning.common import (UserError, get_base_dir, get_compute_dtype, init_distributed, print0, run_main,
-                              seed_everything)
-from reasoning.evaluation import EvalSettings, broadcast_summary, evaluate_task, resolve_source
+from reasoning.checkpoint import ModelSource, add_model_args
+from reasoning.cli import add_run_args, finish_training_script, option, parse_script_args, script_parser
+from reasoning.common import (UserError, get_base_dir, get_compute_dtype, get_rank, get_world_size, init_distributed,
+                              print0, run_main, seed_everything)
+from reasoning.distributed import all_gather_object
+from reasoning.evaluation import EvalSettings, broadcast_summary, evaluate_task
 from reasoning.latent import (LatentObjective, collate, example_prompt, grow_vocab, render_latent, stage_layout,
                               with_latent_tokens)
+from reasoning.resume import load_optimizer_state, load_resume_checkpoint, save_training_checkpoint, start_run
 from reasoning.sft import ConversationStream
-from reasoning.training import (FinetuneConfig, NonFiniteLossError, RunLog, RunProgress, accumulate_gradients,
-                                add_run_args, autocast_factory, check_weights_finite, diverged_message,
-                                finish_training_script, gather_objects, load_optimizer_state, load_resume_checkpoint,
-                                option, parse_script_args, run_trainer, save_training_checkpoint, script_parser,
-                                start_run)
+from reasoning.training import (FinetuneConfig, RunLog, RunProgress, accumulate_gradients, autocast_factory,
+                                check_step_finite, check_weights_finite, clip_gradients, final_train_loss,
+                                run_trainer, set_learning_rate)
+from tasks import registry
 
 STAGE = "latent"
 TASKS = ("synthetic", "GSM8K-iCoT")
@@ -70,6 +69,10 @@ class LatentConfig(FinetuneConfig):
     eval_max_tokens: int = field(default=96, metadata=option("new tokens per eval completion"))
     eval_batch_size: int = field(default=64, metadata=option("problems per engine call in the eval"))
     seed: int = field(default=0, metadata=option("seed of the data order"))
+    # FinetuneConfig's training-pass memory settings, without flags here: the latent forward runs through a KV cache
+    # (reasoning.latent), which neither length-bucketed micro-batches nor block checkpointing apply to
+    max_tokens_per_micro_batch: int = field(default=0, metadata=option("", cli=False))
+    activation_checkpointing: str = field(default="off", metadata=option("", cli=False))
 
     def validate(self) -> None:
         super().validate()
@@ -98,15 +101,11 @@ class LatentConfig(FinetuneConfig):
 
 
 def build_task(config: LatentConfig, split: str, size: int | None):
-    """The latent task: examples with messages, "steps" and "answer"."""
-    if config.task == "synthetic":
-        from tasks.synthetic import SyntheticReasoning
-        return SyntheticReasoning(split=split, size=size or 20000, seed=config.seed,
-                                  num_steps=(config.synthetic_min_steps, config.synthetic_max_steps),
-                                  max_operand=config.synthetic_max_operand)
-    from tasks.gsm8k_icot import GSM8KiCoT
-    task = GSM8KiCoT(split=split, data_path=config.data_path)
-    return task if size is None else task[:size]
+    """The latent task (tasks.registry): examples with messages, "steps" and "answer"."""
+    options = {} if config.task != "synthetic" else {
+        "num_steps": (config.synthetic_min_steps, config.synthetic_max_steps),
+        "max_operand": config.synthetic_max_operand}
+    return registry.build_task(config.task, split, config.data_path, config.seed, size, **options)
 
 
 class LatentStream(ConversationStream):
@@ -124,10 +123,11 @@ class LatentStream(ConversationStream):
         return collate(rendered, self.pad_id)
 
 
-def train_latent(config: LatentConfig, model, tokenizer, source: dict, device, rank: int = 0,
-                 world_size: int = 1) -> dict:
-    """Run the curriculum on `model` (loaded from `source`); every rank calls it. Returns the run's summary."""
+def train(config: LatentConfig, model, tokenizer, source: ModelSource) -> dict:
+    """Run the curriculum on `model` (loaded from `source`, a checkpoint.ModelSource), on the device it is on; every
+    rank of the process group calls it (collectives inside). Returns the run's summary."""
     # ---- setup: latent vocabulary, output folder, resume, optimizer, data
+    device, rank, world_size = next(model.parameters()).device, get_rank(), get_world_size()
     config.validate()
     start_time = time.perf_counter()
     base_dir = config.base_dir or get_base_dir()
@@ -135,12 +135,17 @@ def train_latent(config: LatentConfig, model, tokenizer, source: dict, device, r
     tokenizer = with_latent_tokens(tokenizer)
     grow_vocab(model, tokenizer.vocab_size)
     objective = LatentObjective(model)
-    tag = config.out_tag or source.get("tag") or f"d{model.config.n_layer}"
+    tag = config.out_tag or source.tag
     ckpt_dir = ckpt.checkpoint_dir(STAGE, tag, base_dir)
     num_iterations = config.num_iterations
-    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "positions", str(source.get("dir"))) \
+    resume_meta = load_resume_checkpoint(ckpt_dir, model, device, world_size, "positions", source.dir) \
         if config.resume else None
-    optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale))
+
+    def new_optimizer():
+        return model.setup_optimizer(config.optimizer_settings(),
+                                     compile_backend=config.optimizer_compile_backend(device))
+
+    optimizer = new_optimizer()
     if resume_meta is not None:
         load_optimizer_state(ckpt_dir, resume_meta, optimizer, device)
         ckpt.set_rng_state(resume_meta["rng"][rank])
@@ -160,20 +165,13 @@ def train_latent(config: LatentConfig, model, tokenizer, source: dict, device, r
     log = RunLog.for_run(base_dir, f"{STAGE}_{tag}", config, progress.resumed_at)
     print0(f"latent: {len(train_task):,} examples ({config.task}), stages {config.start_stage}..{config.max_stage} x "
            f"{config.steps_per_stage} steps of {config.total_batch_rows} rows, c={config.latents_per_step}"
-           f"{', no-CoT baseline' if config.nocot else ''} | from {source.get('dir')} step {source.get('step')} -> "
+           f"{', no-CoT baseline' if config.nocot else ''} | from {source.dir} step {source.step} -> "
            f"{ckpt_dir}{progress.resumed_note}")
 
     def latent_meta(step: int) -> dict:
         stage = config.stage_at(max(step - 1, 0))  # the stage the weights were last trained in
         return {"stage": stage, "latent_steps": stage_layout(stage, config.latents_per_step, config.nocot)[1],
                 "latents_per_step": config.latents_per_step, "nocot": config.nocot}
-
-    def save(step: int):
-        meta = {"latent_config": config.to_dict(), "stage": STAGE, "tokenizer_dir": source.get("tokenizer_dir"),
-                "source": {"dir": source.get("dir"), "step": source.get("step")}, "num_iterations": num_iterations,
-                "latent": latent_meta(step), "history": history, "train_seconds": progress.seconds(),
-                "positions": gather_objects(stream.position)}
-        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last, run_id, config.overwrite)
 
     def evaluate(step: int):
         latent_steps = latent_meta(step)["latent_steps"]
@@ -185,11 +183,18 @@ def train_latent(config: LatentConfig, model, tokenizer, source: dict, device, r
                f"accuracy {accuracy:.4f}")
         log.log({"step": step, "accuracy": accuracy, "latent_steps": latent_steps})
 
-    # ---- the curriculum loop: one optimizer step per iteration, the stage decided by the step
+    def save(step: int):
+        meta = {"latent_config": config.to_dict(), "stage": STAGE, "tokenizer_dir": source.tokenizer_dir,
+                "source": {"dir": source.dir, "step": source.step}, "num_iterations": num_iterations,
+                "latent": latent_meta(step), "history": history, "train_seconds": progress.seconds(),
+                "positions": all_gather_object(stream.position)}
+        save_training_checkpoint(ckpt_dir, step, model, optimizer, meta, config.keep_last, run_id, config.overwrite)
+
     step = progress.start_step
     model.train()
     try:
         while True:
+            # ---- at the step boundary: evaluate, save, stop
             at = progress.at(step)
             if eval_task is not None and at.evaluate_due(config.eval_every):
                 evaluate(step)
@@ -199,8 +204,9 @@ def train_latent(config: LatentConfig, model, tokenizer, source: dict, device, r
                 break
             step_in_stage = step % config.steps_per_stage
             if step_in_stage == 0 and step > 0 and config.reset_optimizer:  # a new stage starts afresh
-                optimizer = model.setup_optimizer(**config.optimizer_args(config.lr_scale))
+                optimizer = new_optimizer()
 
+            # ---- one optimizer step in this stage's layout: forward + backward over the micro-batches, clip, LR
             t0 = time.perf_counter()
             layout = config.layout_at(step)
             micro_batches = []
@@ -208,22 +214,19 @@ def train_latent(config: LatentConfig, model, tokenizer, source: dict, device, r
                 batch, targets = stream.next_batch(rows, layout)
                 micro_batches.append((batch.to(device), targets.to(device)))
             loss = accumulate_gradients(objective, micro_batches, autocast)
-            optimizer.reduce_gradients()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0
-                                                  else float("inf"))
+            optimizer.reduce_gradients()  # average across ranks now (no-op alone) to measure and clip the norm
+            norm = clip_gradients(model, config.grad_clip)
             loss_value, norm_value = float(loss), float(norm)
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                raise NonFiniteLossError(diverged_message(step, f"loss {loss_value}, gradient norm {norm_value}",
-                                                          ckpt_dir, run_id, "stopped before the update",
-                                                          "a lower --lr-scale"))
-            lr_mult = config.lr_multiplier(step_in_stage, config.steps_per_stage)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lr_mult
+            check_step_finite(step, loss_value, norm_value, ckpt_dir, run_id, hint="a lower --lr-scale")
+            lr_mult = config.lr_multiplier(step_in_stage, config.steps_per_stage)  # the schedule runs per stage
+            set_learning_rate(optimizer, lr_mult)
             optimizer.step()
             model.zero_grad(set_to_none=True)
             check_weights_finite(model, step, ckpt_dir, run_id)
             dt = time.perf_counter() - t0
             step += 1
+
+            # ---- log
             history["train_loss"].append([step, loss_value])
             log.log({"step": step, "loss": loss_value, "stage": config.stage_at(step - 1), "latents": layout[1],
                      "lr_mult": lr_mult, "grad_norm": norm_value, "dt": dt})
@@ -233,10 +236,9 @@ def train_latent(config: LatentConfig, model, tokenizer, source: dict, device, r
     finally:
         log.close()
 
-    losses = [v for _, v in history["train_loss"]]
-    tail = losses[-max(1, min(20, len(losses) // 5)):] if losses else []
+    # ---- summary
     accuracies = [v for _, v in history["accuracy"]]
-    metrics = {"train_loss": sum(tail) / len(tail) if tail else None,
+    metrics = {"train_loss": final_train_loss(history["train_loss"]),
                "accuracy": accuracies[-1] if accuracies else None, "steps": step,
                "latent_steps": latent_meta(step)["latent_steps"]}
     return {"step": step, "num_iterations": num_iterations, "finished": step == num_iterations, "metrics": metrics,
@@ -256,16 +258,16 @@ def main(argv: list[str] | None = None):
     args = parse_script_args(build_parser(), argv)
     config = LatentConfig.from_args(args)
     config.validate()
+
     info = init_distributed(args.device)
     seed_everything(config.seed)
-    source = resolve_source(args, config.base_dir)
-    model, tokenizer, meta = load_model_from_args(args, info.device, phase="train", base_dir=config.base_dir)
-    source["tokenizer_dir"] = meta.get("tokenizer_dir")
-    summary = run_trainer(train_latent, config, model, tokenizer, source, info.device, info.rank, info.world_size)
+    source = ModelSource.from_args(args, config.base_dir)
+    model, tokenizer, _ = source.load(info.device, phase="train")
+    summary = run_trainer(train, config, model, tokenizer, source)
     m = summary["metrics"]
     finish_training_script(
         "chat_latent", summary, {k: m[k] for k in ("train_loss", "accuracy", "latent_steps")} | {"steps": m["steps"]},
-        config=summary["config"] | {"source": {k: source[k] for k in ("dir", "step")},
+        config=summary["config"] | {"source": {"dir": source.dir, "step": source.step},
                                     "world_size": summary["world_size"]},
         metrics=m, base_dir=config.base_dir)
 

@@ -1,6 +1,7 @@
 """Task registry: task names -> Task objects (where their rows come from: tasks/sources.py).
 
-Names (case-insensitive): "synthetic", "GSM8K", "MATH", "MATH-500", "SmolTalk", "customjson:PATH".
+Names (case-insensitive): "synthetic", "GSM8K", "GSM8K-iCoT" (GSM8K with its calculation steps, for chat_latent),
+"MATH", "MATH-500", "SmolTalk", "customjson:PATH".
 A mixture spec is a comma list of names, each optionally `*N` to oversample it N times and `@PATH` to give that
 task its own local data, e.g. "GSM8K*2,MATH,SmolTalk,customjson:traces.jsonl".
 """
@@ -14,12 +15,13 @@ from reasoning.common import UserError, print0
 from tasks.common import Task, TaskMixture
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K
+from tasks.gsm8k_icot import GSM8KiCoT
 from tasks.math import MATH, MATH500
 from tasks.smoltalk import SmolTalk
 from tasks.sources import DATA_FLAG
 from tasks.synthetic import DIFFICULTY, SyntheticReasoning
 
-TASK_NAMES = ("synthetic", "GSM8K", "MATH", "MATH-500", "SmolTalk", "customjson")
+TASK_NAMES = ("synthetic", "GSM8K", "GSM8K-iCoT", "MATH", "MATH-500", "SmolTalk", "customjson")
 _CANONICAL = {name.lower(): name for name in TASK_NAMES}
 _CANONICAL.update({"math500": "MATH-500", "gsm8k": "GSM8K", "smol-smoltalk": "SmolTalk"})
 
@@ -35,8 +37,8 @@ def canonical_name(name: str) -> str:
     head, sep, rest = name.strip().partition(":")
     canonical = _CANONICAL.get(head.lower())
     if canonical is None:
-        raise UserError(f"unknown task {name!r}: expected one of synthetic, GSM8K, MATH, MATH-500, SmolTalk, "
-                        f"customjson:PATH")
+        raise UserError(f"unknown task {name!r}: expected one of synthetic, GSM8K, GSM8K-iCoT, MATH, MATH-500, "
+                        f"SmolTalk, customjson:PATH")
     if canonical == "customjson":
         if not rest:
             raise UserError(f"task {name!r}: customjson needs a file, e.g. customjson:traces.jsonl")
@@ -60,6 +62,8 @@ def build_task(name: str, split: str = "train", data_path: str | None = None, se
         return SyntheticReasoning(split=split, size=size or DEFAULT_SYNTHETIC_SIZE[split], seed=seed, **options)
     if name == "GSM8K":
         task = GSM8K(split=split, data_path=data_path, **options)
+    elif name == "GSM8K-iCoT":
+        task = GSM8KiCoT(split=split, data_path=data_path, **options)
     elif name == "MATH":
         task = MATH(split=split, data_path=data_path, **options)
     elif name == "MATH-500":

@@ -136,6 +136,9 @@ def test_curriculum_layout_per_stage(tokenizer):
     config = LatentConfig(start_stage=1, max_stage=3, steps_per_stage=10, latents_per_step=2)
     assert config.num_iterations == 30
     assert [config.layout_at(s) for s in (0, 9, 10, 29)] == [(1, 2), (1, 2), (2, 4), (3, 6)]
+    from scripts.chat_latent import build_parser  # the latent forward runs through a cache: no SFT memory flags
+    assert "--activation-checkpointing" not in build_parser().format_help()
+    assert config.activation_checkpointing == "off" and config.max_tokens_per_micro_batch == 0
 
 
 def test_gsm8k_icot_steps_are_the_calculator_annotations(tmp_path, tokenizer):
@@ -150,6 +153,9 @@ def test_gsm8k_icot_steps_are_the_calculator_annotations(tmp_path, tokenizer):
     assert example["messages"][1]["content"] == "48/2=24\n48+24=72\nThe answer is \\boxed{72}."
     task = GSM8KiCoT("train", data_path=str(path))
     assert task.evaluate(example, "The answer is \\boxed{72}.") and not task.evaluate(example, "\\boxed{71}")
+    from tasks.registry import build_task  # the registered name, so chat_eval -a GSM8K-iCoT evaluates it
+    registered = build_task("gsm8k-icot", "train", data_path=str(path))
+    assert isinstance(registered, GSM8KiCoT) and registered[0] == example
     prompt = tokenizer.render_for_completion({"messages": example["messages"][:1]})
     row = render_latent(tokenizer, prompt, example["steps"], example["answer"], *stage_layout(1, 2))
     assert tokenizer.decode(row.suffix) == "<|end-latent|>48+24=72\nThe answer is \\boxed{72}.<|assistant_end|>"
