@@ -593,7 +593,7 @@ class _Rollout:
     def _track_memory(self):
         cache, stats = self.cache, self.stats
         in_use = cache.num_blocks - 1 - len(cache.free_blocks)
-        stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], cache.pool_bytes)
+        stats["peak_kv_bytes"] = max(stats["peak_kv_bytes"], cache.pool_bytes + cache.mirror_bytes)
         stats["peak_kv_tokens"] = max(stats["peak_kv_tokens"], in_use * self.engine.block_size)
 
     def _sync_batch(self, added: list[tuple[int, int]], static: bool):
@@ -675,6 +675,7 @@ class _Rollout:
                 logits = self.model.compute_logits(hidden[:, -1])
         for row, n in zip(self.resident, new_lengths):
             self.cached[row] += n
+        self._track_memory()  # the SDPA mirror is built during the forward
         return logits
 
     def _retire_finished(self):

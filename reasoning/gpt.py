@@ -404,7 +404,8 @@ class PagedKVCache:
 
     def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, block_size: int, max_blocks: int,
                  device=None, dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None,
-                 layout: str | None = None, preallocate: bool = False, initial_blocks: int = 0):
+                 layout: str | None = None, preallocate: bool = False, initial_blocks: int = 0,
+                 mirror: bool | None = None):
         if block_size < 1 or max_blocks < 2:
             raise ValueError(f"PagedKVCache: block_size={block_size} must be >= 1 and max_blocks={max_blocks} >= 2 "
                              "(block 0 is scratch)")
@@ -422,6 +423,8 @@ class PagedKVCache:
         self.num_blocks = 0
         self._grow(max_blocks if preallocate else max(2, min(max_blocks, initial_blocks)))
         self.static = False
+        # SDPA keeps a dense mirror of the batch's keys/values per layer (see `attend`); FA3 reads the pages itself
+        self.use_mirror = self.layout == "bhsd" and not self.quantized if mirror is None else bool(mirror)
         self.set_batch([[]], [0])
 
     def reset(self) -> None:
@@ -495,6 +498,7 @@ class PagedKVCache:
         for pool in (self.k, self.v, self.k_scale, self.v_scale):
             if pool is not None:
                 pool.index_copy_(block_dim, d, pool.index_select(block_dim, s))
+        self._drop_mirror()
 
     # -- the compute batch
     def set_batch(self, tables: list[list[int]], lengths: list[int], batch_size: int | None = None,
@@ -506,6 +510,14 @@ class PagedKVCache:
         self.block_table = torch.tensor(rows, dtype=torch.int32, device=self.device)  # (B, width)
         self.bounds = list(lengths) + [0] * (batch_size - len(tables))  # exact on the host
         self.lengths = torch.tensor(self.bounds, dtype=torch.int32, device=self.device)
+        self._drop_mirror()
+
+    def _drop_mirror(self) -> None:
+        self.mirror_k, self.mirror_v = [None] * self.n_layer, [None] * self.n_layer
+
+    @property
+    def mirror_bytes(self) -> int:
+        return sum(m.numel() * m.element_size() for m in self.mirror_k + self.mirror_v if m is not None)
 
     def set_blocks(self, updates: list[tuple[int, int, int]]) -> None:
         """Table entries (row, column, block) for rows that grew into new blocks."""
@@ -584,6 +596,19 @@ class PagedKVCache:
             return (x.float() * scale[:, :, :S, None]).to(dtype)
         return x.to(dtype)
 
+    def _update_mirror(self, layer: int, k_new, v_new, positions: torch.Tensor, dtype) -> None:
+        """Keep the dense mirror of `layer` equal to gathering the batch's blocks: built by one gather after the
+        batch changed (set_batch), then only the new tokens (B, T, Hkv, D) are written at their slots (B, T)."""
+        if self.mirror_k[layer] is None:  # the pool already holds the new tokens
+            # contiguous (B, Hkv, S, D): SDPA reads a run of rows' keys as one block of memory
+            self.mirror_k[layer] = self._gather(self.k, None, layer, self.block_table, self.max_len, dtype).contiguous()
+            self.mirror_v[layer] = self._gather(self.v, None, layer, self.block_table, self.max_len, dtype).contiguous()
+            return
+        rows = torch.arange(positions.size(0), device=self.device)[:, None]  # (B, 1)
+        # through the pool's dtype, so that the mirror holds exactly what a gather of the pool would give
+        self.mirror_k[layer][rows, :, positions] = k_new.to(self.kv_dtype).to(dtype)  # (B, T, Hkv, D) slots
+        self.mirror_v[layer][rows, :, positions] = v_new.to(self.kv_dtype).to(dtype)
+
     def attend(self, layer: int, q, k_new, v_new, window, spans):
         """Write k_new/v_new (B, T, Hkv, D) at each row's next slots of `layer`; attention of q (B, T, H, D)."""
         B, T = q.shape[:2]
@@ -593,16 +618,23 @@ class PagedKVCache:
         positions = self._write(layer, k_new, v_new, T)
         if not self.static and max(self.bounds) == 0:
             # a prefill into empty rows: attend to the new keys themselves (exact, also for an FP8 cache)
+            self.mirror_k[layer] = self.mirror_v[layer] = None
             return attention(q, k_new, v_new, causal=True, window=window)
         if spans is None:
             spans = [(0, B, self.max_len)]
+        mirrored = self.use_mirror and not self.static
+        if mirrored:
+            self._update_mirror(layer, k_new, v_new, positions, q.dtype)
         q_heads = q.transpose(1, 2)  # (B, H, T, D)
         outputs = []
         for start, stop, S in spans:
             S = min(S, self.max_len)
-            table = self.block_table[start:stop, :-(-S // self.block_size)]
-            keys = self._gather(self.k, self.k_scale, layer, table, S, q.dtype)
-            values = self._gather(self.v, self.v_scale, layer, table, S, q.dtype)
+            if mirrored:  # views: no copy
+                keys, values = self.mirror_k[layer][start:stop, :, :S], self.mirror_v[layer][start:stop, :, :S]
+            else:
+                table = self.block_table[start:stop, :-(-S // self.block_size)]
+                keys = self._gather(self.k, self.k_scale, layer, table, S, q.dtype)
+                values = self._gather(self.v, self.v_scale, layer, table, S, q.dtype)
             outputs.append(sdpa_over_slots(q_heads[start:stop], keys, values, positions[start:stop], window))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return y.transpose(1, 2)  # (B, T, H, D)
