@@ -393,6 +393,12 @@ class PagedKVCache:
     The pool grows on demand (by 1/4, copying) up to `max_blocks`; `preallocate` takes them all at once
     (static addresses, what CUDA graphs need, and vLLM's behaviour on a GPU).
 
+    `mirror=True` (SDPA, "bhsd", not FP8): each layer also keeps a dense (B, Hkv, max_len, D) copy of the compute
+    batch, built by one gather at the first forward after `set_batch`/`copy_blocks` and then written with the new
+    tokens only, so a forward reads each run of rows' keys as a view instead of gathering its blocks (the gather
+    per layer per step cost ~25% of CPU decode time). The pool stays the source of truth; `mirror_bytes` is the
+    extra memory (rows x table width).
+
     `kv_dtype` FP8 (float8_e4m3fn) stores keys/values in one byte with a float32 scale per (token, kv head):
     scale = amax over head_dim / 448, written with the token and applied when the blocks are gathered.
 
@@ -405,7 +411,7 @@ class PagedKVCache:
     def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, block_size: int, max_blocks: int,
                  device=None, dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None,
                  layout: str | None = None, preallocate: bool = False, initial_blocks: int = 0,
-                 mirror: bool | None = None):
+                 mirror: bool = False):
         if block_size < 1 or max_blocks < 2:
             raise ValueError(f"PagedKVCache: block_size={block_size} must be >= 1 and max_blocks={max_blocks} >= 2 "
                              "(block 0 is scratch)")
@@ -423,8 +429,9 @@ class PagedKVCache:
         self.num_blocks = 0
         self._grow(max_blocks if preallocate else max(2, min(max_blocks, initial_blocks)))
         self.static = False
-        # SDPA keeps a dense mirror of the batch's keys/values per layer (see `attend`); FA3 reads the pages itself
-        self.use_mirror = self.layout == "bhsd" and not self.quantized if mirror is None else bool(mirror)
+        # a dense mirror of the batch's keys/values per layer (`attend`): only where SDPA reads "bhsd" blocks of
+        # the compute dtype (FA3 reads the pages itself; an FP8 mirror would need its dequantized values)
+        self.use_mirror = bool(mirror) and self.layout == "bhsd" and not self.quantized
         self.set_batch([[]], [0])
 
     def reset(self) -> None:
