@@ -517,6 +517,7 @@ class PagedKVCache:
         self.block_table = torch.tensor(rows, dtype=torch.int32, device=self.device)  # (B, width)
         self.bounds = list(lengths) + [0] * (batch_size - len(tables))  # exact on the host
         self.lengths = torch.tensor(self.bounds, dtype=torch.int32, device=self.device)
+        self._slots_of_forward = None
         self._drop_mirror()
 
     def _drop_mirror(self) -> None:
@@ -531,6 +532,7 @@ class PagedKVCache:
         if updates:
             rows, columns, blocks = (torch.tensor(x, device=self.device) for x in zip(*updates))
             self.block_table[rows, columns] = blocks.to(torch.int32)
+            self._slots_of_forward = None
 
     @property
     def batch_size(self) -> int:
@@ -558,6 +560,7 @@ class PagedKVCache:
             new_lengths = [new_lengths] * self.batch_size
         self.bounds = [bound + int(n) for bound, n in zip(self.bounds, new_lengths)]
         self.lengths += torch.tensor(new_lengths, dtype=torch.int32, device=self.device)
+        self._slots_of_forward = None
 
     # -- attention
     def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -566,11 +569,20 @@ class PagedKVCache:
         scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
         return (x.float() / scale[..., None]).to(FP8_KV_DTYPE), scale
 
-    def _write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, T: int) -> torch.Tensor:
-        """Store k_new/v_new (B, T, Hkv, D) at slots lengths[b]..; returns those slots (B, T)."""
+    def _slots(self, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions, blocks, offsets), each (B, T), of the next T slots of every row."""
         positions = self.lengths.long()[:, None] + torch.arange(T, device=self.device)  # (B, T)
         blocks = self.block_table.long().gather(1, positions // self.block_size)  # (B, T)
-        offsets = positions % self.block_size
+        return positions, blocks, positions % self.block_size
+
+    def _write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, T: int) -> torch.Tensor:
+        """Store k_new/v_new (B, T, Hkv, D) at slots lengths[b]..; returns those slots (B, T)."""
+        if self.static:  # traced: no Python state across layers
+            positions, blocks, offsets = self._slots(T)
+        else:  # the same slots for every layer of a forward: computed at its first layer
+            if self._slots_of_forward is None or self._slots_of_forward[0].size(1) != T:
+                self._slots_of_forward = self._slots(T)
+            positions, blocks, offsets = self._slots_of_forward
         pools = [(self.k, self.k_scale, k_new), (self.v, self.v_scale, v_new)]
         for pool, scales, new in pools:
             if self.quantized:
@@ -607,9 +619,9 @@ class PagedKVCache:
         """Keep the dense mirror of `layer` equal to gathering the batch's blocks: built by one gather after the
         batch changed (set_batch), then only the new tokens (B, T, Hkv, D) are written at their slots (B, T)."""
         if self.mirror_k[layer] is None:  # the pool already holds the new tokens
-            # contiguous (B, Hkv, S, D): SDPA reads a run of rows' keys as one block of memory
-            self.mirror_k[layer] = self._gather(self.k, None, layer, self.block_table, self.max_len, dtype).contiguous()
-            self.mirror_v[layer] = self._gather(self.v, None, layer, self.block_table, self.max_len, dtype).contiguous()
+            # (B, Hkv, S, D) views of a fresh (Hkv, B, S, D) copy: each (row, head) contiguous, as SDPA reads it
+            self.mirror_k[layer] = self._gather(self.k, None, layer, self.block_table, self.max_len, dtype)
+            self.mirror_v[layer] = self._gather(self.v, None, layer, self.block_table, self.max_len, dtype)
             return
         rows = torch.arange(positions.size(0), device=self.device)[:, None]  # (B, 1)
         # through the pool's dtype, so that the mirror holds exactly what a gather of the pool would give
