@@ -393,6 +393,12 @@ class PagedKVCache:
     The pool grows on demand (by 1/4, copying) up to `max_blocks`; `preallocate` takes them all at once
     (static addresses, what CUDA graphs need, and vLLM's behaviour on a GPU).
 
+    `mirror=True` (SDPA, "bhsd", not FP8): each layer also keeps a dense (B, Hkv, max_len, D) copy of the compute
+    batch, built by one gather at the first forward after `set_batch`/`copy_blocks` and then written with the new
+    tokens only, so a forward reads each run of rows' keys as a view instead of gathering its blocks (the gather
+    per layer per step cost ~25% of CPU decode time). The pool stays the source of truth; `mirror_bytes` is the
+    extra memory (rows x table width).
+
     `kv_dtype` FP8 (float8_e4m3fn) stores keys/values in one byte with a float32 scale per (token, kv head):
     scale = amax over head_dim / 448, written with the token and applied when the blocks are gathered.
 
@@ -404,7 +410,8 @@ class PagedKVCache:
 
     def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, block_size: int, max_blocks: int,
                  device=None, dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None,
-                 layout: str | None = None, preallocate: bool = False, initial_blocks: int = 0):
+                 layout: str | None = None, preallocate: bool = False, initial_blocks: int = 0,
+                 mirror: bool = False):
         if block_size < 1 or max_blocks < 2:
             raise ValueError(f"PagedKVCache: block_size={block_size} must be >= 1 and max_blocks={max_blocks} >= 2 "
                              "(block 0 is scratch)")
@@ -422,6 +429,9 @@ class PagedKVCache:
         self.num_blocks = 0
         self._grow(max_blocks if preallocate else max(2, min(max_blocks, initial_blocks)))
         self.static = False
+        # a dense mirror of the batch's keys/values per layer (`attend`): only where SDPA reads "bhsd" blocks of
+        # the compute dtype (FA3 reads the pages itself; an FP8 mirror would need its dequantized values)
+        self.use_mirror = bool(mirror) and self.layout == "bhsd" and not self.quantized
         self.set_batch([[]], [0])
 
     def reset(self) -> None:
@@ -495,6 +505,7 @@ class PagedKVCache:
         for pool in (self.k, self.v, self.k_scale, self.v_scale):
             if pool is not None:
                 pool.index_copy_(block_dim, d, pool.index_select(block_dim, s))
+        self._drop_mirror()
 
     # -- the compute batch
     def set_batch(self, tables: list[list[int]], lengths: list[int], batch_size: int | None = None,
@@ -506,12 +517,22 @@ class PagedKVCache:
         self.block_table = torch.tensor(rows, dtype=torch.int32, device=self.device)  # (B, width)
         self.bounds = list(lengths) + [0] * (batch_size - len(tables))  # exact on the host
         self.lengths = torch.tensor(self.bounds, dtype=torch.int32, device=self.device)
+        self._slots_of_forward = None
+        self._drop_mirror()
+
+    def _drop_mirror(self) -> None:
+        self.mirror_k, self.mirror_v = [None] * self.n_layer, [None] * self.n_layer
+
+    @property
+    def mirror_bytes(self) -> int:
+        return sum(m.numel() * m.element_size() for m in self.mirror_k + self.mirror_v if m is not None)
 
     def set_blocks(self, updates: list[tuple[int, int, int]]) -> None:
         """Table entries (row, column, block) for rows that grew into new blocks."""
         if updates:
             rows, columns, blocks = (torch.tensor(x, device=self.device) for x in zip(*updates))
             self.block_table[rows, columns] = blocks.to(torch.int32)
+            self._slots_of_forward = None
 
     @property
     def batch_size(self) -> int:
@@ -539,6 +560,7 @@ class PagedKVCache:
             new_lengths = [new_lengths] * self.batch_size
         self.bounds = [bound + int(n) for bound, n in zip(self.bounds, new_lengths)]
         self.lengths += torch.tensor(new_lengths, dtype=torch.int32, device=self.device)
+        self._slots_of_forward = None
 
     # -- attention
     def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,11 +569,20 @@ class PagedKVCache:
         scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
         return (x.float() / scale[..., None]).to(FP8_KV_DTYPE), scale
 
-    def _write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, T: int) -> torch.Tensor:
-        """Store k_new/v_new (B, T, Hkv, D) at slots lengths[b]..; returns those slots (B, T)."""
+    def _slots(self, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions, blocks, offsets), each (B, T), of the next T slots of every row."""
         positions = self.lengths.long()[:, None] + torch.arange(T, device=self.device)  # (B, T)
         blocks = self.block_table.long().gather(1, positions // self.block_size)  # (B, T)
-        offsets = positions % self.block_size
+        return positions, blocks, positions % self.block_size
+
+    def _write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, T: int) -> torch.Tensor:
+        """Store k_new/v_new (B, T, Hkv, D) at slots lengths[b]..; returns those slots (B, T)."""
+        if self.static:  # traced: no Python state across layers
+            positions, blocks, offsets = self._slots(T)
+        else:  # the same slots for every layer of a forward: computed at its first layer
+            if self._slots_of_forward is None or self._slots_of_forward[0].size(1) != T:
+                self._slots_of_forward = self._slots(T)
+            positions, blocks, offsets = self._slots_of_forward
         pools = [(self.k, self.k_scale, k_new), (self.v, self.v_scale, v_new)]
         for pool, scales, new in pools:
             if self.quantized:
@@ -584,6 +615,19 @@ class PagedKVCache:
             return (x.float() * scale[:, :, :S, None]).to(dtype)
         return x.to(dtype)
 
+    def _update_mirror(self, layer: int, k_new, v_new, positions: torch.Tensor, dtype) -> None:
+        """Keep the dense mirror of `layer` equal to gathering the batch's blocks: built by one gather after the
+        batch changed (set_batch), then only the new tokens (B, T, Hkv, D) are written at their slots (B, T)."""
+        if self.mirror_k[layer] is None:  # the pool already holds the new tokens
+            # (B, Hkv, S, D) views of a fresh (Hkv, B, S, D) copy: each (row, head) contiguous, as SDPA reads it
+            self.mirror_k[layer] = self._gather(self.k, None, layer, self.block_table, self.max_len, dtype)
+            self.mirror_v[layer] = self._gather(self.v, None, layer, self.block_table, self.max_len, dtype)
+            return
+        rows = torch.arange(positions.size(0), device=self.device)[:, None]  # (B, 1)
+        # through the pool's dtype, so that the mirror holds exactly what a gather of the pool would give
+        self.mirror_k[layer][rows, :, positions] = k_new.to(self.kv_dtype).to(dtype)  # (B, T, Hkv, D) slots
+        self.mirror_v[layer][rows, :, positions] = v_new.to(self.kv_dtype).to(dtype)
+
     def attend(self, layer: int, q, k_new, v_new, window, spans):
         """Write k_new/v_new (B, T, Hkv, D) at each row's next slots of `layer`; attention of q (B, T, H, D)."""
         B, T = q.shape[:2]
@@ -593,16 +637,23 @@ class PagedKVCache:
         positions = self._write(layer, k_new, v_new, T)
         if not self.static and max(self.bounds) == 0:
             # a prefill into empty rows: attend to the new keys themselves (exact, also for an FP8 cache)
+            self.mirror_k[layer] = self.mirror_v[layer] = None
             return attention(q, k_new, v_new, causal=True, window=window)
         if spans is None:
             spans = [(0, B, self.max_len)]
+        mirrored = self.use_mirror and not self.static
+        if mirrored:
+            self._update_mirror(layer, k_new, v_new, positions, q.dtype)
         q_heads = q.transpose(1, 2)  # (B, H, T, D)
         outputs = []
         for start, stop, S in spans:
             S = min(S, self.max_len)
-            table = self.block_table[start:stop, :-(-S // self.block_size)]
-            keys = self._gather(self.k, self.k_scale, layer, table, S, q.dtype)
-            values = self._gather(self.v, self.v_scale, layer, table, S, q.dtype)
+            if mirrored:  # views: no copy
+                keys, values = self.mirror_k[layer][start:stop, :, :S], self.mirror_v[layer][start:stop, :, :S]
+            else:
+                table = self.block_table[start:stop, :-(-S // self.block_size)]
+                keys = self._gather(self.k, self.k_scale, layer, table, S, q.dtype)
+                values = self._gather(self.v, self.v_scale, layer, table, S, q.dtype)
             outputs.append(sdpa_over_slots(q_heads[start:stop], keys, values, positions[start:stop], window))
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return y.transpose(1, 2)  # (B, T, H, D)

@@ -106,6 +106,36 @@ def test_growing_cache_of_a_long_tailed_batch_holds_a_fraction_of_up_front():
     assert stats["peak_kv_bytes"] * 3 <= up_front * engine_module.kv_bytes_per_token(model.config, torch.float32)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_dense_mirror_gives_the_gathered_tokens(model, temperature):
+    """The CPU default (a dense mirror of the batch, written incrementally) and the per-step gather of blocks read
+    the same keys: same tokens and log-probs through retirement, admissions into freed slots and preemption."""
+    prompts = ragged_prompts(8, 2, 50, seed=4)
+    kwargs = dict(num_samples=2, max_tokens=30, temperature=temperature, seed=7,
+                  stop_tokens=pick_stop_tokens(model, prompts, max_tokens=30))
+    for limits in (dict(), dict(max_kv_tokens=240, block_size=8), dict(max_batch_rows=4)):
+        gathered = Engine(model, kv_mirror=False, **limits).generate(prompts, **kwargs)
+        mirrored = Engine(model, **limits)  # the default on CPU
+        assert_same_generations(mirrored.generate(prompts, **kwargs), gathered, atol=1e-6)
+        if "max_kv_tokens" in limits:
+            assert mirrored.last_stats["preemptions"] > 0
+
+
+def test_dense_mirror_gathers_once_per_batch_not_per_step(model, monkeypatch):
+    """With the mirror, a decode step writes only its new tokens: a batch that never changes gathers each layer's
+    blocks once (keys and values), not once per layer per step (the cost this removes)."""
+    gathers = []
+    original = PagedKVCache._gather
+    monkeypatch.setattr(PagedKVCache, "_gather", lambda self, *a: gathers.append(1) or original(self, *a))
+    prompts = ragged_prompts(6, 5, 40, seed=2)
+    out = Engine(model).generate(prompts, max_tokens=12, temperature=0.0, stop_tokens=[])
+    assert all(len(g.tokens) == 12 for g in out)
+    assert len(gathers) == 2 * model.config.n_layer
+    gathers.clear()
+    Engine(model, kv_mirror=False).generate(prompts, max_tokens=12, temperature=0.0, stop_tokens=[])
+    assert len(gathers) >= 2 * model.config.n_layer * 11  # the gather path: every decode step
+
+
 def test_compiled_static_decode_gives_the_eager_tokens(model):
     """The static-shape decode (batch padded to a power of two, every row reading its whole block table) traced
     by torch.compile in one graph (fullgraph: what CUDA graphs need) gives the eager engine's tokens. Backend "eager":
@@ -149,5 +179,7 @@ def test_budget_errors_are_one_line(model):
         Engine(model, max_kv_tokens=0)
     with pytest.raises(ValueError, match="kv_dtype"):
         Engine(model, kv_dtype=torch.int8)
+    with pytest.raises(ValueError, match="kv_mirror"):
+        Engine(model, kv_mirror="yes")
     with pytest.raises(ValueError, match="max_kv_tokens=16: too small for 1 row"):
         Engine(model, max_kv_tokens=16, block_size=8).generate([[1] * 40], max_tokens=4)
