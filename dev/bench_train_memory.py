@@ -2,8 +2,9 @@
 
 A Qwen3-shaped model with fewer layers (default 8 layers, hidden 1024, 16 heads, 8 KV heads, head_dim 128, SwiGLU
 3072, vocab 151,936, tied embeddings, no softcap) runs chat_rl's `update_policy` (chunked log-probs, policy loss,
-backward, optimizer step; AdamW stands in for Muon, see `adamw`) on rollout rows of 1024-4096 tokens (the last --completion
-tokens of each row are the sampled completion), once per checkpointing mode, each from the same initial weights.
+backward, optimizer step; AdamW stands in for Muon, see `adamw`) on rollout rows of 1024-4096 tokens (the last
+--completion tokens of each row are the sampled completion), once per checkpointing mode, each from the same initial
+weights.
 Memory is counted in real tensor bytes by the planner's tracker (reasoning.memplan.Session with fake=False: every
 storage from allocation to release, the method dev/plan_validate.py checks against the CPU allocator to the byte;
 for tied embeddings it counts one fp32 embedding gradient more than an untracked run, see dev/LOG.md), which also
