@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from reasoning.grpo import chunked_token_logprobs
-from reasoning.training import print_result
+from reasoning.cli import print_result
 
 
 def main(argv=None):

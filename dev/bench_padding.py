@@ -1,7 +1,7 @@
 """Padding waste of training micro-batches: fixed row counts vs token budgets (reasoning.microbatch).
 
 Waste = padded slots / all slots, each micro-batch padded to its own longest row. Two length distributions:
-  (a) rollout rows of a synthetic RL run (prompt + completion - 1 tokens, what rl.optimize_rollout trains on), sampled
+  (a) rollout rows of a synthetic RL run (prompt + completion - 1 tokens, what chat_rl's update trains on), sampled
       with the engine from a checkpoint (--checkpoint DIR: e.g. runcpu's rl or sft checkpoint; skipped without it);
   (b) heavy-tailed reasoning traces: 92% lognormal around 700 tokens (5-95%: ~290-1700), 8% long ones around 3000,
       cut at 8192 (the truncated tail of long-context RL), 512 rows (64 prompts x 8 samples of one rank).
@@ -21,7 +21,7 @@ import argparse
 import numpy as np
 
 from reasoning.microbatch import micro_batches, padding_waste
-from reasoning.training import print_result
+from reasoning.cli import print_result
 
 
 def heavy_tailed_lengths(n: int, seed: int = 0, cap: int = 8192) -> list[int]:
@@ -35,19 +35,18 @@ def rollout_lengths(checkpoint: str, steps: int, prompts: int, samples: int, max
     """Row lengths of `steps` rollouts of the synthetic task (runcpu's clean recipe: preset twostep)."""
     from reasoning import checkpoint as ckpt
     from reasoning.engine import Engine
-    from reasoning.rollout import collect_rollout, training_rows
-    from reasoning.rl import RLConfig, build_reward
+    from reasoning.rollout import sample_groups, training_rows
     from tasks.synthetic import SyntheticReasoning
 
     model, tokenizer, _ = ckpt.load_model(checkpoint, device="cpu")
     task = SyntheticReasoning("train", size=prompts * steps, seed=0, difficulty="twostep")
     engine = Engine(model, tokenizer)
-    reward = build_reward(RLConfig(max_new_tokens=max_new_tokens))
     lengths = []
     for step in range(steps):
         examples = [task[i] for i in range(step * prompts, (step + 1) * prompts)]
-        rollout = collect_rollout(engine, tokenizer, examples, reward, samples, max_new_tokens, 1.0, seed=step)
-        lengths += training_rows(rollout.prompts, rollout.generations, False).lengths
+        batch = sample_groups(engine, tokenizer, examples, step, num_samples=samples, max_new_tokens=max_new_tokens,
+                              temperature=1.0)  # lengths only: no reward needed
+        lengths += training_rows(batch.prompts, batch.generations, False).lengths
     return lengths
 
 

@@ -1,9 +1,10 @@
 """Peak memory of one RL optimisation step with and without activation checkpointing (+ CPU offload), on CPU.
 
 A Qwen3-shaped model with fewer layers (default 8 layers, hidden 1024, 16 heads, 8 KV heads, head_dim 128, SwiGLU
-3072, vocab 151,936, tied embeddings, no softcap) runs `rl.optimize_rollout` (chunked log-probs, policy loss, backward,
-optimizer step; AdamW stands in for Muon, see `adamw`) on rollout rows of 1024-4096 tokens (the last --completion
-tokens of each row are the sampled completion), once per checkpointing mode, each from the same initial weights.
+3072, vocab 151,936, tied embeddings, no softcap) runs chat_rl's `update_policy` (chunked log-probs, policy loss,
+backward, optimizer step; AdamW stands in for Muon, see `adamw`) on rollout rows of 1024-4096 tokens (the last
+--completion tokens of each row are the sampled completion), once per checkpointing mode, each from the same initial
+weights.
 Memory is counted in real tensor bytes by the planner's tracker (reasoning.memplan.Session with fake=False: every
 storage from allocation to release, the method dev/plan_validate.py checks against the CPU allocator to the byte;
 for tied embeddings it counts one fp32 embedding gradient more than an untracked run, see dev/LOG.md), which also
@@ -24,11 +25,13 @@ import time
 
 import torch
 
-from reasoning import memplan, rl
+from reasoning import memplan
 from reasoning.checkpointing import MODES, set_activation_checkpointing
+from reasoning.cli import print_result
 from reasoning.gpt import GPTConfig
+from reasoning.rl import Learner, frozen_logprobs
 from reasoning.rollout import TrainingRows
-from reasoning.training import print_result
+from scripts.chat_rl import RLConfig, needs_frozen_logprobs, update_policy
 
 
 def qwen_shaped(layers: int, vocab: int, max_len: int) -> GPTConfig:
@@ -51,7 +54,7 @@ def rollout_rows(lengths: list[int], completion: int, vocab: int) -> TrainingRow
 
 
 def adamw(model, lr: float):
-    """AdamW over every parameter, shaped like the project's optimizer for rl.optimize_rollout. Muon's Newton-Schulz
+    """AdamW over every parameter, shaped like the project's optimizer for update_policy. Muon's Newton-Schulz
     iterations cost ~1 TFLOP per step for these matrices (minutes of a shared CPU) and happen after the backward:
     they do not touch the activation peak, and AdamW's two moments are more state than Muon's one momentum."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -59,6 +62,17 @@ def adamw(model, lr: float):
         group["initial_lr"] = lr
     optimizer.reduce_gradients = lambda: None  # one process: nothing to reduce
     return optimizer
+
+
+def rl_update(learner: Learner, data: TrainingRows, advantages: torch.Tensor, rl_config: RLConfig) -> None:
+    """One update over every row, as chat_rl's loop runs it (the no-grad old/reference pass only when needed)."""
+    rows = list(range(len(data.lengths)))
+    frozen = None
+    if needs_frozen_logprobs(rl_config, learner):
+        frozen = frozen_logprobs(learner, data, rows, rl_config.device_batch_size, rl_config.temperature,
+                                 rl_config.logprob_chunk_size, rl_config.max_tokens_per_micro_batch,
+                                 rl_config.matmul_dtype)
+    update_policy(learner, data, advantages, rows, frozen, rl_config, 0)
 
 
 def one_step(config: GPTConfig, mode: str, lengths: list[int], completion: int, rl_config, fake: bool) -> dict:
@@ -78,13 +92,11 @@ def one_step(config: GPTConfig, mode: str, lengths: list[int], completion: int, 
         s.model.train()
         # a 16-token update first creates the optimizer state, so the measured step is a steady-state one
         warmup = rollout_rows([16], 8, config.vocab_size)
-        rl.optimize_rollout(s.model, optimizer, warmup, torch.ones(1), [0], rl_config, 0, 1.0, 0, 1,
-                            torch.device("cpu"), contextlib.nullcontext)
+        learner = Learner(s.model, optimizer, None, torch.device("cpu"), contextlib.nullcontext)
+        rl_update(learner, warmup, torch.ones(1), rl_config)
         captured.clear()
         start = time.perf_counter()
-        plan = s.phase("chat_rl", "train", {}, lambda: rl.optimize_rollout(
-            s.model, optimizer, data, advantages, list(range(len(data.lengths))), rl_config, 0, 1.0, 0, 1,
-            torch.device("cpu"), contextlib.nullcontext))
+        plan = s.phase("chat_rl", "train", {}, lambda: rl_update(learner, data, advantages, rl_config))
         seconds = time.perf_counter() - start
         host, working = s.tracker.host_peak, s.tracker.working_peak
     b = plan.breakdown
@@ -107,9 +119,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     lengths = [int(x) for x in args.lengths.split(",")]
     config = qwen_shaped(args.layers, args.vocab, max(lengths))
-    rl_config = rl.RLConfig(loss_type="dapo", device_batch_size=len(lengths),
-                            max_tokens_per_micro_batch=args.max_tokens,
-                            logprob_chunk_size=256, grad_clip=1.0, max_new_tokens=args.completion)
+    rl_config = RLConfig(loss_type="dapo", device_batch_size=len(lengths), max_tokens_per_micro_batch=args.max_tokens,
+                         logprob_chunk_size=256, grad_clip=1.0, max_new_tokens=args.completion)
     results = [one_step(config, mode, lengths, args.completion, rl_config, args.fake)
                for mode in args.modes.split(",")]
     plain = results[0]

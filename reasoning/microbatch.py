@@ -6,8 +6,8 @@ a micro-batch is padded to its own longest row. A fixed number of rows per micro
 longest row of the step times the row count; a token budget (tokens including padding, the unit the activations
 scale with) lets a micro-batch hold many short rows or few long ones. Sorting by length keeps neighbours alike, so
 little of each micro-batch is padding. The grouping never changes the optimisation: the trainers normalise the loss
-by totals of the whole optimizer step (reasoning.training.accumulate_gradients, rl.optimize_rollout), not per
-micro-batch.
+by totals of the whole optimizer step (reasoning.training.accumulate_gradients, scripts/chat_rl.py's update_policy),
+not per micro-batch.
 
     groups = micro_batches(lengths, rows, max_rows=8, max_tokens=16384)   # lists of row indices
     padding_waste(lengths, groups)                                         # padded slots / all slots

@@ -10,8 +10,8 @@ from reasoning import memplan
 from reasoning.checkpointing import set_activation_checkpointing
 from reasoning.common import UserError
 from reasoning.gpt import GPT, GPTConfig
-from reasoning.grpo import model_token_logprobs
-from reasoning.rl import RLConfig
+from reasoning.rl import token_logprobs
+from scripts.chat_rl import RLConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on a shared box
 
@@ -38,7 +38,7 @@ def gradients(model, mode, autocast=False, logprobs=True):
     targets = torch.randint(0, model.config.vocab_size, (3, 40), generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         if logprobs:  # the RL path: forward_hidden + chunked log-probs
-            loss = model_token_logprobs(model, idx, targets, chunk_size=16).sum()
+            loss = token_logprobs(model, idx, targets, temperature=1.0, chunk_size=16, compute_entropy=False).sum()
         else:  # the SFT / pretraining path: the model's own cross-entropy
             loss = model(idx, targets, loss_reduction="sum")
     loss.backward()
@@ -141,9 +141,9 @@ def test_auto_mode_is_the_cheapest_that_fits_the_batch_and_off_without_a_gpu():
 
 def test_rl_and_sft_plans_run_the_mode_and_the_token_budget():
     from reasoning.gpt import config_from_depth
-    from reasoning.rl import plan_memory as rl_plan
     from reasoning.sft import SFTConfig
     from reasoning.sft import plan_memory as sft_plan
+    from scripts.chat_rl import plan_memory as rl_plan
 
     model_config = config_from_depth(4, 512, max_seq_len=256)
     totals = {}

@@ -1,6 +1,7 @@
 """Token-budget micro-batches (reasoning.microbatch) in the RL and SFT training passes: the grouping obeys the row
 cap and the token budget and pads less than fixed row counts on ragged lengths; the accumulated gradient equals the
-fixed-row-count path's and one big batch's (RL: every loss type; SFT: train_sft end to end)."""
+fixed-row-count path's and one big batch's (RL: every loss type, through scripts/chat_rl.py's update_policy; SFT:
+scripts/chat_sft.py's train end to end)."""
 
 import contextlib
 import random
@@ -9,10 +10,14 @@ import pytest
 import torch
 
 from helpers_models import tiny_model, train_small_tokenizer
-from reasoning import rl
+from reasoning.checkpoint import ModelSource
 from reasoning.microbatch import micro_batches, padding_waste
+from reasoning.optim import OptimizerSettings
+from reasoning.rl import Learner, frozen_logprobs
 from reasoning.rollout import TrainingRows
-from reasoning.sft import ConversationStream, SFTConfig, train_sft
+from reasoning.sft import ConversationStream, SFTConfig
+from scripts.chat_rl import RLConfig, needs_frozen_logprobs, update_policy
+from scripts.chat_sft import train as train_sft
 from tasks.synthetic import SyntheticReasoning
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on a shared box
@@ -71,7 +76,7 @@ def rl_gradients(data, advantages, loss_type, device_batch_size, max_tokens, che
 
     model = tiny_model(64, depth=2, n_embd=32, max_seq_len=64, seed=1)
     set_activation_checkpointing(model, checkpointing)
-    optimizer = model.setup_optimizer(matrix_lr=0.0, embedding_lr=0.0, lm_head_lr=0.0, scalar_lr=0.0)
+    optimizer = model.setup_optimizer(OptimizerSettings(matrix_lr=0.0, embedding_lr=0.0, lm_head_lr=0.0, scalar_lr=0.0))
     captured = {}
     original_step = optimizer.step
 
@@ -79,11 +84,16 @@ def rl_gradients(data, advantages, loss_type, device_batch_size, max_tokens, che
         captured.update({name: p.grad.clone() for name, p in model.named_parameters()})
         return original_step(*args, **kwargs)
     optimizer.step = capture_step
-    config = rl.RLConfig(loss_type=loss_type, device_batch_size=device_batch_size,
+    config = RLConfig(loss_type=loss_type, device_batch_size=device_batch_size,
                          max_tokens_per_micro_batch=max_tokens, grad_clip=0.0, max_new_tokens=32,
                          logprob_chunk_size=16, lr_scale=0.0)
     rows = list(range(len(data.lengths)))
-    rl.optimize_rollout(model, optimizer, data, advantages, rows, config, 0, 1.0, 0, 1, "cpu", contextlib.nullcontext)
+    learner = Learner(model, optimizer, None, torch.device("cpu"), contextlib.nullcontext)
+    frozen = None
+    if needs_frozen_logprobs(config, learner):  # as chat_rl's loop does
+        frozen = frozen_logprobs(learner, data, rows, config.device_batch_size, config.temperature,
+                                 config.logprob_chunk_size, config.max_tokens_per_micro_batch, config.matmul_dtype)
+    update_policy(learner, data, advantages, rows, frozen, config, 0)
     return captured
 
 
@@ -141,7 +151,7 @@ def test_sft_token_budget_trains_to_the_same_weights(tokenizer, tmp_path):
         config = SFTConfig(device_batch_size=rows, total_batch_rows=8, max_tokens_per_micro_batch=budget,
                            max_seq_len=256, num_iterations=2, eval_every=-1, log_every=1000,
                            base_dir=str(tmp_path / str(i)), out_tag="t", keep_last=0)
-        train_sft(config, model, tokenizer, {"dir": "test", "step": 0}, torch.device("cpu"), tasks=(train, None, None))
+        train_sft(config, model, tokenizer, ModelSource(dir="test", step=0), tasks=(train, None, None))
         weights.append(model.state_dict())
     for other in weights[1:]:
         for name in weights[0]:
